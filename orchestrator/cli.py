@@ -1,0 +1,122 @@
+"""The ``mlpfuse`` command. Exit codes: 0 ok, 2 bad input (nothing cached), 1 failure."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from orchestrator.pipeline import build_plan, execute_plan
+from orchestrator.report import build_report, write_report
+from orchestrator.spec import PipelineSpec, load_spec
+from orchestrator.store import ArtifactStore
+from stages.errors import InputError
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+DEMO_SPEC = PROJECT_ROOT / "examples" / "smollm2-demo.yaml"
+
+
+def _spec(args: argparse.Namespace) -> PipelineSpec:
+    spec = load_spec(args.spec)
+    updates = {}
+    if getattr(args, "cache", None):
+        updates["cache"] = args.cache
+    if getattr(args, "output", None):
+        updates["output"] = args.output
+    if getattr(args, "address", None):
+        updates["ray"] = spec.ray.model_copy(update={"address": args.address})
+    return spec.model_copy(update=updates) if updates else spec
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    spec = _spec(args)
+    store = ArtifactStore(spec.cache)
+    t0 = time.time()
+    plan = build_plan(spec)
+    results = execute_plan(spec, plan, store, set(args.force or []))
+    report = build_report(spec, results, time.time() - t0, store.root)
+    path = write_report(report, spec.output_dir())
+    for name, r in report["stages"].items():
+        print(f"  {name:<12} {r['status']:<4} {r['seconds']:8.1f}s  {r['cache_key']}")
+    print(f"base perplexity {report['base']['perplexity']:.3f} on {report['base']['eval_tokens']} tokens; "
+          f"params {report['base']['params']:,} (FF {report['base']['ff_params']:,})")
+    print(f"report: {path}")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    spec = _spec(args)
+    store = ArtifactStore(spec.cache)
+    for node in build_plan(spec):
+        state = "cached" if store.get(node.stage, node.key, verify=False) else "to run"
+        print(f"  {node.name:<12} {state:<7} {node.key}  inputs={node.input_keys or {}}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    store = ArtifactStore(args.cache)
+    arts = store.list()
+    staging = sorted(p.name for p in (store.root / "staging").iterdir())
+    print(f"store {store.root}: {len(arts)} artifacts, {len(staging)} in progress")
+    for a in arts:
+        size = sum(f["size"] for f in a.manifest.get("files", {}).values())
+        print(f"  {a.stage:<12} {a.key}  {size / 1e6:9.1f} MB  {a.manifest.get('seconds', 0):8.1f}s")
+    for s in staging:
+        print(f"  in progress: {s}")
+    return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from cluster.submit import submit
+
+    job_id = submit(Path(args.spec), args.address, wait=args.wait)
+    print(f"submitted job {job_id} to {args.address}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mlpfuse", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_spec(p: argparse.ArgumentParser) -> None:
+        p.add_argument("spec", help="pipeline YAML")
+        p.add_argument("--cache", help="artifact store (overrides the spec's cache:)")
+        p.add_argument("--output", help="output directory (overrides the spec's output:)")
+        p.add_argument("--address", help="join this Ray cluster (default: embedded local Ray)")
+
+    p = sub.add_parser("run", help="run a pipeline; cached stages are reused")
+    with_spec(p)
+    p.add_argument("--force", action="append", metavar="STAGE", help="recompute STAGE (repeatable)")
+    p.set_defaults(func=cmd_run)
+    p = sub.add_parser("plan", help="show each stage: cached or to run, with its key")
+    with_spec(p)
+    p.set_defaults(func=cmd_plan)
+    p = sub.add_parser("status", help="list the artifact store")
+    p.add_argument("--cache", default="~/.cache/mlpfuse")
+    p.set_defaults(func=cmd_status)
+    p = sub.add_parser("demo", help=f"run {DEMO_SPEC.relative_to(PROJECT_ROOT)}")
+    p.add_argument("--cache")
+    p.add_argument("--output")
+    p.add_argument("--force", action="append", metavar="STAGE")
+    p.set_defaults(func=cmd_run, spec=str(DEMO_SPEC), address=None)
+    p = sub.add_parser("submit", help="submit a pipeline to a Ray cluster through Ray Jobs")
+    p.add_argument("spec")
+    p.add_argument("--address", required=True, help="Ray dashboard address, e.g. http://head:8265")
+    p.add_argument("--wait", action="store_true", help="follow the job's logs until it ends")
+    p.set_defaults(func=cmd_submit)
+
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; finished work is cached, re-run to resume", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

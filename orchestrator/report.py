@@ -1,0 +1,34 @@
+"""report.json: what ran, what it cost, and what came out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from orchestrator.spec import PipelineSpec
+from stages.artifacts import write_json_atomic
+
+
+def build_report(spec: PipelineSpec, results: dict[str, dict], seconds: float, store_root: Path) -> dict[str, Any]:
+    shard = results["shard"]["result"]
+    base = results["evaluate"]["result"]
+    return {
+        "model": spec.model,
+        "name": spec.name,
+        "seconds": round(seconds, 3),
+        "stages": {
+            name: {"stage": r["stage"], "cache_key": r["key"], "status": r["status"],
+                   "seconds": round(r["seconds"], 3), "path": r["path"]}
+            for name, r in results.items()
+        },
+        "base": {"params": shard["params"], "ff_params": shard["ff_params"], "perplexity": base["perplexity"],
+                 "eval_tokens": base["tokens"]},
+        "outputs": {"report": str(spec.output_dir() / "report.json"), "cache": str(store_root)},
+    }
+
+
+def write_report(report: dict[str, Any], out_dir: Path) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "report.json"
+    write_json_atomic(path, report)
+    return path

@@ -1,0 +1,135 @@
+"""Pipeline spec: YAML -> validated, typed configs. Unknown keys are errors naming the closest
+valid key; nothing in a spec names code to import."""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from stages.data import TokenizeConfig
+from stages.errors import InputError
+from stages.evaluate import EvaluateConfig
+from stages.shard import ShardConfig
+
+
+class SpecError(InputError):
+    pass
+
+
+class RaySpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # None: start an embedded Ray bound to 127.0.0.1. "auto" or host:port: join that cluster.
+    address: str | None = None
+    num_cpus: int | None = Field(None, ge=1)
+    # Retries of a stage task whose worker died (the stage resumes from its committed parts).
+    max_retries: int = Field(2, ge=0)
+
+
+class ShardSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    dtype: str = "auto"
+    # Executes code shipped with a hub checkpoint; off unless the user opts in.
+    trust_remote_code: bool = False
+
+
+class DataSpec(BaseModel):
+    """``data:`` is a corpus name/path, or this mapping (TokenizeConfig without derived keys)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    corpus: str = "shakespeare"
+    block_size: int = TokenizeConfig.model_fields["block_size"].default
+    calib_tokens: int = TokenizeConfig.model_fields["calib_tokens"].default
+    eval_tokens: int = TokenizeConfig.model_fields["eval_tokens"].default
+    eval_fraction: float = TokenizeConfig.model_fields["eval_fraction"].default
+    seed: int = 0
+    text_field: str = "text"
+
+
+class PipelineSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = "mlpfuse"
+    model: str
+    data: DataSpec = DataSpec()
+    cache: str = "~/.cache/mlpfuse"
+    # Where report.json (and later the exported model) go; relative to the working directory.
+    output: str = "runs/{name}"
+    ray: RaySpec = RaySpec()
+    shard: ShardSpec = ShardSpec()
+    evaluate: EvaluateConfig = EvaluateConfig()
+
+    @field_validator("data", mode="before")
+    @classmethod
+    def _corpus_shorthand(cls, v: Any) -> Any:
+        return {"corpus": v} if isinstance(v, str) else v
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        if not re.fullmatch(r"[\w.-]+", v):
+            raise ValueError(f"name {v!r} may hold only letters, digits, '.', '_' and '-'")
+        return v
+
+    def output_dir(self) -> Path:
+        return Path(self.output.format(name=self.name)).expanduser()
+
+    # Stage configs (the typed, frozen inputs of each stage's run()).
+    def shard_config(self, source_key: str) -> ShardConfig:
+        return ShardConfig(model=self.model, source_key=source_key, **self.shard.model_dump())
+
+    def data_config(self, corpus_key: str) -> TokenizeConfig:
+        return TokenizeConfig(corpus_key=corpus_key, **self.data.model_dump())
+
+
+def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
+    """Known keys of the (nested) model at ``loc``."""
+    cls: Any = model
+    for part in loc:
+        field = getattr(cls, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        cls = field.annotation
+    return list(getattr(cls, "model_fields", {}))
+
+
+def _format(e: ValidationError, source: str) -> str:
+    lines = [f"invalid pipeline spec {source}:"]
+    for err in e.errors():
+        loc = tuple(x for x in err["loc"] if isinstance(x, str))
+        where = ".".join(str(x) for x in err["loc"]) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            known = _fields_at(PipelineSpec, loc[:-1])
+            close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            lines.append(f"  unknown key {where!r}{hint} (valid keys here: {', '.join(known)})")
+        else:
+            lines.append(f"  {where}: {err['msg']} (got {err.get('input')!r})")
+    return "\n".join(lines)
+
+
+def parse_spec(obj: Any, source: str = "<spec>") -> PipelineSpec:
+    if not isinstance(obj, dict):
+        raise SpecError(f"invalid pipeline spec {source}: expected a mapping at the top level")
+    try:
+        return PipelineSpec.model_validate(obj)
+    except ValidationError as e:
+        raise SpecError(_format(e, source)) from None
+
+
+def load_spec(path: str | Path) -> PipelineSpec:
+    p = Path(path)
+    if not p.exists():
+        raise SpecError(f"pipeline spec {str(p)!r} does not exist")
+    try:
+        obj = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise SpecError(f"pipeline spec {p} is not valid YAML: {e}") from None
+    return parse_spec(obj, str(p))

@@ -1,0 +1,85 @@
+"""Files a stage writes: atomic writes, checksums, and per-part commits for mid-stage resume.
+
+A stage writes into its staging directory. Long stages commit each finished unit of work (a
+layer, a window, a candidate) as a *part*: the file is written to a temporary name, fsynced and
+renamed, then a small ``.parts/<name>.json`` marker with its size and sha256 is written the same
+way. A part counts as done only when its marker exists and the file still matches it, so a crash
+at any moment leaves either a finished part or nothing that is trusted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+_CHUNK = 8 << 20
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, writer: Callable[[Path], Any]) -> None:
+    """Call ``writer(tmp_path)`` then rename the finished file onto ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        writer(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    fsync_dir(path.parent)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    write_atomic(path, lambda p: p.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str)))
+
+
+def _marker(out_dir: Path, rel: str) -> Path:
+    return out_dir / ".parts" / (rel.replace("/", "__") + ".json")
+
+
+def part_done(out_dir: Path, rel: str) -> bool:
+    """True when part ``rel`` was committed and its file still matches the marker."""
+    marker = _marker(out_dir, rel)
+    target = out_dir / rel
+    if not marker.exists() or not target.exists():
+        return False
+    try:
+        info = json.loads(marker.read_text())
+    except ValueError:
+        return False
+    return info.get("size") == target.stat().st_size and info.get("sha256") == file_digest(target)
+
+
+def commit_part(out_dir: Path, rel: str, writer: Callable[[Path], Any], meta: dict | None = None) -> None:
+    """Write part ``rel`` atomically, then its marker (last)."""
+    target = out_dir / rel
+    write_atomic(target, writer)
+    write_json_atomic(
+        _marker(out_dir, rel),
+        {"size": target.stat().st_size, "sha256": file_digest(target), **(meta or {})},
+    )
+
+
+def part_meta(out_dir: Path, rel: str) -> dict:
+    return json.loads(_marker(out_dir, rel).read_text())

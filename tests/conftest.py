@@ -1,0 +1,95 @@
+"""Shared fixtures: tiny random checkpoints of every family, real SmolLM2/MiniLM shards, and one
+embedded Ray for the session (stopped by this process at the end)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# model_type -> tiny config kwargs (random weights: structure and exactness only, never quality).
+TINY_CONFIGS: dict[str, dict] = {
+    "llama": dict(hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=128),
+    "qwen2": dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=128),
+    "qwen3": dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=8, vocab_size=128),
+    "mistral": dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, vocab_size=128),
+    "gemma": dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=8, vocab_size=128),
+    "gemma3_text": dict(hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+                        num_key_value_heads=2, head_dim=8, vocab_size=128, sliding_window=4),
+    "gpt2": dict(n_embd=32, n_layer=2, n_head=4, vocab_size=128, bos_token_id=0, eos_token_id=0),
+    "opt": dict(hidden_size=32, ffn_dim=48, num_hidden_layers=2, num_attention_heads=4, vocab_size=128,
+                word_embed_proj_dim=32),
+    "mixtral": dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, vocab_size=128),
+    "qwen2_moe": dict(hidden_size=32, intermediate_size=48, moe_intermediate_size=24,
+                      shared_expert_intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, vocab_size=128),
+    "qwen3_moe": dict(hidden_size=32, intermediate_size=48, moe_intermediate_size=24, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=4,
+                      num_experts_per_tok=2, vocab_size=128),
+    "bert": dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                 vocab_size=128),
+}
+
+
+def make_tiny(model_type: str, path: Path, seed: int = 0) -> Path:
+    """Save a tiny random checkpoint of ``model_type`` (and a tokenizer-free config) at ``path``."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = AutoConfig.for_model(model_type, **TINY_CONFIGS[model_type])
+    auto = AutoModel if model_type == "bert" else AutoModelForCausalLM
+    auto.from_config(cfg).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny")
+    return {mt: make_tiny(mt, root / mt) for mt in TINY_CONFIGS}
+
+
+@pytest.fixture(scope="session")
+def smollm2_shard(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Real SmolLM2-135M weights, sharded once for the session."""
+    from stages import shard
+
+    out = tmp_path_factory.mktemp("smollm2") / "shard"
+    shard.run(shard.ShardConfig(model="smollm2-135m"), {}, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One embedded Ray on 127.0.0.1 for the whole session; ray.shutdown stops what it started."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2's real tokenizer (from the bundled GGUF), saved as a plain tokenizer directory."""
+    from transformers import AutoTokenizer
+
+    from stages.checkpoint import resolve_source
+
+    src = resolve_source("smollm2-135m")
+    out = tmp_path_factory.mktemp("tokenizer")
+    AutoTokenizer.from_pretrained(src.path, gguf_file=src.gguf_file).save_pretrained(out)
+    return out

@@ -1,0 +1,99 @@
+"""The CLI end to end on tiny checkpoints: bad input exits 2 with nothing cached; re-runs hit."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from orchestrator.cli import main
+from tests.conftest import make_tiny
+
+
+def _spec(tmp_path: Path, **over: object) -> Path:
+    corpus = tmp_path / "corpus"
+    if not corpus.exists():
+        corpus.mkdir()
+        for i in range(6):
+            (corpus / f"doc{i}.txt").write_text(" ".join(f"word{j % 97} line {i}" for j in range(400)))
+    spec = {
+        "name": "t", "model": "smollm2-135m", "cache": str(tmp_path / "cache"), "output": str(tmp_path / "out"),
+        "data": {"corpus": str(corpus), "block_size": 32, "calib_tokens": 128, "eval_tokens": 128},
+        "evaluate": {"window": 32, "stride": 16},
+    }
+    spec.update(over)
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def _artifacts(tmp_path: Path) -> list[Path]:
+    root = tmp_path / "cache" / "artifacts"
+    return sorted(root.rglob("manifest.json")) if root.exists() else []
+
+
+def test_unknown_key_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", str(_spec(tmp_path, evaluat={"window": 8}))]) == 2
+    assert "did you mean 'evaluate'" in capsys.readouterr().err
+    assert _artifacts(tmp_path) == []
+
+
+def test_wrong_type_exit_2(tmp_path: Path) -> None:
+    assert main(["run", str(_spec(tmp_path, data={"block_size": "big"}))]) == 2
+
+
+def test_missing_checkpoint_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", str(_spec(tmp_path, model=str(tmp_path / "nope")))]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert _artifacts(tmp_path) == []
+
+
+def test_unsupported_architecture_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str], ray_local) -> None:
+    from transformers import AutoModelForCausalLM, GPTNeoXConfig
+
+    ckpt = tmp_path / "neox"
+    AutoModelForCausalLM.from_config(
+        GPTNeoXConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4, vocab_size=64)
+    ).save_pretrained(ckpt)
+    assert main(["run", str(_spec(tmp_path, model=str(ckpt)))]) == 2
+    err = capsys.readouterr().err
+    assert "gpt_neox" in err and "llama" in err
+    assert _artifacts(tmp_path) == []
+    assert list((tmp_path / "cache" / "staging").iterdir()) == []
+
+
+def test_corrupt_safetensors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ckpt = make_tiny("llama", tmp_path / "ckpt")
+    f = ckpt / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-100])
+    assert main(["run", str(_spec(tmp_path, model=str(ckpt)))]) == 2
+    assert "corrupt safetensors" in capsys.readouterr().err
+    assert _artifacts(tmp_path) == []
+
+
+def test_corpus_too_short_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str], ray_local) -> None:
+    spec = _spec(tmp_path, data={"corpus": "shakespeare", "calib_tokens": 10_000_000, "block_size": 64})
+    assert main(["run", str(spec)]) == 2
+    assert "calib_tokens=10000000" in capsys.readouterr().err
+    # shard finished and is cached (valid work); the failing data stage left nothing behind
+    assert [p.parent.parent.name for p in _artifacts(tmp_path)] == ["shard"]
+    assert list((tmp_path / "cache" / "staging").iterdir()) == []
+
+
+def test_run_twice_second_is_all_hits(tmp_path: Path, ray_local) -> None:
+    spec = _spec(tmp_path)
+    assert main(["run", str(spec)]) == 0
+    first = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert {s["status"] for s in first["stages"].values()} == {"run"}
+    assert first["base"]["perplexity"] > 1 and first["base"]["params"] > 100_000_000
+    assert main(["run", str(spec)]) == 0
+    second = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert {s["status"] for s in second["stages"].values()} == {"hit"}
+    assert second["base"] == first["base"]
+    assert second["seconds"] < 0.1 * first["seconds"]
+    assert main(["run", str(spec), "--force", "evaluate"]) == 0
+    third = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert third["stages"]["evaluate"]["status"] == "run" and third["stages"]["shard"]["status"] == "hit"
+    assert third["base"]["perplexity"] == pytest.approx(first["base"]["perplexity"], rel=1e-9)

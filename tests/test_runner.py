@@ -1,0 +1,95 @@
+"""The layer-streamed runner equals the in-memory transformers model, for every family."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from stages import shard
+from stages.families import family_for
+from stages.runner import SKIP, LayerStreamedModel
+from tests.conftest import TINY_CONFIGS
+
+
+def _reference(path: Path, ids: torch.Tensor, model_type: str) -> torch.Tensor:
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    if model_type == "bert":
+        return AutoModel.from_pretrained(path).eval()(ids).last_hidden_state
+    return AutoModelForCausalLM.from_pretrained(path).eval()(ids).logits
+
+
+@pytest.mark.parametrize("model_type", sorted(TINY_CONFIGS))
+def test_streamed_matches_in_memory(model_type: str, tiny_checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "shard"
+    shard.run(shard.ShardConfig(model=str(tiny_checkpoints[model_type])), {}, out)
+    ids = torch.randint(0, 128, (2, 11), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = _reference(tiny_checkpoints[model_type], ids, model_type)
+    got = LayerStreamedModel(out).logits(ids)
+    assert got.shape == ref.shape
+    assert (got - ref).abs().max().item() <= 1e-4
+
+
+def test_one_layer_resident(tiny_checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "shard"
+    shard.run(shard.ShardConfig(model=str(tiny_checkpoints["llama"])), {}, out)
+    lm = LayerStreamedModel(out)
+    resident = []
+
+    def count(i: int, layer: torch.nn.Module, states: list) -> None:
+        resident.append(sum(1 for m in lm.layers for p in m.parameters() if p.device.type != "meta"))
+
+    lm.run([lm.start(torch.zeros(1, 5, dtype=torch.long))], on_layer=count)
+    n_layer_params = len(list(lm.layers[0].parameters()))
+    assert resident == [n_layer_params] * lm.num_layers
+    assert all(p.device.type == "meta" for p in lm.layers.parameters())
+
+
+def test_skip_layer_equals_identity(tiny_checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    """Dropping a layer through an override equals a model built without that layer."""
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "shard"
+    shard.run(shard.ShardConfig(model=str(tiny_checkpoints["llama"])), {}, out)
+    ids = torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(2))
+    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoints["llama"]).eval()
+    del model.model.layers[1]
+    model.config.num_hidden_layers = 2
+    with torch.no_grad():
+        ref = model(ids, use_cache=False).logits
+    got = LayerStreamedModel(out, overrides={1: SKIP}).logits(ids)
+    assert (got - ref).abs().max().item() <= 1e-4
+
+
+def test_real_smollm2_matches_in_memory(smollm2_shard: Path) -> None:
+    """Real weights: the streamed model equals transformers' own model loaded from the GGUF."""
+    from transformers import AutoModelForCausalLM
+
+    from stages.checkpoint import resolve_source
+
+    src = resolve_source("smollm2-135m")
+    model = AutoModelForCausalLM.from_pretrained(src.path, gguf_file=src.gguf_file, dtype=torch.float32).eval()
+    ids = torch.randint(0, 49152, (1, 24), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = model(ids).logits
+    got = LayerStreamedModel(smollm2_shard).logits(ids)
+    assert (got - ref).abs().max().item() <= 1e-4
+    assert family_for(model.config).name == "llama"
+
+
+def test_real_minilm_matches_in_memory(tmp_path: Path) -> None:
+    from transformers import AutoModel
+
+    from stages.checkpoint import resolve_source
+
+    out = tmp_path / "shard"
+    shard.run(shard.ShardConfig(model="minilm-l6"), {}, out)
+    ref_model = AutoModel.from_pretrained(resolve_source("minilm-l6").path).eval()
+    ids = torch.randint(0, 30000, (2, 16), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ref = ref_model(ids).last_hidden_state
+    got = LayerStreamedModel(out).logits(ids)
+    assert (got - ref).abs().max().item() <= 1e-4

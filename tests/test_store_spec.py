@@ -1,0 +1,98 @@
+"""Artifact store (atomic, verified, concurrent-safe) and spec validation."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from orchestrator.spec import SpecError, load_spec, parse_spec
+from orchestrator.store import ArtifactStore, cache_key
+
+EXAMPLES = sorted((Path(__file__).parents[1] / "examples").glob("*.yaml"))
+
+
+def _commit(store: ArtifactStore, key: str, payload: bytes = b"x" * 1000) -> None:
+    staging = store.staging_dir("s", key)
+    staging.mkdir(parents=True, exist_ok=True)
+    (staging / "a.bin").write_bytes(payload)
+    store.commit("s", key, staging, {"config": {}})
+
+
+def test_key_depends_on_everything() -> None:
+    base = cache_key("shard", 1, {"a": 1}, {"x": "k"})
+    assert base == cache_key("shard", 1, {"a": 1}, {"x": "k"})
+    assert len({base, cache_key("shard", 2, {"a": 1}, {"x": "k"}), cache_key("shard", 1, {"a": 2}, {"x": "k"}),
+                cache_key("shard", 1, {"a": 1}, {"x": "j"}), cache_key("data", 1, {"a": 1}, {"x": "k"})}) == 5
+
+
+def test_commit_then_get(tmp_path: Path) -> None:
+    store = ArtifactStore(tmp_path)
+    assert store.get("s", "k1") is None
+    _commit(store, "k1")
+    art = store.get("s", "k1")
+    assert art is not None and (art.path / "a.bin").read_bytes() == b"x" * 1000
+    assert art.manifest["files"]["a.bin"]["size"] == 1000
+    assert not store.staging_dir("s", "k1").exists()
+
+
+@pytest.mark.parametrize("damage", ["bitflip", "truncate", "manifest"])
+def test_corrupt_artifact_is_quarantined(tmp_path: Path, damage: str) -> None:
+    store = ArtifactStore(tmp_path)
+    _commit(store, "k1")
+    f = store.artifact_dir("s", "k1") / ("manifest.json" if damage == "manifest" else "a.bin")
+    data = bytearray(f.read_bytes())
+    if damage == "bitflip":
+        data[10] ^= 0x01
+    elif damage == "truncate":
+        data = data[:500]
+    else:
+        data = data[:-5]
+    f.write_bytes(bytes(data))
+    assert store.get("s", "k1") is None
+    assert not store.artifact_dir("s", "k1").exists()
+    assert len(list((tmp_path / "quarantine").iterdir())) == 1
+
+
+def test_concurrent_commits_keep_one(tmp_path: Path) -> None:
+    """Two writers of the same key, each under the key's lock: exactly one computes."""
+    store = ArtifactStore(tmp_path)
+    computed = []
+
+    def worker() -> None:
+        with store.lock("k"):
+            if store.get("s", "k") is None:
+                computed.append(1)
+                _commit(store, "k")
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert computed == [1]
+    assert store.get("s", "k") is not None
+
+
+def test_unknown_key_names_closest() -> None:
+    with pytest.raises(SpecError, match=r"unknown key 'modle'.*did you mean 'model'"):
+        parse_spec({"modle": "x"})
+    with pytest.raises(SpecError, match=r"unknown key 'evaluate.strid'.*did you mean 'stride'"):
+        parse_spec({"model": "x", "evaluate": {"strid": 3}})
+
+
+def test_wrong_type_names_value() -> None:
+    with pytest.raises(SpecError, match=r"evaluate.window.*'lots'"):
+        parse_spec({"model": "x", "evaluate": {"window": "lots"}})
+
+
+def test_spec_cannot_name_code() -> None:
+    with pytest.raises(SpecError, match="unknown key"):
+        parse_spec({"model": "x", "callback": "os.system"})
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
+def test_every_shipped_spec_validates(path: Path) -> None:
+    spec = load_spec(path)
+    assert spec.model
