@@ -20,6 +20,7 @@ from typing import Any
 from orchestrator.spec import PipelineSpec
 from orchestrator.store import ArtifactStore, cache_key
 from stages.checkpoint import resolve_source, source_key
+from stages.collect import CollectPartConfig
 from stages.data import corpus_key
 from stages.errors import InputError
 from stages.registry import STAGES
@@ -56,6 +57,12 @@ def build_plan(spec: PipelineSpec) -> list[PlanNode]:
     add("shard", "shard", spec.shard_config(source_key(resolve_source(spec.model))))
     add("data", "data", spec.data_config(corpus_key(spec.data.corpus)), {"shard": "shard"})
     add("evaluate", "evaluate", spec.evaluate, {"shard": "shard", "data": "data"})
+    # collect: one node per data-parallel worker, then an exact merge.
+    workers = spec.collect.num_workers
+    for w in range(workers):
+        part = CollectPartConfig(**spec.collect.model_dump(), worker=w)
+        add(f"collect.part{w}", "collect_part", part, {"shard": "shard", "data": "data"})
+    add("collect", "collect", spec.collect, {"shard": "shard", **{f"part{w}": f"collect.part{w}" for w in range(workers)}})
     return list(nodes.values())
 
 

@@ -11,6 +11,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from stages.collect import CollectConfig
 from stages.data import TokenizeConfig
 from stages.errors import InputError
 from stages.evaluate import EvaluateConfig
@@ -64,6 +65,7 @@ class PipelineSpec(BaseModel):
     output: str = "runs/{name}"
     ray: RaySpec = RaySpec()
     shard: ShardSpec = ShardSpec()
+    collect: CollectConfig = CollectConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
 
     @field_validator("data", mode="before")

@@ -151,6 +151,8 @@ class FusedExperts:
 
     path: str = "mlp.experts"
     router: str = "mlp.gate.weight"
+    # The router module returns (logits [n, E], top-k weights [n, k], top-k expert ids [n, k]).
+    router_module: str = "mlp.gate"
     shared: DenseFF | None = None
     size_key: str = "intermediate_size"
     num_experts_key: str = "num_local_experts"

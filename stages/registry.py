@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from stages import data, evaluate, shard
+from stages import collect, data, evaluate, shard
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,9 @@ STAGES: dict[str, StageDef] = {
     for s in (
         StageDef("shard", 1, shard.ShardConfig, shard.run, num_cpus=2),
         StageDef("data", 1, data.TokenizeConfig, data.run, inputs=("shard",)),
+        StageDef("collect_part", 1, collect.CollectPartConfig, collect.run_part, inputs=("shard", "data"), num_cpus=2),
+        # Inputs: shard, part0..part{n-1} (one per collect_part worker).
+        StageDef("collect", 1, collect.CollectConfig, collect.run_merge, inputs=("shard",)),
         StageDef("evaluate", 1, evaluate.EvaluateConfig, evaluate.run, inputs=("shard", "data"), num_cpus=2),
     )
 }

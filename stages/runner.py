@@ -28,10 +28,20 @@ from torch import Tensor, nn
 from stages.families import FamilyAdapter, family_for
 from stages.shard import build_skeleton, layer_file, load_shard_meta
 
-# A layer override: a state dict replacing the shard's (e.g. a compressed layer), or SKIP to drop
-# the whole decoder layer (identity).
+# A layer override: SKIP drops the whole decoder layer (identity); a Patch replaces some of the
+# layer's tensors (a compressed FF block) on top of the shard; a plain mapping replaces them all.
 SKIP = object()
-LayerOverride = Mapping[str, Tensor] | object
+
+
+@dataclass(frozen=True)
+class Patch:
+    """Tensors (layer-relative keys) that replace the shard's. Tied layers share one Patch's
+    tensors, so a tied window is held once in memory."""
+
+    tensors: Mapping[str, Tensor]
+
+
+LayerOverride = Mapping[str, Tensor] | Patch | object
 
 
 class _StopForward(Exception):
@@ -155,10 +165,13 @@ class LayerStreamedModel:
     def layer_state(self, i: int) -> dict[str, Tensor]:
         """Layer i's tensors (relative keys), from the override or the shard file."""
         ov = self.overrides.get(i)
-        if ov is not None and ov is not SKIP:
-            return dict(ov)  # type: ignore[arg-type]
+        if ov is not None and ov is not SKIP and not isinstance(ov, Patch):
+            return dict(ov)  # type: ignore[call-overload]
         with safe_open(str(self.shard_dir / layer_file(i)), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
+            sd = {k: f.get_tensor(k) for k in f.keys()}
+        if isinstance(ov, Patch):
+            sd.update(ov.tensors)
+        return sd
 
     @contextmanager
     def layer(self, i: int, state: Mapping[str, Tensor] | None = None) -> Iterator[nn.Module]:

@@ -1,0 +1,392 @@
+"""collect: what every FF neuron does on real text, per layer (and per expert), to Parquet.
+
+Calibration blocks pass through the model one decoder layer at a time (the layer-streamed
+runner). While layer i is resident, the input of its FF block is captured (a pre-hook on the FF
+module) and, for MoE layers, the router's own output (logits, top-k weights, top-k experts) — so
+the recorded routing *is* the model's. Features are computed from the family-neutral FF weights:
+
+- ``up``: the first FF linear's output before the activation (``up_proj``; ``fc1``/``c_fc``),
+- ``gate``: ``gate_proj``'s output before the activation (GLU blocks),
+- ``hidden``: the input of the down projection, ``act(gate)*up`` or ``act(up)``.
+
+Layout of a collect artifact (the schema is also in ``meta.json``)::
+
+    features/L00012/<block>/part-000.parquet   token: int64, [router_weight: float32],
+                                               up/gate/hidden: fixed_size_list<float16|float32>[I]
+    features/L00012/router/part-000.parquet    token, logits: fsl<float32>[E], experts: fsl<int32>[k],
+                                               weights: fsl<float32>[k]
+    inputs/L00012/part-000.parquet             token, x: fsl<float32>[H]   (the FF block's input)
+    stats/L00012.safetensors                   float64 sums per block and kind (see below)
+
+``<block>`` is ``mlp`` (dense), ``expert<e>`` or ``shared``. ``token`` is the row in the
+calibration split (block * block_size + position). Statistics are exact sums, so worker parts
+merge by addition: ``<block>/count``, ``<block>/<kind>.sum`` [I], ``<block>/<kind>.sumsq`` [I], and
+``<block>/hidden.gram`` = HᵀH [I, I] where I ≤ ``gram_max``.
+
+Data parallel: ``collect_part`` processes every ``num_workers``-th calibration block and commits
+each finished layer (its Parquet files, statistics and the carried hidden state) as a part, so a
+killed worker resumes at its next unfinished layer; ``collect`` merges the parts (hard links for
+Parquet, sums for statistics).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from safetensors.numpy import load_file as load_np
+from safetensors.numpy import save_file as save_np
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from stages.artifacts import commit_part, part_done, write_json_atomic
+from stages.data import read_calib
+from stages.errors import NumericalError
+from stages.families import DenseFF, FamilyAdapter, FFBlockRef, FFWeights
+from stages.runner import LayerStreamedModel
+
+FeatureKind = Literal["up", "gate", "hidden"]
+
+
+class CollectConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    features: tuple[FeatureKind, ...] = ("up", "gate", "hidden")
+    dtype: Literal["float16", "float32"] = "float16"
+    # Also store each FF block's input x (needed to refit or re-evaluate a compressed block).
+    inputs: bool = True
+    num_workers: int = Field(1, ge=1)
+    batch_size: int = Field(4, ge=1)
+    # Full second-moment matrix HᵀH of `hidden` only where the intermediate size is at most this.
+    gram_max: int = Field(8192, ge=0)
+
+
+class CollectPartConfig(CollectConfig):
+    worker: int = Field(0, ge=0)
+
+
+def _write_parquet(table: pa.Table, path: Path) -> None:
+    # Activations do not compress and dictionary encoding makes reads ~10x slower: plain pages.
+    pq.write_table(table, path, compression="none", use_dictionary=False, write_statistics=False)
+
+
+def _dense_spec(family: FamilyAdapter, ref: FFBlockRef) -> DenseFF:
+    spec = family.dense if ref.kind == "dense" else (family.moe.shared if family.moe else None)
+    if spec is None:
+        raise ValueError(f"{family.name}: no dense FF spec for block {ref.name}")
+    return spec
+
+
+def _fsl(arr: np.ndarray) -> pa.FixedSizeListArray:
+    return pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(arr).ravel()), arr.shape[1])
+
+
+class _Stats:
+    """Exact float64 sums for one block (sums merge across workers by addition)."""
+
+    def __init__(self) -> None:
+        self.arrays: dict[str, np.ndarray] = {}
+
+    def add(self, name: str, value: np.ndarray) -> None:
+        if name in self.arrays:
+            self.arrays[name] += value
+        else:
+            self.arrays[name] = value.astype(np.float64, copy=True)
+
+
+def _block_features(ff: FFWeights, x: Tensor, kinds: tuple[str, ...]) -> dict[str, Tensor]:
+    """Features of one FF block for inputs ``x`` [n, H]: each [n, I] float32."""
+    from transformers.activations import ACT2FN
+
+    x = x.to(ff.up.dtype)
+    up = torch.nn.functional.linear(x, ff.up, ff.b_up)
+    out: dict[str, Tensor] = {"up": up}
+    if ff.gate is not None:
+        gate = torch.nn.functional.linear(x, ff.gate)
+        out["gate"] = gate
+        out["hidden"] = ACT2FN[ff.act](gate) * up
+    else:
+        out["hidden"] = ACT2FN[ff.act](up)
+    return {k: v.float() for k, v in out.items() if k in kinds}
+
+
+class _LayerCapture:
+    """Hooks on one resident layer, one entry per batch: the FF block's input x, the features of
+    dense blocks straight from their own linear modules (no recomputation), and for MoE layers
+    the router's output."""
+
+    def __init__(self, layer: torch.nn.Module, family: FamilyAdapter, dense: dict[str, DenseFF], kinds: tuple[str, ...]):
+        self.x: list[Tensor] = []
+        self.router: list[tuple[Tensor, Tensor, Tensor]] = []
+        self.features: dict[str, dict[str, list[Tensor]]] = {b: {k: [] for k in kinds} for b in dense}
+        self.handles = [layer.get_submodule(family.ff_module).register_forward_pre_hook(self._pre)]
+        for block, spec in dense.items():
+            for kind, name, side in (("up", spec.up, "out"), ("gate", spec.gate, "out"), ("hidden", spec.down, "in")):
+                if kind in kinds and name is not None:
+                    mod = layer.get_submodule(name.format("")[:-1])
+                    hook = self._hook(self.features[block][kind], side)
+                    self.handles.append(mod.register_forward_hook(hook))
+        if family.moe is not None:
+            try:
+                router = layer.get_submodule(family.moe.router_module)
+            except AttributeError:
+                router = None  # a dense layer inside an MoE model
+            if router is not None:
+                self.handles.append(router.register_forward_hook(self._route))
+
+    @staticmethod
+    def _hook(store: list[Tensor], side: str) -> Callable:
+        def hook(module: torch.nn.Module, args: tuple, out: Tensor) -> None:
+            t = args[0] if side == "in" else out
+            store.append(t.detach().reshape(-1, t.shape[-1]).float())
+
+        return hook
+
+    def _pre(self, module: torch.nn.Module, args: tuple) -> None:
+        x = args[0]
+        self.x.append(x.detach().reshape(-1, x.shape[-1]).float())
+
+    def _route(self, module: torch.nn.Module, args: tuple, out: tuple) -> None:
+        logits, weights, experts = out[0], out[1], out[2]
+        self.router.append((logits.detach().float(), weights.detach().float(), experts.detach()))
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _gram(f: Tensor, rows: int = 2048) -> np.ndarray:
+    """FᵀF [I, I] in float64, from float32 products of row chunks (exact enough, far cheaper)."""
+    g = np.zeros((f.shape[1], f.shape[1]), dtype=np.float64)
+    for i in range(0, f.shape[0], rows):
+        c = f[i : i + rows]
+        g += (c.T @ c).double().numpy()
+    return g
+
+
+def _check_finite(layer: int, block: str, kind: str, t: Tensor) -> None:
+    if not torch.isfinite(t).all():
+        bad = int((~torch.isfinite(t)).any(dim=-1).sum())
+        raise NumericalError(
+            f"non-finite {kind} features in layer {layer}, block {block}: {bad} of {t.shape[0]} tokens"
+        )
+
+
+def _layer_rel(i: int) -> str:
+    return f"stats/L{i:05d}.safetensors"
+
+
+def run_part(config: CollectPartConfig, inputs: dict[str, Path], out_dir: Path) -> dict:
+    """Collect the features of worker ``config.worker``'s share of calibration blocks."""
+    if config.worker >= config.num_workers:
+        raise ValueError(f"worker={config.worker} must be < num_workers={config.num_workers}")
+    model = LayerStreamedModel(inputs["shard"])
+    family = model.family
+    calib = read_calib(inputs["data"])
+    mine = np.arange(config.worker, len(calib), config.num_workers)
+    block_size = calib.shape[1]
+    np_dtype = np.float16 if config.dtype == "float16" else np.float32
+    batches = [mine[i : i + config.batch_size] for i in range(0, len(mine), config.batch_size)]
+    states = [model.start(torch.from_numpy(calib[b])) for b in batches]
+    tokens = [torch.from_numpy((b[:, None] * block_size + np.arange(block_size)).reshape(-1)) for b in batches]
+    all_tokens = torch.cat(tokens) if tokens else torch.zeros(0, dtype=torch.long)
+
+    # Resume: the last layer whose part is committed, and the hidden state carried past it.
+    start = 0
+    while start < model.num_layers and part_done(out_dir, _layer_rel(start)):
+        start += 1
+    if start > 0:
+        carry = load_file(str(out_dir / f"carry/L{start - 1:05d}.safetensors"))
+        for n, s in enumerate(states):
+            s.hidden = carry[f"b{n}"].to(s.hidden.dtype)
+    from tqdm import tqdm
+
+    for i in tqdm(range(start, model.num_layers), desc=f"collect[{config.worker}]", unit="layer", initial=start,
+                  total=model.num_layers):
+        sd = model.layer_state(i)
+        dense = {r.name: _dense_spec(family, r) for r in family.ff_blocks(model.config, sd) if r.kind != "expert"}
+        with model.layer(i, sd) as layer:
+            cap = _LayerCapture(layer, family, dense, config.features)
+            try:
+                for s in states:
+                    s.hidden = model.apply(layer, i, s)
+            finally:
+                cap.close()
+        stats = _write_layer(i, sd, cap, all_tokens, model, config, np_dtype, out_dir)
+        carry_rel = f"carry/L{i:05d}.safetensors"
+        carry = {f"b{n}": s.hidden.contiguous() for n, s in enumerate(states)}
+        commit_part(out_dir, carry_rel, lambda p, c=carry: save_file(c, str(p)))
+        # The statistics file is the layer's completion marker: committed last.
+        commit_part(out_dir, _layer_rel(i), lambda p, st=stats: save_np(st, str(p)))
+        if i > 0:  # only the latest carry is ever needed
+            (out_dir / f"carry/L{i - 1:05d}.safetensors").unlink(missing_ok=True)
+    shutil.rmtree(out_dir / "carry", ignore_errors=True)
+    return {"worker": config.worker, "blocks": len(mine), "tokens": int(len(mine) * block_size),
+            "layers_resumed_from": start}
+
+
+def _write_layer(
+    i: int, sd: dict[str, Tensor], cap: _LayerCapture, all_tokens: Tensor,
+    model: LayerStreamedModel, config: CollectPartConfig, np_dtype: type, out_dir: Path,
+) -> dict[str, np.ndarray]:
+    """Write layer i's Parquet parts; return its statistics (committed by the caller, last)."""
+    family, hf_config = model.family, model.config
+    x = torch.cat(cap.x) if cap.x else torch.zeros(0, model.config.hidden_size)
+    stats: dict[str, _Stats] = {}
+    tables: dict[str, dict[str, np.ndarray]] = {}
+    refs = family.ff_blocks(hf_config, sd)
+    moe = any(r.kind == "expert" for r in refs)
+    if moe:
+        logits = torch.cat([r[0] for r in cap.router])
+        weights = torch.cat([r[1] for r in cap.router])
+        experts = torch.cat([r[2] for r in cap.router])
+        tables["router"] = {
+            "token": all_tokens.numpy(), "logits": logits.numpy(), "experts": experts.int().numpy(),
+            "weights": weights.numpy(),
+        }
+    for ref in refs:
+        ff = family.read_ff(hf_config, sd, ref)
+        if ref.kind == "expert":
+            hit = (experts == ref.expert)
+            rows = hit.any(dim=-1).nonzero().squeeze(-1)
+            extra = {"router_weight": (weights * hit).sum(-1)[rows].numpy()}
+        else:
+            rows = torch.arange(x.shape[0])
+            extra = {}
+        if ref.name in cap.features:  # dense blocks: captured from their own modules
+            feats = {k: torch.cat(v) for k, v in cap.features[ref.name].items() if v}
+        else:
+            feats = _block_features(ff, x[rows], config.features)
+        st = stats.setdefault(ref.name, _Stats())
+        st.add("count", np.array([len(rows)], dtype=np.float64))
+        for kind, f in feats.items():
+            _check_finite(i, ref.name, kind, f)
+            f64 = f.double()
+            st.add(f"{kind}.sum", f64.sum(0).numpy())
+            st.add(f"{kind}.sumsq", (f64 * f64).sum(0).numpy())
+            if kind == "hidden" and ff.intermediate_size <= config.gram_max:
+                st.add("hidden.gram", _gram(f))
+        tables[ref.name] = {"token": all_tokens[rows].numpy(), **extra,
+                            **{k: v.numpy().astype(np_dtype) for k, v in feats.items()}}
+    for name, cols in tables.items():
+        table = pa.table({k: (_fsl(v) if v.ndim == 2 else pa.array(v)) for k, v in cols.items()})
+        rel = f"features/L{i:05d}/{name}/part-{config.worker:03d}.parquet"
+        commit_part(out_dir, rel, lambda p, t=table: _write_parquet(t, p))
+    if config.inputs:
+        table = pa.table({"token": all_tokens.numpy(), "x": _fsl(x.numpy())})
+        rel = f"inputs/L{i:05d}/part-{config.worker:03d}.parquet"
+        commit_part(out_dir, rel, lambda p, t=table: _write_parquet(t, p))
+    return {f"{b}/{k}": v for b, st in stats.items() for k, v in st.arrays.items()}
+
+
+def run_merge(config: CollectConfig, inputs: dict[str, Path], out_dir: Path) -> dict:
+    """Merge worker parts: Parquet files hard-linked (copied across filesystems), sums added."""
+    parts = [inputs[k] for k in sorted(inputs) if k.startswith("part")]
+    if len(parts) != config.num_workers:
+        raise ValueError(f"expected {config.num_workers} parts, got {len(parts)}")
+    model_meta = json.loads((inputs["shard"] / "shard.json").read_text())
+    n_layers = model_meta["num_layers"]
+    tokens = 0
+    for part in parts:
+        for f in list(part.rglob("*.parquet")):
+            dest = out_dir / f.relative_to(part)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            if not dest.exists():
+                try:
+                    os.link(f, dest)
+                except OSError:
+                    shutil.copy2(f, dest)
+    blocks: dict[int, list[str]] = {}
+    for i in range(n_layers):
+        total: dict[str, np.ndarray] = {}
+        for part in parts:
+            for k, v in load_np(str(part / _layer_rel(i))).items():
+                total[k] = total[k] + v if k in total else v
+        blocks[i] = sorted({k.split("/")[0] for k in total})
+        tokens = max(tokens, int(sum(v[0] for k, v in total.items() if k.endswith("/count") and "expert" not in k)))
+        (out_dir / "stats").mkdir(exist_ok=True)
+        save_np(total, str(out_dir / _layer_rel(i)))
+    meta = {
+        "num_layers": n_layers, "tokens": tokens, "features": list(config.features), "dtype": config.dtype,
+        "inputs": config.inputs, "workers": config.num_workers, "blocks": {str(i): b for i, b in blocks.items()},
+        "schema": {
+            "features/L<layer>/<block>/part-<w>.parquet": "token int64, [router_weight float32], "
+            "<kind> fixed_size_list<dtype>[intermediate]",
+            "features/L<layer>/router/part-<w>.parquet": "token, logits fsl<float32>[E], experts fsl<int32>[k], "
+            "weights fsl<float32>[k]",
+            "inputs/L<layer>/part-<w>.parquet": "token int64, x fixed_size_list<float32>[hidden]",
+            "stats/L<layer>.safetensors": "<block>/count, <block>/<kind>.sum, <block>/<kind>.sumsq, "
+            "<block>/hidden.gram (float64)",
+        },
+    }
+    write_json_atomic(out_dir / "meta.json", meta)
+    return {"tokens": tokens, "layers": n_layers, "workers": config.num_workers}
+
+
+# ----- reading a collect artifact -------------------------------------------------------------
+def _files(collect_dir: Path, sub: str) -> list[Path]:
+    files = sorted((collect_dir / sub).glob("part-*.parquet"))
+    if not files:
+        raise FileNotFoundError(f"no Parquet parts under {collect_dir / sub}")
+    return files
+
+
+def _column_numpy(table: pa.Table, name: str) -> np.ndarray:
+    col = table.column(name).combine_chunks()
+    if pa.types.is_fixed_size_list(col.type):
+        return col.values.to_numpy(zero_copy_only=False).reshape(len(col), col.type.list_size)
+    return col.to_numpy(zero_copy_only=False)
+
+
+def read_features(collect_dir: Path, layer: int, block: str = "mlp", kind: str = "hidden") -> tuple[np.ndarray, np.ndarray]:
+    """(token ids [n], features [n, I]) of one layer's block, ordered by token."""
+    tables = [pq.read_table(f, columns=["token", kind]) for f in _files(collect_dir, f"features/L{layer:05d}/{block}")]
+    tok = np.concatenate([_column_numpy(t, "token") for t in tables])
+    feat = np.concatenate([_column_numpy(t, kind) for t in tables])
+    order = np.argsort(tok, kind="stable")
+    return tok[order], feat[order]
+
+
+def read_inputs(collect_dir: Path, layer: int) -> tuple[np.ndarray, np.ndarray]:
+    """(token ids [n], FF inputs x [n, H]) of one layer, ordered by token."""
+    tables = [pq.read_table(f) for f in _files(collect_dir, f"inputs/L{layer:05d}")]
+    tok = np.concatenate([_column_numpy(t, "token") for t in tables])
+    x = np.concatenate([_column_numpy(t, "x") for t in tables])
+    order = np.argsort(tok, kind="stable")
+    return tok[order], x[order]
+
+
+def iter_feature_rows(collect_dir: Path, layer: int, block: str, kind: str, rows: int = 4096) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(token ids, features) in row blocks of at most ``rows``: bounded memory for large layers."""
+    for f in _files(collect_dir, f"features/L{layer:05d}/{block}"):
+        pf = pq.ParquetFile(f)
+        for batch in pf.iter_batches(batch_size=rows, columns=["token", kind]):
+            t = pa.Table.from_batches([batch])
+            yield _column_numpy(t, "token"), _column_numpy(t, kind)
+
+
+def read_stats(collect_dir: Path, layer: int) -> dict[str, dict[str, np.ndarray]]:
+    """{block: {"count", "<kind>.sum", "<kind>.sumsq", "hidden.gram"?}} (float64 sums)."""
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for k, v in load_np(str(collect_dir / _layer_rel(layer))).items():
+        block, name = k.split("/", 1)
+        out.setdefault(block, {})[name] = v
+    return out
+
+
+def moments(stats: dict[str, np.ndarray], kind: str = "hidden") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(mean, variance, E[f²]) of a block's feature ``kind`` from its sums."""
+    n = max(float(stats["count"][0]), 1.0)
+    mean = stats[f"{kind}.sum"] / n
+    sq = stats[f"{kind}.sumsq"] / n
+    return mean, np.maximum(sq - mean * mean, 0.0), sq
+

@@ -1,0 +1,141 @@
+"""Least-squares refit of a compressed FF block's down projection against the original's output.
+
+After pruning or fusing, the input of the down projection ``H = ff_compressed.hidden(x)``
+[n, k] has changed; the best output weights for it solve the ridge problem
+``min_W ||H W^T + b - Y||^2 + lambda ||W||^2`` with ``Y`` [n, H_out] the *original* block's
+output on the same tokens. Only ``H^T H`` and ``H^T Y`` are needed, so they are accumulated
+chunk by chunk (tokens never need to be resident together), in float64 because ``H^T H`` sums
+many products of similar magnitude and its conditioning decides the solve.
+
+Tied windows (one parameter set shared by several layers) are fit jointly by updating one
+accumulator with every layer's ``(H, Y)``, or by :meth:`RefitAccumulator.merge` of per-layer
+accumulators filled in parallel: the statistics of a union of samples are the sums.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+from torch import Tensor
+
+from stages.families import FFWeights
+
+
+class RefitAccumulator:
+    """Streams ``H^T H`` [k(+1), k(+1)], ``H^T Y`` [k(+1), out] and ``sum ||Y||^2``.
+
+    ``bias=True`` appends a ones column to ``H``, so the solve also fits an output bias.
+    ``device``: where the statistics live and the products run (the activations' device avoids
+    moving every chunk to the host; ``H^T H`` costs n k^2 per chunk).
+    """
+
+    def __init__(
+        self, k_hidden: int, out_dim: int, bias: bool, device: torch.device | str = "cpu"
+    ) -> None:
+        if k_hidden < 1 or out_dim < 1:
+            raise ValueError(f"k_hidden and out_dim must be >= 1, got {k_hidden}, {out_dim}")
+        self.k_hidden, self.out_dim, self.bias = k_hidden, out_dim, bias
+        m = k_hidden + int(bias)
+        self.hth = torch.zeros(m, m, dtype=torch.float64, device=device)
+        self.hty = torch.zeros(m, out_dim, dtype=torch.float64, device=device)
+        self.yty = 0.0
+        self.n = 0
+
+    def _augment(self, h: Tensor) -> Tensor:
+        h = h.detach().to(self.hth.device, torch.float64)
+        ones = torch.ones(len(h), 1, dtype=h.dtype, device=h.device)
+        return torch.cat([h, ones], dim=1) if self.bias else h
+
+    def update(self, h: Tensor, y: Tensor) -> None:
+        """Add tokens: ``h`` [..., k] the compressed block's hidden, ``y`` [..., out] the original
+        block's output for the same tokens (leading dimensions are flattened)."""
+        h, y = h.reshape(-1, h.shape[-1]), y.reshape(-1, y.shape[-1])
+        if h.shape[1] != self.k_hidden or y.shape[1] != self.out_dim or len(h) != len(y):
+            raise ValueError(
+                f"expected H [n, {self.k_hidden}] and Y [n, {self.out_dim}] with the same n, "
+                f"got {tuple(h.shape)} and {tuple(y.shape)}"
+            )
+        ha, y64 = self._augment(h), y.detach().to(self.hth.device, torch.float64)
+        self.hth += ha.T @ ha
+        self.hty += ha.T @ y64
+        self.yty += float(y64.square().sum())
+        self.n += len(h)
+
+    def merge(self, other: RefitAccumulator) -> None:
+        """Add another accumulator's statistics (same shapes) to this one."""
+        if (other.k_hidden, other.out_dim, other.bias) != (self.k_hidden, self.out_dim, self.bias):
+            raise ValueError(
+                f"cannot merge accumulator (k={other.k_hidden}, out={other.out_dim}, "
+                f"bias={other.bias}) "
+                f"into (k={self.k_hidden}, out={self.out_dim}, bias={self.bias})"
+            )
+        self.hth += other.hth.to(self.hth.device)
+        self.hty += other.hty.to(self.hth.device)
+        self.yty += other.yty
+        self.n += other.n
+
+    def solve(self, lam: float) -> tuple[Tensor, Tensor | None]:
+        """Ridge solution ``(W [out, k], b [out] or None)``, float64 on the accumulator's device.
+
+        Solves ``(H^T H + lambda I) W^T = H^T Y`` with ``lambda = lam * mean(diag(H^T H))``: the
+        ridge is relative to the mean per-neuron energy, so one ``lam`` means the same amount of
+        shrinkage in every layer (hidden activations differ by orders of magnitude across layers
+        and models) and does not change when statistics of several layers are summed. Scaling
+        ``H`` by c scales ``W`` by 1/c exactly. The bias column is not regularised.
+        """
+        if self.n == 0:
+            raise ValueError("no samples: call update() before solve()")
+        if lam < 0:
+            raise ValueError(f"lam must be >= 0, got {lam}")
+        k = self.k_hidden
+        a = self.hth.clone()
+        ridge = lam * float(a.diagonal()[:k].mean())
+        a.diagonal()[:k] += ridge
+        chol, info = torch.linalg.cholesky_ex(a)
+        if int(info) == 0:
+            sol = torch.cholesky_solve(self.hty, chol)
+        else:
+            # Singular without a ridge (dead neurons, fewer tokens than neurons): the minimum-norm
+            # least-squares solution (gelsd, the SVD-based driver, exists on the CPU only).
+            sol = torch.linalg.lstsq(a.cpu(), self.hty.cpu(), driver="gelsd").solution
+            sol = sol.to(a.device)
+        return sol[:k].T.contiguous(), (sol[k].clone() if self.bias else None)
+
+    def sse(self, w: Tensor, b: Tensor | None = None) -> float:
+        """Sum of squared errors ``||H W^T + b - Y||^2`` over every accumulated token, from the
+        statistics alone (to compare weights before and after a refit without the data)."""
+        dev = self.hth.device
+        wa = w.detach().to(dev, torch.float64).T
+        if self.bias:
+            zero = torch.zeros(1, self.out_dim, dtype=torch.float64, device=dev)
+            wa = torch.cat([wa, zero if b is None else b.detach().to(dev, torch.float64)[None]])
+        return float((wa * (self.hth @ wa)).sum() - 2 * (wa * self.hty).sum() + self.yty)
+
+
+def refit_down(ff_compressed: FFWeights, acc: RefitAccumulator, lam: float) -> FFWeights:
+    """``ff_compressed`` with ``down`` (and ``b_down``) replaced by the ridge solution of ``acc``.
+
+    ``acc`` must have been filled with ``H = ff_compressed.hidden(x)`` and the original block's
+    output ``Y``, and fit a bias exactly when the block has one (a bias-free architecture has
+    nowhere to store a fitted bias; a block with a bias whose bias was not fitted would need Y
+    shifted by it, which is easy to get wrong).
+    """
+    k, h = ff_compressed.intermediate_size, ff_compressed.hidden_size
+    if (acc.k_hidden, acc.out_dim) != (k, h):
+        raise ValueError(
+            f"accumulator is for k={acc.k_hidden}, out={acc.out_dim}; block has k={k}, hidden={h}"
+        )
+    has_bias = ff_compressed.b_down is not None
+    if acc.bias != has_bias:
+        raise ValueError(
+            f"accumulator bias={acc.bias} but the block {'has' if has_bias else 'has no'} b_down; "
+            f"build RefitAccumulator(..., bias={has_bias})"
+        )
+    w, b = acc.solve(lam)
+    like = ff_compressed.down
+    return replace(
+        ff_compressed,
+        down=w.to(like.device, like.dtype),
+        b_down=None if b is None else b.to(like.device, like.dtype),
+    )

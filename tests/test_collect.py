@@ -1,0 +1,156 @@
+"""collect: exact statistics across workers, MoE routing recorded as the model routes, resume."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from stages import collect, shard
+from stages.collect import CollectConfig, CollectPartConfig, read_features, read_stats
+
+
+def _data(tmp: Path, n_blocks: int, block: int, vocab: int, seed: int = 0) -> Path:
+    d = tmp / "data"
+    d.mkdir(exist_ok=True)
+    ids = np.random.default_rng(seed).integers(0, vocab, size=(n_blocks, block)).astype(np.int32)
+    pq.write_table(pa.table({"input_ids": pa.FixedSizeListArray.from_arrays(pa.array(ids.ravel()), block)}),
+                   d / "calib.parquet")
+    return d
+
+
+def _collect(shard_dir: Path, data: Path, out: Path, workers: int, **kw: object) -> Path:
+    parts = {}
+    for w in range(workers):
+        cfg = CollectPartConfig(worker=w, num_workers=workers, batch_size=2, dtype="float32", **kw)
+        collect.run_part(cfg, {"shard": shard_dir, "data": data}, out / f"p{w}")
+        parts[f"part{w}"] = out / f"p{w}"
+    collect.run_merge(CollectConfig(num_workers=workers, dtype="float32", **kw), {"shard": shard_dir, **parts}, out / "m")
+    return out / "m"
+
+
+@pytest.fixture(scope="module")
+def llama_shard(tiny_checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("llama") / "shard"
+    shard.run(shard.ShardConfig(model=str(tiny_checkpoints["llama"])), {}, out)
+    return out
+
+
+def test_two_workers_equal_one_and_numpy(llama_shard: Path, tmp_path: Path) -> None:
+    data = _data(tmp_path, n_blocks=7, block=8, vocab=128)
+    one = _collect(llama_shard, data, tmp_path / "one", workers=1)
+    two = _collect(llama_shard, data, tmp_path / "two", workers=2)
+    for layer in range(3):
+        s1, s2 = read_stats(one, layer)["mlp"], read_stats(two, layer)["mlp"]
+        assert s1.keys() == s2.keys()
+        for k in s1:  # the gram is summed from float32 chunk products: float32 rounding
+            tol = 1e-5 if k == "hidden.gram" else 1e-9
+            np.testing.assert_allclose(s1[k], s2[k], rtol=tol, atol=1e-9)
+        for kind in ("up", "gate", "hidden"):
+            tok, f = read_features(two, layer, "mlp", kind)
+            assert np.array_equal(tok, np.arange(7 * 8))
+            f64 = f.astype(np.float64)
+            np.testing.assert_allclose(s2[f"{kind}.sum"], f64.sum(0), rtol=1e-9, atol=1e-9)
+            np.testing.assert_allclose(s2[f"{kind}.sumsq"], (f64 * f64).sum(0), rtol=1e-9, atol=1e-9)
+        _, h = read_features(one, layer, "mlp", "hidden")
+        np.testing.assert_allclose(s1["hidden.gram"], h.astype(np.float64).T @ h, rtol=1e-5, atol=1e-6)
+
+
+def test_features_are_the_models_own(llama_shard: Path, tiny_checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    """Recorded hidden features equal the input of down_proj in the in-memory model."""
+    from transformers import AutoModelForCausalLM
+
+    data = _data(tmp_path, n_blocks=2, block=8, vocab=128)
+    out = _collect(llama_shard, data, tmp_path / "c", workers=1)
+    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoints["llama"]).eval()
+    seen = []
+    model.model.layers[1].mlp.down_proj.register_forward_hook(lambda m, a, o: seen.append(a[0].reshape(-1, a[0].shape[-1])))
+    ids = torch.from_numpy(pq.read_table(data / "calib.parquet").column(0).combine_chunks().values.to_numpy()
+                           .reshape(2, 8).astype(np.int64))
+    with torch.no_grad():
+        model(ids, use_cache=False)
+    _, h = read_features(out, 1, "mlp", "hidden")
+    np.testing.assert_allclose(h, seen[0].numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe"])
+def test_moe_routing_recorded_exactly(model_type: str, tiny_checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "shard"
+    shard.run(shard.ShardConfig(model=str(tiny_checkpoints[model_type])), {}, out)
+    data = _data(tmp_path, n_blocks=3, block=8, vocab=128)
+    c = _collect(out, data, tmp_path / "c", workers=2)
+    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoints[model_type]).eval()
+    routed = []
+    model.model.layers[1].mlp.gate.register_forward_hook(lambda m, a, o: routed.append(o[2]))
+    ids = torch.from_numpy(pq.read_table(data / "calib.parquet").column(0).combine_chunks().values.to_numpy()
+                           .reshape(3, 8).astype(np.int64))
+    with torch.no_grad():
+        model(ids, use_cache=False)
+    experts_ref = routed[0].numpy()  # [tokens, k], tokens in calibration order
+    tables = [pq.read_table(f) for f in sorted((c / "features/L00001/router").glob("*.parquet"))]
+    tok = np.concatenate([t.column("token").to_numpy() for t in tables])
+    exp = np.concatenate([t.column("experts").combine_chunks().values.to_numpy().reshape(len(t), -1) for t in tables])
+    order = np.argsort(tok)
+    assert np.array_equal(tok[order], np.arange(24))
+    assert np.array_equal(np.sort(exp[order], 1), np.sort(experts_ref, 1))
+    n_experts = 4
+    for e in range(n_experts):
+        etok, _ = read_features(c, 1, f"expert{e}", "hidden")
+        expected = np.nonzero((experts_ref == e).any(1))[0]
+        assert np.array_equal(etok, expected)  # each routed token exactly once
+    blocks = read_stats(c, 1)
+    assert sum(blocks[f"expert{e}"]["count"][0] for e in range(n_experts)) == 24 * 2
+    if model_type == "qwen2_moe":
+        stok, _ = read_features(c, 1, "shared", "hidden")
+        assert np.array_equal(stok, np.arange(24))
+
+
+def test_killed_collect_resumes(llama_shard: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = _data(tmp_path, n_blocks=4, block=8, vocab=128)
+    cfg = CollectPartConfig(worker=0, num_workers=1, batch_size=2, dtype="float32")
+    real = collect._write_layer
+
+    def crash_at_2(i: int, *a: object, **k: object) -> object:
+        if i == 2:
+            raise RuntimeError("worker killed")
+        return real(i, *a, **k)
+
+    monkeypatch.setattr(collect, "_write_layer", crash_at_2)
+    with pytest.raises(RuntimeError):
+        collect.run_part(cfg, {"shard": llama_shard, "data": data}, tmp_path / "p")
+    monkeypatch.setattr(collect, "_write_layer", real)
+    done = {f: f.stat().st_mtime_ns for f in (tmp_path / "p").rglob("*.parquet")}
+    result = collect.run_part(cfg, {"shard": llama_shard, "data": data}, tmp_path / "p")
+    assert result["layers_resumed_from"] == 2
+    assert all(f.stat().st_mtime_ns == t for f, t in done.items())  # finished layers not rewritten
+    fresh = _collect(llama_shard, data, tmp_path / "fresh", workers=1)
+    collect.run_merge(CollectConfig(num_workers=1, dtype="float32"), {"shard": llama_shard, "part0": tmp_path / "p"},
+                      tmp_path / "m")
+    for layer in range(3):
+        _, a = read_features(tmp_path / "m", layer, "mlp", "hidden")
+        _, b = read_features(fresh, layer, "mlp", "hidden")
+        assert np.array_equal(a, b)
+
+
+def test_nan_features_name_the_layer(llama_shard: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    from stages.errors import NumericalError
+    from stages.shard import layer_file
+
+    bad = tmp_path / "shard"
+    import shutil
+
+    shutil.copytree(llama_shard, bad)
+    sd = load_file(str(bad / layer_file(1)))
+    sd["mlp.up_proj.weight"][3, :] = float("inf")
+    save_file(sd, str(bad / layer_file(1)))
+    data = _data(tmp_path, n_blocks=2, block=8, vocab=128)
+    with pytest.raises(NumericalError, match=r"layer 1, block mlp: \d+ of 16 tokens"):
+        collect.run_part(CollectPartConfig(dtype="float32"), {"shard": bad, "data": data}, tmp_path / "p")
