@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
-from orchestrator.pipeline import build_plan, execute_plan
-from orchestrator.report import build_report, write_report
+from orchestrator.job import run_job
+from orchestrator.pipeline import build_plan
 from orchestrator.spec import PipelineSpec, load_spec
 from orchestrator.store import ArtifactStore
 from stages.errors import InputError
@@ -32,16 +31,18 @@ def _spec(args: argparse.Namespace) -> PipelineSpec:
 def cmd_run(args: argparse.Namespace) -> int:
     spec = _spec(args)
     store = ArtifactStore(spec.cache)
-    t0 = time.time()
-    plan = build_plan(spec)
-    results = execute_plan(spec, plan, store, set(args.force or []))
-    report = build_report(spec, results, time.time() - t0, store.root)
-    path = write_report(report, spec.output_dir())
+    report, path = run_job(spec, store, set(args.force or []))
     for name, r in report["stages"].items():
-        print(f"  {name:<12} {r['status']:<4} {r['seconds']:8.1f}s  {r['cache_key']}")
-    print(f"base perplexity {report['base']['perplexity']:.3f} on {report['base']['eval_tokens']} tokens; "
-          f"params {report['base']['params']:,} (FF {report['base']['ff_params']:,})")
-    print(f"report: {path}")
+        print(f"  {name:<40} {r['status']:<4} {r['seconds']:8.1f}s  {r['cache_key']}")
+    base = report["base"]
+    print(f"base: perplexity {base['perplexity']:.3f} on {base['eval_tokens']} tokens; "
+          f"params {base['params']:,} (FF {base['ff_params']:,})")
+    if "winner" in report:
+        w = report["winner"]
+        print(f"winner: {w['name']}: perplexity {w['perplexity']:.3f}, params {w['params']:,}")
+        print(f"  {w['reason']}")
+        print(f"export: {report['export']['path']}")
+    print(f"report: {path} (and report.html)")
     return 0
 
 

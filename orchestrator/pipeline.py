@@ -43,27 +43,36 @@ class PlanNode:
     input_keys: dict[str, str] = field(default_factory=dict)
 
 
+def make_node(known: dict[str, str], name: str, stage: str, config: Any, inputs: dict[str, str] | None = None) -> PlanNode:
+    """A node whose key follows from its stage, config and its inputs' keys (``known``: node
+    name -> key, for nodes planned or executed earlier)."""
+    inputs = inputs or {}
+    sdef = STAGES[stage]
+    cfg = config.model_dump(mode="json")
+    input_keys = {role: known[n] for role, n in inputs.items()}
+    return PlanNode(name, stage, cfg, inputs, cache_key(stage, sdef.version, cfg, input_keys), input_keys)
+
+
 def build_plan(spec: PipelineSpec) -> list[PlanNode]:
-    """The stage nodes of ``spec`` in dependency order, each with its cache key."""
-    nodes: dict[str, PlanNode] = {}
+    """The base stages of ``spec`` in dependency order, each with its cache key: shard, data,
+    base evaluation, and collect (one node per data-parallel worker, then an exact merge)."""
+    known: dict[str, str] = {}
+    nodes: list[PlanNode] = []
 
     def add(name: str, stage: str, config: Any, inputs: dict[str, str] | None = None) -> None:
-        inputs = inputs or {}
-        sdef = STAGES[stage]
-        cfg = config.model_dump(mode="json")
-        input_keys = {role: nodes[n].key for role, n in inputs.items()}
-        nodes[name] = PlanNode(name, stage, cfg, inputs, cache_key(stage, sdef.version, cfg, input_keys), input_keys)
+        node = make_node(known, name, stage, config, inputs)
+        known[name] = node.key
+        nodes.append(node)
 
     add("shard", "shard", spec.shard_config(source_key(resolve_source(spec.model))))
     add("data", "data", spec.data_config(corpus_key(spec.data.corpus)), {"shard": "shard"})
     add("evaluate", "evaluate", spec.evaluate, {"shard": "shard", "data": "data"})
-    # collect: one node per data-parallel worker, then an exact merge.
     workers = spec.collect.num_workers
     for w in range(workers):
         part = CollectPartConfig(**spec.collect.model_dump(), worker=w)
         add(f"collect.part{w}", "collect_part", part, {"shard": "shard", "data": "data"})
     add("collect", "collect", spec.collect, {"shard": "shard", **{f"part{w}": f"collect.part{w}" for w in range(workers)}})
-    return list(nodes.values())
+    return nodes
 
 
 def execute_node(store_root: str, node: dict[str, Any], *upstream: dict[str, Any]) -> dict[str, Any]:
@@ -128,34 +137,66 @@ def _unwrap(e: BaseException) -> BaseException:
     return cause if isinstance(cause, BaseException) else e
 
 
-def execute_plan(spec: PipelineSpec, plan: list[PlanNode], store: ArtifactStore, force: set[str]) -> dict[str, dict]:
-    """Execute ``plan`` as one Ray DAG; returns each node's result by name."""
-    import ray
-    from ray.dag import MultiOutputNode
+class Session:
+    """One pipeline run: executes groups of nodes as Ray DAGs against one store, remembering every
+    result, so later groups (candidates, halving rounds, export) can depend on earlier ones. Ray
+    starts on the first group that has anything to compute, and stops at :meth:`close`."""
 
-    for node in plan:
-        if node.stage in force or node.name in force:
-            store.remove(node.stage, node.key)
-    cached = {n.name: store.get(n.stage, n.key) for n in plan}
-    if all(cached.values()):  # nothing to run: no need to start Ray
-        return {
-            n.name: {"name": n.name, "stage": n.stage, "key": n.key, "path": str(a.path), "status": "hit",
-                     "seconds": 0.0, "result": a.manifest.get("result", {})}
-            for n in plan if (a := cached[n.name]) is not None
-        }
-    with ray_session(spec.ray.address, spec.ray.num_cpus):
+    def __init__(self, spec: PipelineSpec, store: ArtifactStore, force: set[str] | None = None):
+        self.spec, self.store, self.force = spec, store, set(force or ())
+        self.results: dict[str, dict[str, Any]] = {}
+        self._ray: Any = None
+
+    @property
+    def keys(self) -> dict[str, str]:
+        return {n: r["key"] for n, r in self.results.items()}
+
+    def path(self, name: str) -> Path:
+        return Path(self.results[name]["path"])
+
+    def _hit(self, node: PlanNode) -> dict[str, Any] | None:
+        art = self.store.get(node.stage, node.key)
+        if art is None:
+            return None
+        return {"name": node.name, "stage": node.stage, "key": node.key, "path": str(art.path),
+                "status": "hit", "seconds": 0.0, "result": art.manifest.get("result", {})}
+
+    def run(self, nodes: list[PlanNode]) -> dict[str, dict[str, Any]]:
+        """Execute ``nodes`` (cache hits are answered without Ray); returns their results."""
+        for node in nodes:
+            if node.stage in self.force or node.name in self.force:
+                self.store.remove(node.stage, node.key)
+        hits = {n.name: h for n in nodes if (h := self._hit(n)) is not None}
+        todo = [n for n in nodes if n.name not in hits]
+        self.results.update(hits)
+        if todo:
+            self.results.update(self._execute(todo, nodes))
+        return {n.name: self.results[n.name] for n in nodes}
+
+    def _execute(self, todo: list[PlanNode], group: list[PlanNode]) -> dict[str, dict[str, Any]]:
+        import ray
+        from ray.dag import MultiOutputNode
+
+        if self._ray is None:
+            self._ray = ray_session(self.spec.ray.address, self.spec.ray.num_cpus)
+            self._ray.__enter__()
         cpus = max(1.0, float(ray.cluster_resources().get("CPU", 1)))
         task = ray.remote(execute_node)
         bound: dict[str, Any] = {}
-        for node in plan:
+        names = {n.name for n in todo}
+        for node in todo:
             sdef = STAGES[node.stage]
-            opts = {"num_cpus": min(sdef.num_cpus, cpus), "max_retries": spec.ray.max_retries}
-            bound[node.name] = task.options(**opts).bind(
-                str(store.root), asdict(node), *[bound[n] for n in node.inputs.values()]
-            )
-        dag = MultiOutputNode([bound[n.name] for n in plan])
+            opts = {"num_cpus": min(sdef.num_cpus, cpus), "max_retries": self.spec.ray.max_retries}
+            upstream = [bound[n] if n in names else self.results[n] for n in node.inputs.values()]
+            bound[node.name] = task.options(**opts).bind(str(self.store.root), asdict(node), *upstream)
+        dag = MultiOutputNode([bound[n.name] for n in todo])
         try:
             results = ray.get(dag.execute())
         except ray.exceptions.RayTaskError as e:
             raise _unwrap(e) from None
-    return {r["name"]: r for r in results}
+        return {r["name"]: r for r in results}
+
+    def close(self) -> None:
+        if self._ray is not None:
+            self._ray.__exit__(None, None, None)
+            self._ray = None

@@ -11,10 +11,12 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from orchestrator.budget import BudgetSpec
 from stages.collect import CollectConfig
 from stages.data import TokenizeConfig
 from stages.errors import InputError
 from stages.evaluate import EvaluateConfig
+from stages.export import ExportConfig
 from stages.shard import ShardConfig
 
 
@@ -67,6 +69,10 @@ class PipelineSpec(BaseModel):
     shard: ShardSpec = ShardSpec()
     collect: CollectConfig = CollectConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    # A size budget: candidates of every method, scored side by side; the winner is exported.
+    budget: BudgetSpec | None = None
+    # How the winner is written (budget.export chooses stock vs tied).
+    export: ExportConfig = ExportConfig()
 
     @field_validator("data", mode="before")
     @classmethod

@@ -21,7 +21,8 @@ Layout of a collect artifact (the schema is also in ``meta.json``)::
 ``<block>`` is ``mlp`` (dense), ``expert<e>`` or ``shared``. ``token`` is the row in the
 calibration split (block * block_size + position). Statistics are exact sums, so worker parts
 merge by addition: ``<block>/count``, ``<block>/<kind>.sum`` [I], ``<block>/<kind>.sumsq`` [I], and
-``<block>/hidden.gram`` = HᵀH [I, I] where I ≤ ``gram_max``.
+``<block>/hidden.gram`` = HᵀH [I, I] where I ≤ ``gram_max``; ``layer/cos.sum`` and ``layer/count``: the
+sum over tokens of cos(layer input, layer output), for choosing layers to drop.
 
 Data parallel: ``collect_part`` processes every ``num_workers``-th calibration block and commits
 each finished layer (its Parquet files, statistics and the carried hidden state) as a part, so a
@@ -216,12 +217,17 @@ def run_part(config: CollectPartConfig, inputs: dict[str, Path], out_dir: Path) 
         dense = {r.name: _dense_spec(family, r) for r in family.ff_blocks(model.config, sd) if r.kind != "expert"}
         with model.layer(i, sd) as layer:
             cap = _LayerCapture(layer, family, dense, config.features)
+            cos = np.zeros(2)  # how little the layer changes the hidden state: sum of cos, tokens
             try:
                 for s in states:
+                    h_in = s.hidden
                     s.hidden = model.apply(layer, i, s)
+                    c = torch.nn.functional.cosine_similarity(h_in.double(), s.hidden.double(), dim=-1)
+                    cos += (float(c.sum()), c.numel())
             finally:
                 cap.close()
         stats = _write_layer(i, sd, cap, all_tokens, model, config, np_dtype, out_dir)
+        stats["layer/cos.sum"], stats["layer/count"] = cos[:1].copy(), cos[1:].copy()
         carry_rel = f"carry/L{i:05d}.safetensors"
         carry = {f"b{n}": s.hidden.contiguous() for n, s in enumerate(states)}
         commit_part(out_dir, carry_rel, lambda p, c=carry: save_file(c, str(p)))
@@ -311,7 +317,7 @@ def run_merge(config: CollectConfig, inputs: dict[str, Path], out_dir: Path) -> 
         for part in parts:
             for k, v in load_np(str(part / _layer_rel(i))).items():
                 total[k] = total[k] + v if k in total else v
-        blocks[i] = sorted({k.split("/")[0] for k in total})
+        blocks[i] = sorted({k.split("/")[0] for k in total} - {"layer"})
         tokens = max(tokens, int(sum(v[0] for k, v in total.items() if k.endswith("/count") and "expert" not in k)))
         (out_dir / "stats").mkdir(exist_ok=True)
         save_np(total, str(out_dir / _layer_rel(i)))

@@ -102,9 +102,12 @@ def evaluate_model(
 
 
 def run(config: EvaluateConfig, inputs: dict[str, Path], out_dir: Path) -> dict:
-    """Inputs: ``shard`` (the model) and ``data`` (the tokenize artifact)."""
+    """Inputs: ``shard`` (the base model), ``data`` (the tokenize artifact) and optionally
+    ``overlay`` (a compress artifact: the candidate to score)."""
     from stages.artifacts import write_json_atomic
+    from stages.overlay import load_overrides
 
-    result = evaluate_model(inputs["shard"], inputs["data"], config, progress=True)
+    overrides = load_overrides(inputs.get("overlay"))
+    result = evaluate_model(inputs["shard"], inputs["data"], config, overrides=overrides, progress=True)
     write_json_atomic(out_dir / "metrics.json", result)
     return result

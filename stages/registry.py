@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from stages import collect, data, evaluate, shard
+from stages import collect, compress, data, evaluate, export, shard
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,11 @@ STAGES: dict[str, StageDef] = {
         StageDef("collect_part", 1, collect.CollectPartConfig, collect.run_part, inputs=("shard", "data"), num_cpus=2),
         # Inputs: shard, part0..part{n-1} (one per collect_part worker).
         StageDef("collect", 1, collect.CollectConfig, collect.run_merge, inputs=("shard",)),
+        # Inputs: shard, optionally collect (data-aware methods, refit).
+        StageDef("compress", 1, compress.CompressConfig, compress.run, inputs=("shard",), num_cpus=2),
         StageDef("evaluate", 1, evaluate.EvaluateConfig, evaluate.run, inputs=("shard", "data"), num_cpus=2),
+        # Inputs: shard, optionally overlay (the candidate to export; absent: the base model).
+        StageDef("export", 1, export.ExportConfig, export.run, inputs=("shard",)),
     )
 }
 

@@ -140,6 +140,9 @@ class LayerStreamedModel:
         self.num_layers = self.family.num_layers(self.config)
         self.dtype, self.device = dtype, torch.device(device)
         self.overrides = dict(overrides or {})
+        # Compressed experts can have any size; the grouped-matmul kernels need aligned strides.
+        if getattr(self.config, "_experts_implementation", None) is not None or self.family.moe is not None:
+            self.config._experts_implementation = "eager"
         self.model = build_skeleton(self.config)
         self.model.eval()
         self.layers: nn.ModuleList = self.model.get_submodule(self.family.layers_path)  # type: ignore[assignment]
@@ -187,6 +190,9 @@ class LayerStreamedModel:
             raise ValueError(f"layer {i}: tensors {sorted(unknown)[:5]} have no place in the layer")
         for k, v in sd.items():
             _set_tensor(module, k, v.to(device=self.device, dtype=self._cast(v)))
+        for sub in module.modules():  # GPT-2's Conv1D reshapes by the width it was built with
+            if type(sub).__name__ == "Conv1D" and sub.weight.device.type != "meta":
+                sub.nf = sub.weight.shape[1]
         try:
             yield module
         finally:

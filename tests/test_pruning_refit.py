@@ -164,9 +164,15 @@ def test_streamed_statistics_equal_one_shot_products(bias: bool) -> None:
         acc.update(h[lo:hi], y[lo:hi])
     ha = torch.cat([h, torch.ones(250, 1)], 1) if bias else h
     ha, y64 = ha.double(), y.double()
-    torch.testing.assert_close(acc.hth, ha.T @ ha, rtol=1e-12, atol=1e-10)
-    torch.testing.assert_close(acc.hty, ha.T @ y64, rtol=1e-12, atol=1e-10)
-    assert acc.n == 250 and acc.yty == pytest.approx(float(y64.square().sum()), rel=1e-12)
+    # float32 features: float32 chunk products summed in float64 (float32 rounding)
+    torch.testing.assert_close(acc.hth, ha.T @ ha, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(acc.hty, ha.T @ y64, rtol=1e-6, atol=1e-5)
+    assert acc.n == 250 and acc.yty == pytest.approx(float(y64.square().sum()), rel=1e-6)
+    exact = RefitAccumulator(7, 5, bias=bias)  # float64 features: exact
+    for lo, hi in [(0, 1), (1, 64), (64, 65), (65, 250)]:
+        exact.update(h[lo:hi].double(), y[lo:hi].double())
+    torch.testing.assert_close(exact.hth, ha.T @ ha, rtol=1e-12, atol=1e-10)
+    torch.testing.assert_close(exact.hty, ha.T @ y64, rtol=1e-12, atol=1e-10)
 
 
 def test_tied_layers_fit_jointly_and_merged_accumulators_match() -> None:

@@ -1,0 +1,252 @@
+"""A size budget -> candidates of every method -> successive halving -> the winner, honestly.
+
+Given ``target: {params: 0.8}`` the planner lists every candidate that can meet it — the papers'
+methods (MLP Fusion, FF merging, MLPMoE) and the baselines a user would otherwise pick
+(activation-aware, magnitude and random neuron pruning, layer drop, and a layer drop + pruning
+combination), each with and without the least-squares refit — builds them (cached compress
+stages), and scores them by successive halving over held-out tokens: every candidate on a small
+token budget, the better half again on twice the tokens, until one is left at the full budget.
+
+Parameters are counted as the user will load the model: with the default stock export, what plain
+``transformers`` materialises (one FF size for all layers, so smaller layers are zero-padded and
+tied windows are copies); with ``export: tied``, unique stored parameters (needs ``mlpfuse.load``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from stages.collect import read_stats
+from stages.compress import CompressConfig, RefitConfig
+from stages.errors import InputError
+
+METHOD_FAMILIES = ("prune", "fusion", "moefy", "merge", "layer_drop", "combo")
+
+
+class TargetSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # A fraction (< 1) of the base model's parameters, or an absolute count (> 1).
+    params: float | None = Field(None, gt=0)
+    ff_params: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _one(self) -> TargetSpec:
+        if (self.params is None) == (self.ff_params is None):
+            raise ValueError("give exactly one of params or ff_params")
+        return self
+
+
+class HalvingSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    min_tokens: int = Field(512, ge=16)
+    factor: int = Field(2, ge=2)
+
+
+class BudgetSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    target: TargetSpec
+    methods: tuple[str, ...] = METHOD_FAMILIES
+    # Candidates are built without and, when set, with the least-squares refit.
+    refit: RefitConfig | None = RefitConfig()
+    # Layers kept whole by the "protected" allocation variant (first N, last M); they only pay
+    # off with export: tied (stock transformers needs one FF size for every layer).
+    protect_first: int = Field(2, ge=0)
+    protect_last: int = Field(1, ge=0)
+    halving: HalvingSpec = HalvingSpec()
+    export: Literal["stock", "tied"] = "stock"
+    # Extra candidates given by hand (any method and settings).
+    candidates: tuple[CompressConfig, ...] = ()
+
+    @model_validator(mode="after")
+    def _known_methods(self) -> BudgetSpec:
+        unknown = [m for m in self.methods if m not in METHOD_FAMILIES]
+        if unknown:
+            raise ValueError(f"unknown method {unknown[0]!r}; methods: {', '.join(METHOD_FAMILIES)}")
+        return self
+
+
+@dataclass
+class Candidate:
+    name: str
+    config: CompressConfig
+    family: str
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+    result: dict[str, Any] = field(default_factory=dict)
+    key: str = ""
+
+
+@dataclass
+class ModelFacts:
+    """What the planner needs to size candidates, read from the shard and collect artifacts."""
+
+    num_layers: int
+    params: int
+    ff_params: int
+    layer_params: list[int]
+    ff_layer_params: list[int]
+    cos: list[float]  # mean cos(layer input, layer output) on calibration tokens
+
+    @classmethod
+    def read(cls, shard_dir: Path, collect_dir: Path) -> ModelFacts:
+        p = json.loads((shard_dir / "shard.json").read_text())["params"]
+        n = len(p["layers"])
+        cos = []
+        for i in range(n):
+            st = read_stats(collect_dir, i).get("layer", {})
+            cos.append(float(st["cos.sum"][0] / max(st["count"][0], 1)) if st else 0.0)
+        return cls(n, p["total"], p["ff"], p["layers"], p["ff_layers"], cos)
+
+
+def target_params(target: TargetSpec, facts: ModelFacts) -> tuple[str, int]:
+    """("params" | "ff_params", absolute budget); errors name the value that cannot work."""
+    kind, value = ("params", target.params) if target.params is not None else ("ff_params", target.ff_params)
+    base = facts.params if kind == "params" else facts.ff_params
+    assert value is not None
+    budget = int(value * base) if value < 1 else int(value)
+    if budget >= base:
+        raise InputError(f"target {kind}: {value} is not smaller than the model ({base:,} {kind}); nothing to remove")
+    return kind, budget
+
+
+def plan_candidates(spec: BudgetSpec, facts: ModelFacts) -> tuple[list[Candidate], list[dict[str, str]]]:
+    """Every candidate that can meet the budget, and the method families that cannot (with why)."""
+    kind, budget = target_params(spec.target, facts)
+    base = facts.params if kind == "params" else facts.ff_params
+    remove = base - budget
+    n = facts.num_layers
+    cands: list[Candidate] = []
+    skipped: list[dict[str, str]] = []
+    refits: list[RefitConfig | None] = [None] + ([spec.refit] if spec.refit is not None else [])
+
+    def add(name: str, family: str, candidate: dict[str, Any], drop: list[int] | None = None) -> None:
+        for r in refits:
+            if r is not None and candidate["method"] == "layer_drop":
+                continue  # nothing to refit
+            cfg = CompressConfig.model_validate({"candidate": candidate, "refit": r, "drop": drop or ()})
+            cands.append(Candidate(name + ("+refit" if r else ""), cfg, family))
+
+    all_layers = list(range(n))
+    protected = list(range(spec.protect_first, n - spec.protect_last))
+    allocations = {"uniform": all_layers}
+    if spec.export == "tied" and protected and protected != all_layers:
+        allocations["protected"] = protected
+
+    def keep_ratio(layers: list[int], extra_removed: int = 0) -> float | None:
+        ff = sum(facts.ff_layer_params[i] for i in layers)
+        need = remove - extra_removed
+        if need <= 0:
+            return 1.0
+        ratio = math.floor((1 - need / ff) * 4096) / 4096 if ff else -1  # round down: meet the budget
+        return ratio if ratio > 0 else None
+
+    width_families = [f for f in ("prune", "fusion", "moefy") if f in spec.methods]
+    for alloc, layers in allocations.items():
+        ratio = keep_ratio(layers)
+        if ratio is None:
+            for f in width_families:
+                skipped.append({"method": f, "why": f"removing {remove:,} {kind} from the FF blocks of "
+                                f"{len(layers)} layers ({alloc}) would remove every neuron"})
+            continue
+        if "prune" in spec.methods:
+            for crit in ("activation", "magnitude", "random"):
+                add(f"prune-{crit}-{alloc}", "prune", {"method": "prune", "criterion": crit, "ratio": ratio,
+                                                      "layers": layers})
+        if "fusion" in spec.methods:
+            add(f"fusion-{alloc}", "fusion", {"method": "fusion", "ratio": ratio, "layers": layers})
+            add(f"fusion-energy-{alloc}", "fusion", {"method": "fusion", "ratio": ratio, "weighting": "energy",
+                                                     "layers": layers})
+            add(f"cluster-{alloc}", "fusion", {"method": "fusion", "mode": "cluster", "ratio": ratio, "layers": layers})
+        if "moefy" in spec.methods:
+            branches = 8
+            keep_b = math.floor(ratio * branches) / branches
+            if keep_b > 0:
+                add(f"moefy-compensated-{alloc}", "moefy", {"method": "moefy", "branches": branches,
+                    "assignment": "importance", "op": "compensated", "keep_branches": keep_b, "layers": layers})
+            add(f"moefy-fade-{alloc}", "moefy", {"method": "moefy", "branches": branches, "assignment": "importance",
+                "op": "fade", "sparsity": round(1 - ratio, 6), "layers": layers})
+
+    # Whole-layer drop: the layers that change the hidden state least (highest cos(in, out)).
+    order = [i for i in np.argsort(facts.cos)[::-1].tolist() if 0 < i < n - 1]
+    if "layer_drop" in spec.methods or "combo" in spec.methods:
+        dropped, freed = [], 0
+        for i in order:
+            if freed >= remove:
+                break
+            dropped.append(i)
+            freed += facts.layer_params[i] if kind == "params" else facts.ff_layer_params[i]
+        if freed >= remove and "layer_drop" in spec.methods:
+            add(f"layer-drop-{len(dropped)}", "layer_drop", {"method": "layer_drop", "layers": sorted(dropped)})
+        elif "layer_drop" in spec.methods:
+            skipped.append({"method": "layer_drop", "why": "dropping every middle layer does not meet the budget"})
+        if "combo" in spec.methods and len(dropped) >= 2:
+            half = sorted(dropped[: len(dropped) // 2])
+            freed_half = sum(facts.layer_params[i] if kind == "params" else facts.ff_layer_params[i] for i in half)
+            rest = [i for i in all_layers if i not in half]
+            ratio = keep_ratio(rest, freed_half)
+            if ratio is not None and ratio < 1:
+                add(f"combo-drop{len(half)}-prune", "combo",
+                    {"method": "prune", "criterion": "activation", "ratio": ratio, "layers": rest}, drop=half)
+
+    if "merge" in spec.methods:
+        if spec.export != "tied":
+            skipped.append({"method": "merge", "why": "tied windows are materialised as copies in the stock "
+                            "export, so merging saves no loaded parameters; use export: tied"})
+        else:
+            per_layer = max(facts.ff_layer_params)
+            size = 1 + math.ceil(remove / per_layer)
+            if size > n:
+                skipped.append({"method": "merge", "why": f"would need a window of {size} > {n} layers"})
+            else:
+                for start in range(0, n - size + 1):
+                    for permute in (True, False):
+                        add(f"merge-{start}-{start + size - 1}" + ("" if permute else "-vanilla"), "merge",
+                            {"method": "merge", "start": start, "size": size, "permute": permute})
+    for j, c in enumerate(spec.candidates):
+        cands.append(Candidate(f"custom-{j}-{c.candidate.method}", c, "custom"))
+    if not cands:
+        reasons = "; ".join(f"{s['method']}: {s['why']}" for s in skipped) or "no method selected"
+        value = spec.target.params if spec.target.params is not None else spec.target.ff_params
+        raise InputError(f"no method can meet target {kind}: {value} ({budget:,} of {base:,}): {reasons}")
+    return cands, skipped
+
+
+def halving_budgets(n_candidates: int, full_tokens: int, spec: HalvingSpec) -> list[int]:
+    """Token budgets of the rounds: grow by ``factor`` up to the full budget, with the number of
+    rounds the candidate count needs to come down to one."""
+    rounds = max(1, math.ceil(math.log(max(n_candidates, 1), spec.factor)) + 1)
+    budgets = [min(full_tokens, spec.min_tokens * spec.factor**r) for r in range(rounds)]
+    budgets[-1] = full_tokens
+    return sorted(set(budgets))
+
+
+def winner_reason(winner: Candidate, cands: list[Candidate], base_ppl: float) -> str:
+    """One paragraph: why the winner won, and how the papers' methods scored at this size."""
+    final = winner.rounds[-1]
+    ratio = final["perplexity"] / base_ppl
+    papers = {"fusion": "MLP Fusion", "merge": "FF merging", "moefy": "MLPMoE"}
+    best_of: dict[str, Candidate] = {}
+    for c in cands:
+        if c.family in papers and c.rounds:
+            prev = best_of.get(c.family)
+            if prev is None or c.rounds[-1]["perplexity"] < prev.rounds[-1]["perplexity"]:
+                best_of[c.family] = c
+    parts = [f"{winner.name} won with perplexity {final['perplexity']:.3f} ({ratio:.2f}× the base "
+             f"{base_ppl:.3f}) on {final['tokens']} held-out tokens, the lowest of {len(cands)} candidates that "
+             f"meet the budget"]
+    if best_of:
+        desc = ", ".join(f"{papers[f]} best {c.name} at {c.rounds[-1]['perplexity']:.3f} "
+                         f"(on {c.rounds[-1]['tokens']} tokens)" for f, c in sorted(best_of.items()))
+        parts.append(f"the papers' methods scored: {desc}")
+    if winner.family not in papers:
+        parts.append("a baseline beat the papers' methods at this size")
+    return "; ".join(parts) + "."

@@ -1,0 +1,132 @@
+"""The main job: base stages, then (with a budget) candidates of every method, successive
+halving, the winner exported, and the report."""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from orchestrator.budget import Candidate, ModelFacts, halving_budgets, plan_candidates, target_params, winner_reason
+from orchestrator.pipeline import Session, build_plan, make_node
+from orchestrator.report import build_report, write_report
+from orchestrator.spec import PipelineSpec
+from orchestrator.store import ArtifactStore
+from stages.export import ExportConfig
+
+
+def _round_nodes(session: Session, spec: PipelineSpec, alive: list[Candidate], r: int, tokens: int) -> list:
+    ev = spec.evaluate.model_copy(update={"max_tokens": tokens})
+    return [
+        make_node(session.keys, f"evaluate.{c.name}.r{r}", "evaluate", ev,
+                  {"shard": "shard", "data": "data", "overlay": f"compress.{c.name}"})
+        for c in alive
+    ]
+
+
+def run_budget(session: Session, spec: PipelineSpec) -> dict[str, Any]:
+    """Plan, build and score candidates; returns the report's budget section and the winner."""
+    assert spec.budget is not None
+    facts = ModelFacts.read(session.path("shard"), session.path("collect"))
+    kind, budget = target_params(spec.budget.target, facts)
+    cands, skipped = plan_candidates(spec.budget, facts)
+    nodes = [make_node(session.keys, f"compress.{c.name}", "compress", c.config,
+                       {"shard": "shard", "collect": "collect"}) for c in cands]
+    t0 = time.time()
+    built = session.run(nodes)
+    counted = "unique_params" if spec.budget.export == "tied" else "params"
+    counted_ff = "unique_ff_params" if spec.budget.export == "tied" else "ff_params"
+    alive = []
+    for c in cands:
+        r = built[f"compress.{c.name}"]
+        c.result, c.key = r["result"], r["key"]
+        size = c.result[counted if kind == "params" else counted_ff]
+        if size <= budget:
+            alive.append(c)
+        else:
+            skipped.append({"method": c.name, "why": f"built at {size:,} {kind}, over the budget {budget:,}"})
+    if not alive:
+        from stages.errors import InputError
+
+        raise InputError(f"no candidate meets the budget of {budget:,} {kind}")
+    full = session.results["evaluate"]["result"]["tokens"]
+    rounds = halving_budgets(len(alive), full, spec.budget.halving)
+    for r, tokens in enumerate(rounds):
+        last = r == len(rounds) - 1
+        res = session.run(_round_nodes(session, spec, alive, r, 0 if last else tokens))
+        for c in alive:
+            m = res[f"evaluate.{c.name}.r{r}"]
+            c.rounds.append({"tokens": m["result"]["tokens"], "perplexity": m["result"]["perplexity"],
+                             "seconds": m["seconds"]})
+        alive.sort(key=lambda c: c.rounds[-1]["perplexity"])
+        if not last:
+            alive = alive[: max(1, math.ceil(len(alive) / spec.budget.halving.factor))]
+    winner = alive[0]
+    base_ppl = session.results["evaluate"]["result"]["perplexity"]
+    layer_forwards = sum(len(c.rounds) for c in cands)  # evaluations run, in units of one pass
+    return {
+        "winner_candidate": winner,
+        "budget": {"target": spec.budget.target.model_dump(exclude_none=True), "kind": kind, "budget": budget,
+                   "export": spec.budget.export, "rounds": rounds, "evaluations": layer_forwards,
+                   "seconds": round(time.time() - t0, 2)},
+        "candidates": [
+            {"name": c.name, "method": c.config.candidate.method, "family": c.family,
+             "settings": c.config.model_dump(mode="json"), "params": c.result.get(counted),
+             "ff_params": c.result.get(counted_ff), "cache_key": c.key,
+             "perplexity": c.rounds[-1]["perplexity"] if c.rounds else None, "rounds": c.rounds,
+             "seconds": round(sum(x["seconds"] for x in c.rounds), 2), "refit_errors": c.result.get("refit_errors")}
+            for c in cands
+        ],
+        "skipped": skipped,
+        "winner": {"name": winner.name, "params": winner.result.get(counted), "perplexity": winner.rounds[-1]["perplexity"],
+                   "reason": winner_reason(winner, cands, base_ppl)},
+    }
+
+
+def _publish(src: Path, dest: Path) -> None:
+    """Copy the exported checkpoint out of the store (hard links where possible)."""
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp, copy_function=_link_or_copy)
+    shutil.rmtree(dest, ignore_errors=True)
+    os.replace(tmp, dest)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def run_job(spec: PipelineSpec, store: ArtifactStore, force: set[str] | None = None) -> tuple[dict[str, Any], Path]:
+    """Run everything the spec asks for; returns the report and where it was written."""
+    t0 = time.time()
+    session = Session(spec, store, force)
+    extra: dict[str, Any] = {}
+    try:
+        session.run(build_plan(spec))
+        if spec.budget is not None:
+            out = run_budget(session, spec)
+            winner: Candidate = out.pop("winner_candidate")
+            extra.update(out)
+            export_cfg = ExportConfig(tied=spec.budget.export == "tied", **spec.export.model_dump(exclude={"tied"}))
+            (node,) = [make_node(session.keys, "export", "export", export_cfg,
+                                 {"shard": "shard", "overlay": f"compress.{winner.name}"})]
+            session.run([node])
+            dest = spec.output_dir() / "export"
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            _publish(session.path("export") / "model", dest)
+            extra["export"] = {**session.results["export"]["result"], "path": str(dest)}
+    finally:
+        session.close()
+    report = build_report(spec, session.results, time.time() - t0, store.root)
+    report.update(extra)
+    path = write_report(report, spec.output_dir())
+    from orchestrator.report_html import write_html
+
+    write_html(report, spec.output_dir())
+    return report, path

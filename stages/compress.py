@@ -1,0 +1,356 @@
+"""compress: build one compressed candidate (an overlay on the base shards) with one method.
+
+Methods (papers' and baselines', all on equal footing; ``method:`` selects one):
+
+- ``fusion``     MLP Fusion: k-means of sub-MLPs per layer (per expert for MoE; router untouched),
+                 counts P folded into the down projection (``mode: cluster`` = the paper's plain
+                 clustering baseline, √P split between in and out weights). ``weighting: energy``
+                 weights each neuron by its activation energy E[h²]·‖d‖² in k-means;
+                 ``sqrt_energy`` scales each sub-MLP vector by √energy before clustering.
+- ``prune``      structured neuron pruning: ``activation`` (E[h_i²]·‖W_out[:, i]‖², from collect's
+                 statistics), ``magnitude`` (‖W_in row‖·‖W_out col‖) or ``random``.
+- ``merge``      FF merging: a window of adjacent layers aligned to an anchor by feature
+                 correlation + LAP (``permute: false`` = vanilla), averaged, and tied.
+- ``layer_drop`` whole decoder layers removed; ``ff_drop`` FF sublayers removed.
+- ``moefy``      MLPMoE: static-MoE slicing, then Compensated Pruning of branches or Fractal Fade.
+
+``refit`` (any method that removes or fuses neurons): the down projection (and bias) of every
+changed block is re-solved by ridge least squares so the block's output matches the original
+block's on the calibration tokens (``W' = (HᵀH + λI)⁻¹ HᵀY``, HᵀH/HᵀY streamed in float64 row
+chunks; a tied window fits one shared projection over all its layers).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import Tensor
+
+from stages import alignment, fusion, moefy, pruning
+from stages.artifacts import write_json_atomic
+from stages.collect import moments, read_features, read_inputs, read_stats
+from stages.errors import InputError
+from stages.families import FFBlockRef, FFWeights
+from stages.overlay import Overlay, save_overlay
+from stages.refit import RefitAccumulator, refit_down
+from stages.runner import LayerStreamedModel
+
+
+class _Method(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # Layers to compress (None: all). Papers often spare the first layers; the planner chooses.
+    layers: tuple[int, ...] | None = None
+
+
+class _Sized(_Method):
+    # Neurons kept per block: an absolute count, or a fraction of the block's intermediate size.
+    keep: int | None = Field(None, ge=0)
+    ratio: float | None = Field(None, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _one_size(self) -> _Sized:
+        if (self.keep is None) == (self.ratio is None):
+            raise ValueError("give exactly one of keep (neurons) or ratio (fraction kept)")
+        return self
+
+    def k(self, size: int) -> int:
+        k = self.keep if self.keep is not None else int(round((self.ratio or 0) * size))
+        if not 1 <= k <= size:
+            raise InputError(f"cannot keep {k} of {size} neurons (keep={self.keep}, ratio={self.ratio})")
+        return k
+
+
+class FusionMethod(_Sized):
+    method: Literal["fusion"] = "fusion"
+    mode: Literal["fusion", "cluster"] = "fusion"
+    weighting: Literal["none", "energy", "sqrt_energy"] = "none"
+    iters: int = Field(30, ge=1)
+    seed: int = 0
+
+
+class PruneMethod(_Sized):
+    method: Literal["prune"] = "prune"
+    criterion: Literal["activation", "magnitude", "random"] = "activation"
+    seed: int = 0
+
+
+class MergeMethod(_Method):
+    method: Literal["merge"] = "merge"
+    start: int = Field(ge=0)
+    size: int = Field(ge=2)
+    anchor: Literal["first", "middle", "last"] = "first"
+    permute: bool = True
+    feature: Literal["up", "gate", "hidden"] = "up"
+
+
+class LayerDropMethod(_Method):
+    method: Literal["layer_drop"] = "layer_drop"
+
+
+class FFDropMethod(_Method):
+    method: Literal["ff_drop"] = "ff_drop"
+
+
+class MoefyMethod(_Method):
+    method: Literal["moefy"] = "moefy"
+    branches: int = Field(8, ge=2)
+    assignment: Literal["contiguous", "importance"] = "contiguous"
+    op: Literal["compensated", "fade", "none"] = "compensated"
+    # compensated: fraction of branches kept; fade: fraction of neurons removed.
+    keep_branches: float = Field(0.75, gt=0, le=1)
+    sparsity: float = Field(0.25, ge=0, lt=1)
+    compensate: bool = True
+    schedule: Literal["uniform", "linear", "geometric"] = "linear"
+
+
+Method = Annotated[
+    FusionMethod | PruneMethod | MergeMethod | LayerDropMethod | FFDropMethod | MoefyMethod,
+    Field(discriminator="method"),
+]
+
+
+class RefitConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # Relative ridge: λ = lam · mean(diag(HᵀH)), so one value means the same shrinkage everywhere.
+    lam: float = Field(1e-3, ge=0)
+    rows: int = Field(4096, ge=16)
+
+
+class CompressConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    candidate: Method
+    # Decoder layers removed whole in addition (combinations: drop k layers + prune the rest).
+    drop: tuple[int, ...] = ()
+    refit: RefitConfig | None = None
+
+
+class _Context:
+    """What a method may read: base layer tensors, FF blocks, collect's statistics and inputs."""
+
+    def __init__(self, shard_dir: Path, collect_dir: Path | None):
+        self.model = LayerStreamedModel(shard_dir)
+        self.family, self.config = self.model.family, self.model.config
+        self.num_layers = self.model.num_layers
+        self.collect_dir = collect_dir
+        self._states: dict[int, dict[str, Tensor]] = {}
+
+    def state(self, i: int) -> dict[str, Tensor]:
+        if i not in self._states:
+            self._states = {i: self.model.layer_state(i)}  # one layer's tensors cached
+        return self._states[i]
+
+    def blocks(self, i: int) -> dict[FFBlockRef, FFWeights]:
+        sd = self.state(i)
+        return {r: self.family.read_ff(self.config, sd, r).to(torch.float32) for r in self.family.ff_blocks(self.config, sd)}
+
+    def need_collect(self, what: str) -> Path:
+        if self.collect_dir is None:
+            raise InputError(f"{what} needs calibration statistics: add the collect stage's output")
+        return self.collect_dir
+
+    def energy(self, i: int, ref: FFBlockRef) -> np.ndarray:
+        """E[h_i²] of block ``ref``'s neurons from collect's sums."""
+        stats = read_stats(self.need_collect("activation-aware scoring"), i)[ref.name]
+        return moments(stats, "hidden")[2]
+
+    def block_inputs(self, i: int, ref: FFBlockRef) -> Tensor:
+        """The block's calibration inputs x [n, H] (MoE experts: the tokens routed to them)."""
+        d = self.need_collect("refit")
+        tok, x = read_inputs(d, i)
+        if ref.kind == "expert":
+            etok, _ = read_features(d, i, ref.name, "hidden")
+            x = x[np.searchsorted(tok, etok)]
+        return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+
+
+def _layers(m: _Method, n: int) -> list[int]:
+    layers = list(range(n)) if m.layers is None else sorted(set(m.layers))
+    bad = [i for i in layers if not 0 <= i < n]
+    if bad:
+        raise InputError(f"layers {bad} do not exist (the model has {n} layers: 0..{n - 1})")
+    return layers
+
+
+def _build(m: BaseModel, ctx: _Context) -> Overlay:
+    ov = Overlay()
+    if isinstance(m, LayerDropMethod):
+        ov.skip = set(_layers(m, ctx.num_layers))
+        if len(ov.skip) >= ctx.num_layers:
+            raise InputError("layer_drop would remove every layer")
+        return ov
+    if isinstance(m, MergeMethod):
+        return _merge(m, ctx)
+    for i in _layers(m, ctx.num_layers):  # type: ignore[arg-type]
+        new: dict[FFBlockRef, FFWeights] = {}
+        for ref, ff in ctx.blocks(i).items():
+            new[ref] = _compress_block(m, ctx, i, ref, ff)
+        ov.blocks[i] = new
+    return ov
+
+
+def _compress_block(m: BaseModel, ctx: _Context, i: int, ref: FFBlockRef, ff: FFWeights) -> FFWeights:
+    if isinstance(m, FFDropMethod):
+        return ff.select(torch.zeros(0, dtype=torch.long))
+    if isinstance(m, PruneMethod):
+        k = m.k(ff.intermediate_size)
+        if m.criterion == "activation":
+            scores = pruning.activation_scores(ff, torch.from_numpy(ctx.energy(i, ref)).float())
+        elif m.criterion == "magnitude":
+            scores = pruning.magnitude_scores(ff)
+        else:
+            scores = pruning.random_scores(ff, seed=m.seed + 7919 * i)
+        return pruning.prune_ff(ff, k, scores)
+    if isinstance(m, FusionMethod):
+        k = m.k(ff.intermediate_size)
+        energy = None
+        if m.weighting != "none":
+            energy = ctx.energy(i, ref) * (ff.down.double() ** 2).sum(0).numpy()
+        fused = fusion.fuse_ff(
+            ff, k, iters=m.iters, seed=m.seed, mode=m.mode,
+            weights=energy if m.weighting == "energy" else None,
+            scale_by_sqrt_energy=energy if m.weighting == "sqrt_energy" else None,
+        )
+        return fused.fold()
+    if isinstance(m, MoefyMethod):
+        moe = moefy.StaticMoE.from_dense(ff, m.branches, m.assignment)
+        if m.op == "compensated":
+            moe = moefy.compensated_prune(moe, m.keep_branches, compensate=m.compensate)
+        elif m.op == "fade":
+            moe = moefy.fractal_fade(moe, m.sparsity, m.schedule)
+        return moefy.to_dense(moe)
+    raise InputError(f"unsupported method {type(m).__name__}")
+
+
+def _merge(m: MergeMethod, ctx: _Context) -> Overlay:
+    window = list(range(m.start, m.start + m.size))
+    if window[-1] >= ctx.num_layers:
+        raise InputError(f"merge window {window[0]}..{window[-1]} exceeds the model's {ctx.num_layers} layers")
+    blocks = [ctx.blocks(i) for i in window]
+    refs = list(blocks[0])
+    if any(r.kind != "dense" for r in refs):
+        raise InputError(
+            "merge ties dense FF sublayers; for MoE layers, merging experts across layers is not "
+            "supported (expert identities are not aligned across layers) — use fusion or prune per expert"
+        )
+    ref = refs[0]
+    anchor = {"first": 0, "middle": (m.size - 1) // 2, "last": m.size - 1}[m.anchor]
+    ffs = [b[ref] for b in blocks]
+    if m.permute:
+        d = ctx.need_collect("aligned merging")
+        feats = [read_features(d, i, ref.name, m.feature)[1].astype(np.float32) for i in window]
+        perms = alignment.align_window(feats, anchor).perms
+    else:
+        perms = [None] * m.size
+    merged = alignment.merge_window(ffs, list(perms))
+    ov = Overlay()
+    for i in window:
+        ov.blocks[i] = {ref: merged}
+    ov.tied = [window]
+    return ov
+
+
+def _refit(ov: Overlay, ctx: _Context, cfg: RefitConfig) -> dict[str, list[float]]:
+    """Re-solve the down projection of every changed block; returns per-layer relative errors."""
+    groups = [g for g in ov.tied] + [[i] for i in ov.blocks if not any(i in g for g in ov.tied)]
+    before: dict[int, float] = {}
+    after: dict[int, float] = {}
+    for group in groups:
+        refs = list(ov.blocks[group[0]])
+        for ref in refs:
+            new = ov.blocks[group[0]][ref]
+            if new.intermediate_size == 0:
+                continue
+            acc = RefitAccumulator(new.intermediate_size, new.hidden_size, bias=new.b_down is not None)
+            pairs = []
+            for i in group:
+                orig = ctx.blocks(i)[ref]
+                x = ctx.block_inputs(i, ref)
+                for s in range(0, x.shape[0], cfg.rows):
+                    xb = x[s : s + cfg.rows]
+                    with torch.no_grad():
+                        acc.update(new.hidden(xb), orig.forward(xb))
+                pairs.append((i, orig, x))
+            fitted = refit_down(new, acc, cfg.lam)
+            for i, orig, x in pairs:
+                with torch.no_grad():
+                    y = orig.forward(x)
+                    norm = float((y * y).sum()) or 1.0
+                    before[i] = before.get(i, 0.0) + float(((new.forward(x) - y) ** 2).sum()) / norm
+                    after[i] = after.get(i, 0.0) + float(((fitted.forward(x) - y) ** 2).sum()) / norm
+            for i in group:
+                ov.blocks[i][ref] = fitted
+    layers = sorted(before)
+    return {"layers": layers, "before": [before[i] for i in layers], "after": [after[i] for i in layers]}
+
+
+def param_counts(shard_meta: dict, sizes: dict[int, dict[str, int]], skip: set[int], tied: list[list[int]],
+                 per_neuron: dict[str, int], const: dict[str, int]) -> dict[str, int]:
+    """Parameters of the compressed model: ``stock`` (as plain transformers loads it: one FF size
+    per block kind, smaller blocks zero-padded, tied windows materialised) and ``unique``
+    (each tied tensor once). ``sizes[i][block kind]`` = total intermediate neurons of that kind."""
+    p = shard_meta["params"]
+    n = len(p["layers"])
+    kept = [i for i in range(n) if i not in skip]
+    non_ff = p["rest"] + sum(p["layers"][i] - p["ff_layers"][i] for i in kept)
+    widest = {k: max(sizes[i][k] for i in kept if k in sizes[i]) for k in per_neuron}
+    stock_ff = sum(widest[k] * per_neuron[k] + const[k] for i in kept for k in sizes[i])
+    seen: set[int] = set()
+    unique_ff = 0
+    group_of = {i: tuple(g) for g in tied for i in g}
+    for i in kept:
+        g = group_of.get(i, (i,))
+        if g[0] in seen:
+            continue
+        seen.add(g[0])
+        unique_ff += sum(sizes[i][k] * per_neuron[k] + const[k] for k in sizes[i])
+    return {"params": non_ff + stock_ff, "unique_params": non_ff + unique_ff, "ff_params": stock_ff,
+            "unique_ff_params": unique_ff, "padding": stock_ff - sum(
+                sizes[i][k] * per_neuron[k] + const[k] for i in kept for k in sizes[i])}
+
+
+def _block_kind(ref: FFBlockRef) -> str:
+    return "expert" if ref.kind == "expert" else ref.kind
+
+
+def run(config: CompressConfig, inputs: dict[str, Path], out_dir: Path) -> dict:
+    """Inputs: ``shard`` and (for data-aware methods and refit) ``collect``."""
+    ctx = _Context(inputs["shard"], inputs.get("collect"))
+    m = config.candidate
+    ov = _build(m, ctx)
+    if config.drop:
+        overlap = sorted(set(config.drop) & set(ov.blocks))
+        if overlap:
+            raise InputError(f"layers {overlap} are both dropped and compressed")
+        ov.skip |= set(_layers(LayerDropMethod(layers=config.drop), ctx.num_layers))
+    errors = _refit(ov, ctx, config.refit) if config.refit is not None and ov.blocks else None
+    # Sizes of every layer's blocks after compression, for parameter accounting.
+    sizes: dict[int, dict[str, int]] = {}
+    per_neuron: dict[str, int] = {}
+    const: dict[str, int] = {}
+    for i in range(ctx.num_layers):
+        sizes[i] = {}
+        for ref, ff in {**ctx.blocks(i), **ov.blocks.get(i, {})}.items():
+            kind = _block_kind(ref)
+            sizes[i][kind] = sizes[i].get(kind, 0) + ff.intermediate_size
+            per_neuron[kind] = ff.hidden_size * (3 if ff.is_glu else 2) + (1 if ff.b_up is not None else 0)
+            const[kind] = ff.hidden_size if ff.b_down is not None and kind != "expert" else 0
+    shard_meta = json.loads((inputs["shard"] / "shard.json").read_text())
+    counts = param_counts(shard_meta, sizes, ov.skip, ov.tied, per_neuron, const)
+    dtype = next(iter(ctx.state(0).values())).dtype
+    save_overlay(out_dir, ov, ctx.family, ctx.config, ctx.state, dtype=dtype)
+    method = {"method": m.method, "settings": m.model_dump(mode="json"),
+              "refit": None if config.refit is None else config.refit.model_dump()}
+    write_json_atomic(out_dir / "method.json", method)
+    result = {**counts, "changed_layers": ov.changed_layers(), "skipped": sorted(ov.skip), "tied": ov.tied}
+    if errors is not None:
+        result["refit_errors"] = errors
+    return result
+

@@ -1,0 +1,645 @@
+"""export: a compressed model (base shard + overlay) -> a Hugging Face checkpoint directory.
+
+``out_dir/model/`` holds ``config.json`` (new sizes), safetensors weights (sharded with an index
+past ``max_shard_size``), the tokenizer files and a model card ``README.md``. It is written layer
+by layer: one decoder layer and at most one output shard are in memory at a time.
+
+Two forms:
+
+- **stock** (``tied: false``, the default): loads with plain
+  ``AutoModelForCausalLM.from_pretrained`` (``AutoModel`` for encoders), nothing of mlpfuse
+  needed. Tensor names are what ``save_pretrained`` writes (transformers' own
+  ``revert_weight_conversion``), so MoE experts are stored per expert
+  (``block_sparse_moe.experts.E.w1.weight``, ``mlp.experts.E.gate_proj.weight``), the layout
+  every loader (transformers, vLLM) reads. Tied windows are materialised as copies.
+- **tied** (``tied: true``): each tensor shared by a tied window (the layers whose overlay entries
+  point at one patch file) is stored once, under the in-memory names of the window's first layer; ``mlpfuse_ties.json`` maps every other layer's
+  tensor name to the stored one. The weights are named ``mlpfuse-tied*.safetensors`` on purpose:
+  ``from_pretrained`` fails loudly on this directory instead of filling the missing tensors with
+  random values. ``mlpfuse.load(path)`` builds the model from the config and re-ties: the layers of
+  a window hold the very same ``nn.Parameter``.
+
+Rules:
+
+- Skipped layers are removed and the rest renumbered (``num_hidden_layers`` reduced; per-layer
+  config lists such as ``layer_types`` sliced; index lists such as Qwen-MoE's
+  ``mlp_only_layers`` remapped).
+- Stock configs have one FF size per kind of block (``intermediate_size``; MoE:
+  ``moe_intermediate_size`` or ``intermediate_size`` for the experts,
+  ``shared_expert_intermediate_size``). When layers differ, smaller blocks are **zero-padded** to
+  the largest: padded neurons have zero up/gate rows (and zero up bias) and a zero down column, so
+  their contribution ``down[:, i] * h_i`` is exactly 0 whatever ``act(0)`` is; the block's output
+  is unchanged (up to float summation order). The padding's cost is reported as
+  ``padded_params``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from stages.errors import InputError
+from stages.families import FamilyAdapter, FFBlockRef, FFWeights, family_for
+from stages.shard import DTYPES, TOKENIZER_FILES, build_skeleton, layer_file, load_shard_meta
+
+MODEL_DIR = "model"
+TIES_FILE = "mlpfuse_ties.json"
+STOCK_STEM = "model"
+TIED_STEM = "mlpfuse-tied"
+EXTRA_TOKENIZER_FILES = ("chat_template.jinja", "chat_template.json", "preprocessor_config.json")
+
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+class ExportError(InputError):
+    """The overlay cannot be expressed as a stock checkpoint (e.g. per-layer expert counts)."""
+
+
+class ExportConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # False: stock checkpoint (tied windows as copies); True: compact form for mlpfuse.load.
+    tied: bool = False
+    # Storage dtype; "auto" keeps the base shard's.
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # Largest output shard ("2GB", "500MB", "1GiB", or bytes).
+    max_shard_size: str = "2GB"
+    # Expert FF sizes are zero-padded up to a multiple of this: transformers' default MoE kernel
+    # (grouped_mm) needs 16-byte aligned strides and fails on e.g. 18 float32 columns. None: 16
+    # bytes of the output dtype (float32: 4, bfloat16/float16: 8); 1: no alignment.
+    moe_size_multiple: int | None = Field(None, ge=1)
+    # Method description for the model card; ``overlay/method.json`` is read when this is None.
+    card: dict[str, Any] | None = None
+
+    @field_validator("max_shard_size")
+    @classmethod
+    def _size(cls, v: str) -> str:
+        parse_size(v)
+        return v
+
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str | int) -> int:
+    """``"2GB"`` -> 2_000_000_000 (decimal units as transformers; KiB/MiB/GiB binary)."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(text))
+    if not m or m.group(2).upper() not in _UNITS:
+        raise ValueError(f"max_shard_size {text!r}: expected a size like '2GB', '500MB' or '1GiB'")
+    n = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    if n <= 0:
+        raise ValueError(f"max_shard_size {text!r} must be positive")
+    return n
+
+
+# ----- reading the base and the overlay ----------------------------------------------------------
+
+
+def _header(path: Path) -> dict[str, Tensor]:
+    """A safetensors file's tensors as meta tensors of the right shape (reads only the header)."""
+    out = {}
+    with safe_open(str(path), framework="pt") as f:
+        for k in f.keys():
+            sl = f.get_slice(k)
+            dt = _ST_DTYPES.get(sl.get_dtype(), torch.float32)
+            out[k] = torch.empty(sl.get_shape(), dtype=dt, device="meta")
+    return out
+
+
+def _load(path: Path) -> dict[str, Tensor]:
+    return load_file(str(path))
+
+
+@dataclass
+class _Layer:
+    """What pass 1 learns about one base layer."""
+
+    index: int
+    skip: bool
+    patch: str | None
+    # FF block -> (size key, intermediate size before, after the overlay)
+    blocks: dict[FFBlockRef, tuple[str, int, int]] = field(default_factory=dict)
+    num_experts: int | None = None
+    base_ff: int = 0
+    new_ff: int = 0
+
+
+def _size_key(family: FamilyAdapter, ref: FFBlockRef) -> str:
+    if ref.kind == "dense":
+        assert family.dense is not None
+        return family.dense.size_key
+    assert family.moe is not None
+    if ref.kind == "shared":
+        assert family.moe.shared is not None
+        return family.moe.shared.size_key
+    return family.moe.size_key
+
+
+def _ff_info(family: FamilyAdapter, config: Any, sd: dict[str, Tensor]) -> dict[FFBlockRef, tuple[str, int, int]]:
+    out = {}
+    for r in family.ff_blocks(config, sd):
+        ff = family.read_ff(config, sd, r)
+        out[r] = (_size_key(family, r), ff.intermediate_size, ff.num_params())
+    return out
+
+
+def pad_ff(ff: FFWeights, size: int) -> FFWeights:
+    """``ff`` with zero neurons appended up to ``size``: zero up/gate rows, zero up bias, zero
+    down columns. Each added neuron's contribution ``down[:, i] * h_i`` is exactly zero."""
+    n = size - ff.intermediate_size
+    if n < 0:
+        raise ValueError(f"cannot pad an FF block of size {ff.intermediate_size} down to {size}")
+    if n == 0:
+        return ff
+
+    def rows(t: Tensor | None) -> Tensor | None:
+        return None if t is None else torch.cat([t, t.new_zeros((n, *t.shape[1:]))], 0)
+
+    return replace(
+        ff, up=rows(ff.up), gate=rows(ff.gate), b_up=rows(ff.b_up),  # type: ignore[arg-type]
+        down=torch.cat([ff.down, ff.down.new_zeros((ff.down.shape[0], n))], 1),
+    )
+
+
+# ----- writing shards --------------------------------------------------------------------------
+
+
+def _own(t: Tensor) -> Tensor:
+    """A contiguous tensor that owns its storage (safetensors refuses shared storage)."""
+    t = t.detach().contiguous()
+    if t.untyped_storage().nbytes() != t.numel() * t.element_size() or t.storage_offset() != 0:
+        t = t.clone()
+    return t
+
+
+class ShardWriter:
+    """Streams tensors into safetensors shards of at most ``max_bytes`` (a tensor larger than that
+    gets a shard of its own), then names them as transformers does: ``{stem}.safetensors``, or
+    ``{stem}-00001-of-0000N.safetensors`` plus ``{stem}.safetensors.index.json``."""
+
+    def __init__(self, out_dir: Path, stem: str, max_bytes: int):
+        self.out_dir, self.stem, self.max_bytes = out_dir, stem, max_bytes
+        self.buffer: dict[str, Tensor] = {}
+        self.size = 0
+        self.parts: list[tuple[Path, list[str]]] = []
+        self.total_bytes = 0
+        self.total_numel = 0
+
+    def add(self, name: str, t: Tensor) -> None:
+        if name in self.buffer or any(name in keys for _, keys in self.parts):
+            raise ExportError(f"tensor {name!r} written twice")
+        nbytes = t.numel() * t.element_size()
+        if self.buffer and self.size + nbytes > self.max_bytes:
+            self.flush()
+        self.buffer[name] = _own(t)
+        self.size += nbytes
+        self.total_bytes += nbytes
+        self.total_numel += t.numel()
+
+    def flush(self) -> None:
+        if not self.buffer:
+            return
+        path = self.out_dir / f".{self.stem}-part{len(self.parts):05d}.safetensors"
+        save_file(self.buffer, str(path), metadata={"format": "pt"})
+        self.parts.append((path, sorted(self.buffer)))
+        self.buffer, self.size = {}, 0
+
+    def close(self, total_parameters: int, mode: int = 0o644) -> list[str]:
+        """Name the shards (and write the index); ``mode``: their permissions (safetensors
+        creates files readable by the owner only)."""
+        self.flush()
+        for path, _ in self.parts:
+            path.chmod(mode)
+        n = len(self.parts)
+        if n == 0:
+            raise ExportError("nothing to write")
+        if n == 1:
+            name = f"{self.stem}.safetensors"
+            self.parts[0][0].rename(self.out_dir / name)
+            return [name]
+        names, weight_map = [], {}
+        for k, (path, keys) in enumerate(self.parts):
+            name = f"{self.stem}-{k + 1:05d}-of-{n:05d}.safetensors"
+            path.rename(self.out_dir / name)
+            names.append(name)
+            weight_map.update({key: name for key in keys})
+        index = {"metadata": {"total_size": self.total_bytes, "total_parameters": total_parameters},
+                 "weight_map": dict(sorted(weight_map.items()))}
+        (self.out_dir / f"{self.stem}.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        return names
+
+
+def _revert_names(skeleton: torch.nn.Module, sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    """In-memory names -> the checkpoint names ``save_pretrained`` writes (per-expert MoE keys)."""
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # pragma: no cover - older/newer transformers: in-memory names also load
+        return sd
+    return revert_weight_conversion(skeleton, sd)
+
+
+# ----- config ----------------------------------------------------------------------------------
+
+# Config lists with one entry per decoder layer (sliced) and lists of layer indices (remapped).
+PER_LAYER_LISTS = ("layer_types", "no_rope_layers")
+LAYER_INDEX_LISTS = ("mlp_only_layers",)
+
+
+def _new_config(hf_config: Any, family: FamilyAdapter, kept: list[int], sizes: dict[str, int],
+                moe_flags: list[bool], dtype: torch.dtype) -> Any:
+    import copy
+
+    cfg = copy.deepcopy(hf_config)
+    old_n = family.num_layers(cfg)
+    setattr(cfg, family.num_layers_key, len(kept))
+    for key in PER_LAYER_LISTS:
+        v = getattr(cfg, key, None)
+        if isinstance(v, (list, tuple)) and len(v) == old_n:
+            setattr(cfg, key, [v[i] for i in kept])
+    if hasattr(cfg, "mlp_only_layers") and family.moe is not None:
+        # Which layers are dense follows from the tensors; say so explicitly, layer by layer.
+        cfg.mlp_only_layers = [j for j, moe in enumerate(moe_flags) if not moe]
+        if hasattr(cfg, "decoder_sparse_step"):
+            cfg.decoder_sparse_step = 1
+    for key, size in sizes.items():
+        setattr(cfg, key, int(size))
+    cfg.dtype = dtype
+    return cfg
+
+
+def _check_layer(skeleton_layer: torch.nn.Module, sd: dict[str, Tensor], j: int) -> None:
+    """Every tensor of exported layer ``j`` has its place and shape in the exported config's model."""
+    expected = {n: tuple(p.shape) for n, p in skeleton_layer.named_parameters()}
+    buffers = {n for n, _ in skeleton_layer.named_buffers()}
+    got = {k: tuple(v.shape) for k, v in sd.items() if k not in buffers}
+    wrong = sorted(set(got) ^ set(expected)) + sorted(k for k in set(got) & set(expected) if got[k] != expected[k])
+    if wrong:
+        detail = [f"{k}: {got.get(k)} vs {expected.get(k)}" for k in wrong[:4]]
+        raise ExportError(f"exported layer {j} does not fit the exported config: {detail}")
+
+
+# ----- the stage ---------------------------------------------------------------------------------
+
+
+def _overlay_meta(overlay_dir: Path | None) -> dict:
+    if overlay_dir is None:
+        return {"layers": {}, "tied": []}
+    return json.loads((overlay_dir / "overlay.json").read_text())
+
+
+def _method_card(config: ExportConfig, overlay_dir: Path | None) -> dict | None:
+    if config.card is not None:
+        return dict(config.card)
+    if overlay_dir is not None and (overlay_dir / "method.json").exists():
+        return json.loads((overlay_dir / "method.json").read_text())
+    return None
+
+
+def run(config: ExportConfig, inputs: dict[str, Path], out_dir: Path) -> dict:
+    """Write ``out_dir/model/``; returns parameter counts, sizes and the path."""
+    from transformers import AutoConfig
+
+    shard_dir = Path(inputs["shard"])
+    overlay_dir = Path(inputs["overlay"]) if inputs.get("overlay") else None
+    meta = load_shard_meta(shard_dir)
+    hf_config = AutoConfig.from_pretrained(shard_dir)
+    family = family_for(hf_config)
+    n_layers = family.num_layers(hf_config)
+    ov = _overlay_meta(overlay_dir)
+    entries = {int(i): e for i, e in ov.get("layers", {}).items()}
+    bad = sorted(i for i in entries if not 0 <= i < n_layers)
+    if bad:
+        raise ExportError(f"overlay names layers {bad} but the model has {n_layers}")
+
+    # Pass 1: headers only. FF sizes before/after every layer, hence the padding targets.
+    infos: list[_Layer] = []
+    for i in range(n_layers):
+        e = entries.get(i, {})
+        info = _Layer(i, bool(e.get("skip")), e.get("patch"))
+        base = _header(shard_dir / layer_file(i))
+        before = _ff_info(family, hf_config, base)
+        info.base_ff = sum(v[2] for v in before.values())
+        if not info.skip:
+            new = dict(base)
+            if info.patch:
+                new.update(_header(overlay_dir / info.patch))  # type: ignore[operator]
+            after = _ff_info(family, hf_config, new)
+            if set(after) != set(before):
+                raise ExportError(f"layer {i}: the overlay changes which FF blocks the layer has")
+            info.blocks = {r: (after[r][0], before[r][1], after[r][1]) for r in after}
+            info.new_ff = sum(v[2] for v in after.values())
+            if family.is_moe_layer(hf_config, new):
+                assert family.moe is not None
+                info.num_experts = int(new[f"{family.moe.path}.down_proj"].shape[0])
+        infos.append(info)
+    kept = [x for x in infos if not x.skip]
+    if not kept:
+        raise ExportError("the overlay skips every layer")
+    if family.moe is not None:
+        want = getattr(hf_config, family.moe.num_experts_key, None)
+        counts = {x.num_experts for x in kept if x.num_experts is not None}
+        if counts and counts != {want}:
+            raise ExportError(f"expert counts {sorted(counts)} differ from the config's {want}; a stock "
+                              "checkpoint needs the same experts in every layer")
+    if config.dtype != "auto":
+        out_dtype = DTYPES[config.dtype]
+    else:
+        rest_h = _header(shard_dir / "rest.safetensors")
+        floats = [t.dtype for t in rest_h.values() if t.dtype.is_floating_point]
+        out_dtype = floats[0] if floats else torch.float32
+
+    targets: dict[str, int] = {}
+    for x in kept:
+        for key, _, size in x.blocks.values():
+            targets[key] = max(targets.get(key, 0), size)
+    if family.moe is not None and family.moe.size_key in targets and any(x.num_experts for x in kept):
+        mult = config.moe_size_multiple or max(1, 16 // torch.empty(0, dtype=out_dtype).element_size())
+        targets[family.moe.size_key] = -(-targets[family.moe.size_key] // mult) * mult
+
+    new_index = {x.index: j for j, x in enumerate(kept)}
+    moe_flags = [x.num_experts is not None for x in kept]
+    new_cfg = _new_config(hf_config, family, [x.index for x in kept], targets, moe_flags, out_dtype)
+
+    model_dir = Path(out_dir) / MODEL_DIR
+    if model_dir.exists():
+        shutil.rmtree(model_dir)
+    model_dir.mkdir(parents=True)
+    new_cfg.save_pretrained(model_dir)
+    # Re-read: what a user's from_pretrained will see (validates the edited config).
+    new_cfg = AutoConfig.from_pretrained(model_dir)
+    skeleton = build_skeleton(new_cfg)
+    sk_layers = skeleton.get_submodule(family.layers_path)
+    skeleton.tie_weights()  # a tied head counts once, as from_pretrained's model counts it
+    params = sum(p.numel() for p in skeleton.parameters())
+
+    # Tied windows, in new indices: the kept layers that share one patch file (as the runner
+    # shares one Patch between them); a skipped member drops out.
+    by_patch: dict[str, list[int]] = {}
+    for x in kept:
+        if x.patch:
+            by_patch.setdefault(x.patch, []).append(new_index[x.index])
+    windows = [w for w in by_patch.values() if len(w) > 1]
+    anchor_of = {m: w[0] for w in windows for m in w[1:]}
+
+    stem = TIED_STEM if config.tied else STOCK_STEM
+    writer = ShardWriter(model_dir, stem, parse_size(config.max_shard_size))
+    ties: dict[str, str] = {}
+    padded = duplicated = ff_params = 0
+    layers_report = []
+    prefix = family.layers_path + ".{}."
+    for x in infos:
+        if x.skip:
+            layers_report.append({"layer": x.index, "skip": True, "ff_params_before": x.base_ff})
+            continue
+        j = new_index[x.index]
+        sd = _load(shard_dir / layer_file(x.index))
+        patch_keys: set[str] = set()
+        if x.patch:
+            # Read per layer (not cached): the stock form writes a tied window's tensors as copies.
+            patch = _load(overlay_dir / x.patch)  # type: ignore[operator]
+            sd.update(patch)
+            patch_keys = set(patch)
+            del patch
+        blocks = {r: family.read_ff(hf_config, sd, r) for r in family.ff_blocks(hf_config, sd)}
+        if any(ff.intermediate_size < targets[x.blocks[r][0]] for r, ff in blocks.items()):
+            new_blocks = {r: pad_ff(ff, targets[x.blocks[r][0]]) for r, ff in blocks.items()}
+            layer_pad = sum(new_blocks[r].num_params() - blocks[r].num_params() for r in blocks)
+            sd = family.write_ff(sd, new_blocks)
+            blocks = new_blocks
+        else:
+            layer_pad = 0
+        padded += layer_pad
+        layer_ff = sum(ff.num_params() for ff in blocks.values())
+        ff_params += layer_ff
+        del blocks
+        sd = {k: (v.to(out_dtype) if v.is_floating_point() else v) for k, v in sd.items()}
+        _check_layer(sk_layers[j], sd, j)
+        shared = patch_keys if j in anchor_of else set()
+        dup = sum(sd[k].numel() for k in shared)
+        duplicated += dup
+        if config.tied:
+            for k in sorted(shared):
+                ties[prefix.format(j) + k] = prefix.format(anchor_of[j]) + k
+            full = {prefix.format(j) + k: v for k, v in sd.items() if k not in shared}
+        else:
+            full = _revert_names(skeleton, {prefix.format(j) + k: v for k, v in sd.items()})
+        for name in sorted(full):
+            writer.add(name, full[name])
+        del sd, full
+        layers_report.append({
+            "layer": x.index, "exported_as": j, "patched": bool(x.patch),
+            "tied_with": next((w for w in windows if j in w), None),
+            "ff_sizes": {r.name: [b, a] for r, (_, b, a) in x.blocks.items()},
+            "ff_params_before": x.base_ff, "ff_params_after": x.new_ff, "padded_params": layer_pad,
+        })
+
+    rest = _load(shard_dir / "rest.safetensors")
+    rest = {k: (v.to(out_dtype) if v.is_floating_point() else v) for k, v in rest.items()}
+    if not config.tied:
+        rest = _revert_names(skeleton, rest)
+    for name in sorted(rest):
+        writer.add(name, rest[name])
+    del rest
+    stored = writer.total_numel
+    files = writer.close(params, mode=(model_dir / "config.json").stat().st_mode & 0o777)
+    if config.tied:
+        (model_dir / TIES_FILE).write_text(json.dumps({
+            "format": "mlpfuse-tied", "version": 1,
+            "weights": f"{stem}.safetensors" if len(files) == 1 else f"{stem}.safetensors.index.json",
+            "windows": windows, "ties": ties,
+        }, indent=2) + "\n")
+
+    for name in (*TOKENIZER_FILES, *EXTRA_TOKENIZER_FILES):
+        if (shard_dir / name).exists() and not (model_dir / name).exists():
+            shutil.copy2(shard_dir / name, model_dir / name)
+
+    base_params = int(meta["params"]["total"])
+    base_ff = int(meta["params"]["ff"])
+    tied_head = bool(meta.get("tied_head"))
+    result = {
+        "path": str(model_dir),
+        "form": "tied" if config.tied else "stock",
+        "files": files,
+        "bytes": sum((model_dir / f).stat().st_size for f in files),
+        "dtype": str(out_dtype).removeprefix("torch."),
+        "params": params,
+        "unique_params": params - duplicated,
+        "stored_params": stored,
+        "ff_params": ff_params,
+        "unique_ff_params": ff_params - duplicated,
+        "padded_params": padded,
+        "duplicated_params": duplicated,
+        "base_params": base_params,
+        "base_ff_params": base_ff,
+        "num_hidden_layers": len(kept),
+        "base_num_hidden_layers": n_layers,
+        "removed_layers": [x.index for x in infos if x.skip],
+        "intermediate_size": _main_size(family, targets),
+        "intermediate_sizes": targets,
+        "tied_windows": windows,
+        "tied_head": tied_head,
+    }
+    (model_dir / "README.md").write_text(model_card(meta, result, layers_report, _method_card(config, overlay_dir)))
+    return result
+
+
+def _main_size(family: FamilyAdapter, targets: dict[str, int]) -> int | None:
+    for key in ((family.moe.size_key,) if family.moe is not None else ()) + (
+            (family.dense.size_key,) if family.dense is not None else ()):
+        if key in targets:
+            return targets[key]
+    return next(iter(targets.values()), None)
+
+
+# ----- model card ----------------------------------------------------------------------------------
+
+
+def _fmt(n: int | None) -> str:
+    return "–" if n is None else f"{n:,}"
+
+
+def model_card(meta: dict, result: dict, layers: list[dict], method: dict | None) -> str:
+    base = str(meta.get("model", "unknown"))
+    hub_like = re.fullmatch(r"[\w.-]+/[\w.-]+", base) is not None
+    lines = ["---", "library_name: transformers", "tags:", "- mlpfuse", "- compressed"]
+    if hub_like:
+        lines.append(f"base_model: {base}")
+    lines += ["---", "", f"# {base.split('/')[-1]}, FF layers compressed with mlpfuse", "",
+              f"Base model: `{base}` ({meta.get('model_type')}, {result['base_num_hidden_layers']} layers).", ""]
+    if method:
+        lines += ["## Method", "", "| | |", "| --- | --- |"]
+        lines += [f"| {k} | {json.dumps(v) if not isinstance(v, str) else v} |" for k, v in method.items()]
+        lines.append("")
+    lines += [
+        "## Parameters", "",
+        "| | base | exported |", "| --- | --- | --- |",
+        f"| parameters (as loaded) | {_fmt(result['base_params'])} | {_fmt(result['params'])} |",
+        f"| unique parameters (tied windows once) | {_fmt(result['base_params'])} | {_fmt(result['unique_params'])} |",
+        f"| FF parameters | {_fmt(result['base_ff_params'])} | {_fmt(result['ff_params'])} |",
+        f"| decoder layers | {result['base_num_hidden_layers']} | {result['num_hidden_layers']} |",
+        f"| FF sizes | | {', '.join(f'{k}={v}' for k, v in result['intermediate_sizes'].items())} |",
+        "",
+    ]
+    if result["padded_params"]:
+        lines += [
+            f"Stock configs allow one FF size per kind of block, so smaller FF blocks were zero-padded "
+            f"to it: {_fmt(result['padded_params'])} of the parameters above are padding. Padded "
+            "neurons have zero up/gate rows and a zero down column, so they add exactly nothing to the "
+            "output.", "",
+        ]
+    if result["tied_windows"]:
+        lines += [
+            f"Tied windows (exported layer indices): {result['tied_windows']}. "
+            + ("Each shared FF tensor is stored once (`mlpfuse_ties.json`)." if result["form"] == "tied"
+               else f"They are stored as copies here ({_fmt(result['duplicated_params'])} duplicated "
+                    "parameters); the tied export form stores them once."), "",
+        ]
+    lines += ["## Per-layer changes", "",
+              "| base layer | exported as | change | FF sizes (before → after) | FF params (before → after) |",
+              "| --- | --- | --- | --- | --- |"]
+    for r in layers:
+        if r.get("skip"):
+            lines.append(f"| {r['layer']} | removed | layer dropped | | {_fmt(r['ff_params_before'])} → 0 |")
+            continue
+        change = []
+        if r["patched"]:
+            change.append("FF replaced")
+        if r["tied_with"]:
+            change.append(f"tied with {r['tied_with']}")
+        if r["padded_params"]:
+            change.append(f"zero-padded (+{r['padded_params']:,})")
+        sizes = ", ".join(f"{n}: {b} → {a}" for n, (b, a) in list(r["ff_sizes"].items())[:4])
+        if len(r["ff_sizes"]) > 4:
+            sizes += f", … ({len(r['ff_sizes'])} blocks)"
+        lines.append(f"| {r['layer']} | {r['exported_as']} | {'; '.join(change) or 'unchanged'} | {sizes} | "
+                     f"{_fmt(r['ff_params_before'])} → {_fmt(r['ff_params_after'])} |")
+    lines += ["", "## Loading", ""]
+    if result["form"] == "tied":
+        lines += ["This is the compact tied form: shared tensors are stored once, so it needs mlpfuse's loader,",
+                  "which re-ties them (the layers of a window share the same parameters):", "",
+                  "```python", "import mlpfuse", "model = mlpfuse.load(path)", "```", ""]
+    else:
+        lines += ["A stock checkpoint: no mlpfuse needed.", "", "```python",
+                  "from transformers import AutoModelForCausalLM, AutoTokenizer",
+                  "model = AutoModelForCausalLM.from_pretrained(path)", "```", ""]
+    return "\n".join(lines)
+
+
+# ----- loading the tied form ---------------------------------------------------------------------
+
+
+def _weight_files(model_dir: Path, weights: str) -> list[Path]:
+    if weights.endswith(".index.json"):
+        index = json.loads((model_dir / weights).read_text())
+        return [model_dir / f for f in sorted(set(index["weight_map"].values()))]
+    return [model_dir / weights]
+
+
+def _tensors(files: list[Path]) -> Iterator[tuple[str, Tensor]]:
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            for k in f.keys():
+                yield k, f.get_tensor(k)
+
+
+def load_export(path: str | Path, *, dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """Load an export. Stock form: ``from_pretrained``. Tied form: build the model from its config,
+    load the stored tensors, and make every tied name the *same* ``nn.Parameter`` as its source."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    model_dir = Path(path)
+    ties_path = model_dir / TIES_FILE
+    cfg = AutoConfig.from_pretrained(model_dir)
+    family = family_for(cfg)
+    if not ties_path.exists():
+        auto = AutoModelForCausalLM if family.causal else AutoModel
+        kwargs = {"dtype": dtype} if dtype is not None else {}
+        return auto.from_pretrained(model_dir, **kwargs).eval()
+
+    spec = json.loads(ties_path.read_text())
+    model = build_skeleton(cfg)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    buffers = dict(model.named_buffers())
+    for name, t in _tensors(_weight_files(model_dir, spec["weights"])):
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
+        if name in params:
+            _assign(model, name, torch.nn.Parameter(t, requires_grad=params[name].requires_grad))
+        elif name in buffers:
+            mod, leaf = _owner(model, name)
+            mod._buffers[leaf] = t
+        else:
+            raise ExportError(f"{model_dir}: stored tensor {name!r} has no place in the model")
+    for name, src in spec["ties"].items():
+        _assign(model, name, model.get_parameter(src))
+    if getattr(model.config, "tie_word_embeddings", False) or getattr(
+            model.config.get_text_config(), "tie_word_embeddings", False):
+        model.tie_weights()
+    meta_left = [n for n, p in model.named_parameters(remove_duplicate=False) if p.is_meta]
+    if meta_left:
+        raise ExportError(f"{model_dir}: no stored tensor for {meta_left[:5]}")
+    return model.eval()
+
+
+def _owner(model: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str]:
+    mod_name, _, leaf = name.rpartition(".")
+    return model.get_submodule(mod_name), leaf
+
+
+def _assign(model: torch.nn.Module, name: str, param: torch.nn.Parameter) -> None:
+    mod, leaf = _owner(model, name)
+    mod._parameters[leaf] = param
