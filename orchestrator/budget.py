@@ -41,6 +41,13 @@ class TargetSpec(BaseModel):
     def _one(self) -> TargetSpec:
         if (self.params is None) == (self.ff_params is None):
             raise ValueError("give exactly one of params or ff_params")
+        value = self.params if self.params is not None else self.ff_params
+        assert value is not None
+        if value >= 1 and not float(value).is_integer() or value == 1:
+            raise ValueError(
+                f"budget {value} is not smaller than the model: give a fraction below 1 (e.g. 0.8) "
+                "or an absolute parameter count"
+            )
         return self
 
 

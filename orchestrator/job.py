@@ -33,10 +33,21 @@ def run_budget(session: Session, spec: PipelineSpec) -> dict[str, Any]:
     facts = ModelFacts.read(session.path("shard"), session.path("collect"))
     kind, budget = target_params(spec.budget.target, facts)
     cands, skipped = plan_candidates(spec.budget, facts)
-    nodes = [make_node(session.keys, f"compress.{c.name}", "compress", c.config,
-                       {"shard": "shard", "collect": "collect"}) for c in cands]
     t0 = time.time()
-    built = session.run(nodes)
+    # Refit candidates start from their un-refit twin (built first), so nothing is clustered twice.
+    plain = [c for c in cands if c.config.refit is None]
+    names = {c.name for c in plain}
+    built = session.run([make_node(session.keys, f"compress.{c.name}", "compress", c.config,
+                                   {"shard": "shard", "collect": "collect"}) for c in plain])
+    refits = []
+    for c in cands:
+        if c.config.refit is not None:
+            twin = c.name.removesuffix("+refit")
+            inputs = {"shard": "shard", "collect": "collect"}
+            if twin in names:
+                inputs["unrefit"] = f"compress.{twin}"
+            refits.append(make_node(session.keys, f"compress.{c.name}", "compress", c.config, inputs))
+    built.update(session.run(refits))
     counted = "unique_params" if spec.budget.export == "tied" else "params"
     counted_ff = "unique_ff_params" if spec.budget.export == "tied" else "ff_params"
     alive = []

@@ -291,6 +291,22 @@ def _refit(ov: Overlay, ctx: _Context, cfg: RefitConfig) -> dict[str, list[float
     return {"layers": layers, "before": [before[i] for i in layers], "after": [after[i] for i in layers]}
 
 
+def _load_overlay(overlay_dir: Path, ctx: _Context) -> Overlay:
+    """An overlay written by :func:`save_overlay`, read back as FF blocks."""
+    from safetensors.torch import load_file
+
+    meta = json.loads((overlay_dir / "overlay.json").read_text())
+    ov = Overlay(tied=[list(g) for g in meta.get("tied", [])])
+    for i, entry in meta["layers"].items():
+        if entry.get("skip"):
+            ov.skip.add(int(i))
+            continue
+        sd = {**ctx.state(int(i)), **load_file(str(overlay_dir / entry["patch"]))}
+        ov.blocks[int(i)] = {r: ctx.family.read_ff(ctx.config, sd, r).to(torch.float32)
+                             for r in ctx.family.ff_blocks(ctx.config, sd)}
+    return ov
+
+
 def param_counts(shard_meta: dict, sizes: dict[int, dict[str, int]], skip: set[int], tied: list[list[int]],
                  per_neuron: dict[str, int], const: dict[str, int]) -> dict[str, int]:
     """Parameters of the compressed model: ``stock`` (as plain transformers loads it: one FF size
@@ -321,10 +337,14 @@ def _block_kind(ref: FFBlockRef) -> str:
 
 
 def run(config: CompressConfig, inputs: dict[str, Path], out_dir: Path) -> dict:
-    """Inputs: ``shard`` and (for data-aware methods and refit) ``collect``."""
+    """Inputs: ``shard``, ``collect`` (data-aware methods, refit) and, for a refit candidate,
+    optionally ``unrefit``: the same candidate built without refit, whose blocks are reused."""
     ctx = _Context(inputs["shard"], inputs.get("collect"))
     m = config.candidate
-    ov = _build(m, ctx)
+    if "unrefit" in inputs:  # the same candidate built without refit: reuse it (no re-clustering)
+        ov = _load_overlay(inputs["unrefit"], ctx)
+    else:
+        ov = _build(m, ctx)
     if config.drop:
         overlap = sorted(set(config.drop) & set(ov.blocks))
         if overlap:

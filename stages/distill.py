@@ -12,6 +12,15 @@ worker: :func:`distill` on this machine (world size 1, gloo on CPU or one GPU),
 :func:`ray_train_distill` on a Ray cluster through Ray Train (one GPU per worker). Both run the same
 per-worker function, so what is tested locally is what runs on the cluster.
 
+A student with decoder layers dropped has fewer hidden states than the teacher: ``layer_map``
+(:func:`layer_map_for`) compares each student layer's output with the output of the original
+layer it is (the j-th kept layer), and the final output with the teacher's final output.
+
+The pipeline stage (:class:`DistillStageConfig`, :func:`run_stage`) wraps this around artifacts:
+the teacher and student exports (Hugging Face checkpoints), the calibration blocks of the data
+artifact and the winner's overlay (for the layer map); it writes the distilled student as a
+Hugging Face checkpoint in the student export's form (stock or tied).
+
 Determinism and resume: the micro-batch of every (step, micro-step, rank) is fixed by its index,
 the RNG is re-seeded from (seed, step, rank) before each step, and a checkpoint holds the module,
 the optimizer state and the loss history. A re-run with the same ``checkpoint_dir`` therefore
@@ -28,8 +37,9 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -117,11 +127,15 @@ class DistillConfig(BaseModel):
 class DistillResult:
     """``losses[s]`` is the training loss of step s (mean over its micro-batches and workers) for
     every step done, resumed ones included; ``resumed_from`` is the step the run continued from
-    (None for a fresh run)."""
+    (None for a fresh run). ``seconds``: wall-clock seconds of training summed over the attempts
+    (each attempt counted up to its last checkpoint; not compared by ``==``). ``stopped_early``:
+    the run stopped at a checkpoint before ``steps`` because ``time_limit_s`` was exceeded."""
 
     losses: list[float]
     steps_done: int
     resumed_from: int | None
+    seconds: float = field(default=0.0, compare=False)
+    stopped_early: bool = False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -135,6 +149,9 @@ def distill(
     config: DistillConfig,
     checkpoint_dir: Path,
     progress: bool = True,
+    *,
+    layer_map: list[int] | None = None,
+    time_limit_s: float | None = None,
 ) -> DistillResult:
     """Distill ``student`` toward the frozen ``teacher`` in this process; ``student`` is trained in
     place.
@@ -145,12 +162,30 @@ def distill(
     from the last complete one. Uses the caller's torch.distributed process group if there is one
     (world size 1 expected), else creates a loopback-only one for the call (gloo, file rendezvous)
     and destroys it at the end.
+
+    ``layer_map``: for a student with fewer decoder layers than the teacher (layers dropped),
+    ``layer_map[j]`` is the teacher's ``output_hidden_states`` index that student index j is
+    compared with; one entry per student hidden state (num_hidden_layers + 1, the embeddings
+    first), strictly increasing, from 0 (embeddings) to the teacher's last index (both models'
+    last entry is the final output, after the final norm). None: the identity, equal layer counts.
+    :func:`layer_map_for` builds it from the dropped layers. Part of what a resume must agree on.
+
+    ``time_limit_s``: stop at the first checkpoint written once this many seconds of training
+    (summed over attempts, as checkpoints record it) have passed; the result says
+    ``stopped_early``. A resumed run already past the limit does no step.
     """
-    _check_models(student, teacher, config)
+    layer_map = _check_models(student, teacher, config, layer_map)
     _check_batches(batches, config)
     with _local_process_group():
         return _distill_worker(
-            student, teacher, batches, config, Path(checkpoint_dir), progress=progress
+            student,
+            teacher,
+            batches,
+            config,
+            Path(checkpoint_dir),
+            progress=progress,
+            layer_map=layer_map,
+            time_limit_s=time_limit_s,
         )
 
 
@@ -167,6 +202,8 @@ def ray_train_distill(
     rendezvous: Literal["tcp", "file"] = "tcp",
     max_failures: int = 0,
     progress: bool = False,
+    layer_map: list[int] | None = None,
+    time_limit_s: float | None = None,
 ) -> DistillResult:
     """Distill on a Ray cluster: ``num_workers`` Ray Train workers (one GPU each with ``use_gpu``)
     run the same per-worker function as :func:`distill`, data parallel under ZeRO; ``student`` is
@@ -179,13 +216,14 @@ def ray_train_distill(
     ``rendezvous``: "tcp" is Ray Train's own (``env://`` at worker 0's address, for multi-node
     clusters); "file" rendezvous through a file in ``checkpoint_dir`` (nothing listens on the
     network for it; single-node runs and tests). Needs a connected Ray (``ray.init``).
+    ``layer_map`` and ``time_limit_s``: as for :func:`distill` (the workers agree on stopping).
     """
     import ray
     import ray.train
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    _check_models(student, teacher, config)
+    layer_map = _check_models(student, teacher, config, layer_map)
     _check_batches(batches, config)
     if num_workers < 1:
         raise ValueError(f"num_workers must be >= 1, got {num_workers}")
@@ -207,6 +245,8 @@ def ray_train_distill(
         "config": config.model_dump(),
         "checkpoint_dir": str(checkpoint_dir),
         "progress": progress,
+        "layer_map": layer_map,
+        "time_limit_s": time_limit_s,
     }
     trainer = TorchTrainer(
         _ray_train_loop,
@@ -241,6 +281,8 @@ def ray_train_distill(
         losses=[float(x) for x in metrics["losses"]],
         steps_done=int(metrics["steps_done"]),
         resumed_from=metrics["resumed_from"],
+        seconds=float(metrics.get("seconds", 0.0)),
+        stopped_early=bool(metrics.get("stopped_early", False)),
     )
 
 
@@ -262,11 +304,23 @@ def ff_parameter_names(model: nn.Module) -> set[str]:
     }
 
 
-def layer_mse(student_hidden: tuple[Tensor, ...], teacher_hidden: tuple[Tensor, ...]) -> Tensor:
+def layer_mse(
+    student_hidden: tuple[Tensor, ...],
+    teacher_hidden: tuple[Tensor, ...],
+    layer_map: list[int] | None = None,
+) -> Tensor:
     """Mean over decoder layers of the MSE between hidden states, each [b, T, H]; entry 0 (the
-    embeddings) is skipped. Computed in float32 whatever the models' dtype."""
+    embeddings) is skipped. Computed in float32 whatever the models' dtype. ``layer_map[j]``: the
+    teacher entry student entry j is compared with (None: the same index, equal lengths)."""
     if student_hidden is None or teacher_hidden is None:
         raise RuntimeError("a model returned no hidden states for output_hidden_states=True")
+    if layer_map is not None:
+        if len(layer_map) != len(student_hidden) or max(layer_map) >= len(teacher_hidden):
+            raise ValueError(
+                f"layer_map {layer_map} does not fit {len(student_hidden)} student and "
+                f"{len(teacher_hidden)} teacher hidden states"
+            )
+        teacher_hidden = tuple(teacher_hidden[i] for i in layer_map)
     if len(student_hidden) != len(teacher_hidden):
         raise ValueError(
             f"student has {len(student_hidden) - 1} layers, teacher {len(teacher_hidden) - 1}: "
@@ -292,9 +346,13 @@ def _distill_worker(
     *,
     progress: bool,
     on_checkpoint: Callable[[int, list[float]], None] | None = None,
+    layer_map: list[int] | None = None,
+    time_limit_s: float | None = None,
 ) -> DistillResult:
     """Train ``student`` in place; the process group must exist. ``on_checkpoint(steps_done,
-    losses)`` is called on every worker after each checkpoint (Ray Train reports from it)."""
+    losses)`` is called on every worker after each checkpoint (Ray Train reports from it).
+    ``layer_map``: resolved (a full list, see :func:`_check_models`) or None for the identity."""
+    started = time.monotonic()
     _prepare_deepspeed_env()
     import deepspeed
     from tqdm.auto import tqdm
@@ -305,7 +363,12 @@ def _distill_worker(
     world = torch.distributed.get_world_size()
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     fingerprint = _batches_fingerprint(batches)
-    saved = _read_progress(checkpoint_dir, config, fingerprint, world)
+    saved = _read_progress(checkpoint_dir, config, fingerprint, world, layer_map)
+    prior_seconds = float(saved.get("seconds", 0.0)) if saved is not None else 0.0
+
+    def elapsed() -> float:
+        return prior_seconds + time.monotonic() - started
+
     if saved is not None and saved["steps_done"] > config.steps:
         raise InputError(
             f"{checkpoint_dir} holds {saved['steps_done']} distill steps, more than steps={config.steps}; "
@@ -341,6 +404,7 @@ def _distill_worker(
     losses: list[float] = []
     start = 0
     resumed_from: int | None = None
+    stopped_early = False
     try:
         for name, p in student.named_parameters():
             p.requires_grad_(name in trainable)
@@ -379,14 +443,17 @@ def _distill_worker(
             total=config.steps, initial=start, desc="distill", disable=not progress or rank != 0
         )
         devices = [device] if device.type == "cuda" else []
+        # Past the limit already (from the record, so every worker agrees): no step runs.
+        if time_limit_s is not None and start < config.steps and prior_seconds > time_limit_s:
+            stopped_early = True
         with torch.random.fork_rng(devices=devices), bar:
-            for step in range(start, config.steps):
+            for step in range(start, start if stopped_early else config.steps):
                 torch.manual_seed(_step_seed(config.seed, step, rank))
                 step_loss = torch.zeros((), device=device, dtype=torch.float32)
                 for micro in range(config.grad_accum):
                     index = ((step * config.grad_accum + micro) * world + rank) % len(batches)
                     ids = batches[index].to(device)
-                    loss = _distill_loss(engine, teacher, ids, config.lm_loss_weight)
+                    loss = _distill_loss(engine, teacher, ids, config.lm_loss_weight, layer_map)
                     engine.backward(loss)
                     engine.step()
                     step_loss += loss.detach().float()
@@ -398,10 +465,26 @@ def _distill_worker(
                 done = step + 1
                 if done % config.checkpoint_every == 0 or done == config.steps:
                     _save_checkpoint(
-                        engine, checkpoint_dir, config, fingerprint, world, done, losses, rank
+                        engine,
+                        checkpoint_dir,
+                        config,
+                        fingerprint,
+                        world,
+                        done,
+                        losses,
+                        rank,
+                        layer_map=layer_map,
+                        seconds=elapsed(),
                     )
                     if on_checkpoint is not None:
                         on_checkpoint(done, losses)
+                    if (
+                        time_limit_s is not None
+                        and done < config.steps
+                        and _all_agree(elapsed() > time_limit_s, device, world)
+                    ):
+                        stopped_early = True
+                        break
 
         if not in_place:
             _copy_trained_weights(module, student, trainable)
@@ -413,18 +496,42 @@ def _distill_worker(
         student.train(student_mode)
         teacher.train(teacher_mode)
     _check_ties(student, ties)
-    return DistillResult(losses=losses, steps_done=len(losses), resumed_from=resumed_from)
+    return DistillResult(
+        losses=losses,
+        steps_done=len(losses),
+        resumed_from=resumed_from,
+        seconds=elapsed(),
+        stopped_early=stopped_early,
+    )
 
 
-def _distill_loss(engine: Any, teacher: nn.Module, ids: Tensor, lm_loss_weight: float) -> Tensor:
+def _all_agree(flag: bool, device: torch.device, world: int) -> bool:
+    """True on every worker when ``flag`` is True on any (clocks differ between workers)."""
+    if world == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def _distill_loss(
+    engine: Any,
+    teacher: nn.Module,
+    ids: Tensor,
+    lm_loss_weight: float,
+    layer_map: list[int] | None = None,
+) -> Tensor:
     """The loss of one micro-batch ``ids`` [b, T]."""
     with torch.no_grad():
         teacher_hidden = teacher(input_ids=ids, output_hidden_states=True).hidden_states
     if lm_loss_weight == 0:  # no labels argument: encoder-only models take none
         out = engine(input_ids=ids, output_hidden_states=True)
-        return layer_mse(out.hidden_states, teacher_hidden)
+        return layer_mse(out.hidden_states, teacher_hidden, layer_map)
     out = engine(input_ids=ids, labels=ids, output_hidden_states=True)
-    return layer_mse(out.hidden_states, teacher_hidden) + lm_loss_weight * out.loss.float()
+    return (
+        layer_mse(out.hidden_states, teacher_hidden, layer_map)
+        + lm_loss_weight * out.loss.float()
+    )
 
 
 def _step_seed(seed: int, step: int, rank: int) -> int:
@@ -445,6 +552,9 @@ def _save_checkpoint(
     steps_done: int,
     losses: list[float],
     rank: int,
+    *,
+    layer_map: list[int] | None = None,
+    seconds: float = 0.0,
 ) -> None:
     """DeepSpeed checkpoint ``step<N>`` first, then (rank 0) the progress JSON that names it,
     atomically; only then are older checkpoints deleted. A run killed at any point leaves the
@@ -461,6 +571,8 @@ def _save_checkpoint(
             "trajectory": config.trajectory(),
             "batches_sha256": fingerprint,
             "world_size": world,
+            "layer_map": layer_map,
+            "seconds": seconds,
         }
         _write_json_atomic(checkpoint_dir / PROGRESS_FILE, record)
         for old in checkpoint_dir.glob(f"{_TAG_PREFIX}*"):
@@ -470,7 +582,11 @@ def _save_checkpoint(
 
 
 def _read_progress(
-    checkpoint_dir: Path, config: DistillConfig, fingerprint: str, world: int
+    checkpoint_dir: Path,
+    config: DistillConfig,
+    fingerprint: str,
+    world: int,
+    layer_map: list[int] | None = None,
 ) -> dict | None:
     path = checkpoint_dir / PROGRESS_FILE
     if not path.exists():
@@ -504,6 +620,11 @@ def _read_progress(
             f"{checkpoint_dir} was written by {record['world_size']} workers, this run has {world}; "
             "resume with the same number of workers"
         )
+    if record.get("layer_map") != layer_map:
+        raise InputError(
+            f"{checkpoint_dir} was written with layer_map {record.get('layer_map')}, this run has "
+            f"{layer_map}; use a fresh checkpoint_dir"
+        )
     return record
 
 
@@ -529,7 +650,14 @@ def _batches_fingerprint(batches: list[Tensor]) -> str:
 # Models, weights and ties
 
 
-def _check_models(student: nn.Module, teacher: nn.Module, config: DistillConfig) -> None:
+def _check_models(
+    student: nn.Module,
+    teacher: nn.Module,
+    config: DistillConfig,
+    layer_map: list[int] | None = None,
+) -> list[int] | None:
+    """Refuse a teacher that is (or shares storage with) the student; returns ``layer_map``
+    checked against the two models (None stays None: the identity, equal layer counts)."""
     if student is teacher:
         raise ValueError(
             "teacher is the student: distill against the original (uncompressed) model, a separate object"
@@ -541,12 +669,53 @@ def _check_models(student: nn.Module, teacher: nn.Module, config: DistillConfig)
             f"student and teacher share parameter storage ({', '.join(shared[:5])}"
             f"{', ...' if len(shared) > 5 else ''}): the teacher must be an independent copy of the original"
         )
-    for key in ("hidden_size", "num_hidden_layers"):
-        s, t = getattr(student.config, key, None), getattr(teacher.config, key, None)
-        if s != t:
+    s = getattr(student.config, "hidden_size", None)
+    t = getattr(teacher.config, "hidden_size", None)
+    if s != t:
+        raise ValueError(
+            f"student hidden_size={s} differs from teacher hidden_size={t}: "
+            "layer-wise MSE needs them equal"
+        )
+    n_s = getattr(student.config, "num_hidden_layers", None)
+    n_t = getattr(teacher.config, "num_hidden_layers", None)
+    if layer_map is None:
+        if n_s != n_t:
             raise ValueError(
-                f"student {key}={s} differs from teacher {key}={t}: layer-wise MSE needs them equal"
+                f"student num_hidden_layers={n_s} differs from teacher num_hidden_layers={n_t}: "
+                "layer-wise MSE needs them equal, or a layer_map (see layer_map_for)"
             )
+        return None
+    layer_map = [int(i) for i in layer_map]
+    if (
+        n_s is None
+        or n_t is None
+        or len(layer_map) != n_s + 1
+        or layer_map[0] != 0
+        or layer_map[-1] != n_t
+        or any(b <= a for a, b in zip(layer_map, layer_map[1:], strict=False))
+    ):
+        raise ValueError(
+            f"layer_map {layer_map} must have one entry per student hidden state ({n_s} layers + "
+            f"embeddings), strictly increase from 0 (embeddings) and end at the teacher's final "
+            f"output ({n_t})"
+        )
+    return None if layer_map == list(range(n_t + 1)) else layer_map
+
+
+def layer_map_for(num_teacher_layers: int, skipped: set[int] | list[int]) -> list[int]:
+    """The ``layer_map`` of a student made from the teacher by dropping decoder layers ``skipped``
+    (base indices): student hidden state j (the output of its layer j-1, the (j-1)-th kept base
+    layer k) is compared with teacher state k+1; entry 0 (embeddings) with 0; the last entry (the
+    final output, after the final norm in both models) with the teacher's last, also when the
+    teacher's last layer was the one dropped."""
+    dropped = {int(i) for i in skipped}
+    bad = sorted(i for i in dropped if not 0 <= i < num_teacher_layers)
+    if bad:
+        raise ValueError(f"skipped layers {bad} outside 0..{num_teacher_layers - 1}")
+    kept = [i for i in range(num_teacher_layers) if i not in dropped]
+    if not kept:
+        raise ValueError("every layer is skipped")
+    return [0, *(k + 1 for k in kept[:-1]), num_teacher_layers]
 
 
 def _register_output_capture(model: nn.Module) -> None:
@@ -745,12 +914,16 @@ def _ray_train_loop(loop_config: dict[str, Any]) -> None:
         checkpoint_dir,
         progress=loop_config["progress"],
         on_checkpoint=report,
+        layer_map=loop_config.get("layer_map"),
+        time_limit_s=loop_config.get("time_limit_s"),
     )
     metrics = {
         "steps_done": result.steps_done,
-        "loss": result.losses[-1],
+        "loss": result.losses[-1] if result.losses else None,
         "losses": result.losses,
         "resumed_from": result.resumed_from,
+        "seconds": result.seconds,
+        "stopped_early": result.stopped_early,
     }
     if ray.train.get_context().get_world_rank() != 0:
         ray.train.report(metrics)
@@ -836,3 +1009,287 @@ def _file_rendezvous_torch_config(store_dir: str) -> Any:
             return FileRendezvousBackend
 
     return FileRendezvousTorchConfig(store_dir=store_dir)
+
+
+# ---------------------------------------------------------------------------------------------
+# The pipeline stage: teacher export + student export + calibration data -> distilled student
+
+MODEL_DIR = "model"
+CHECKPOINTS_DIR = "checkpoints"
+_OUT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class DistillStageConfig(BaseModel):
+    """The distill stage: ``train`` says how to train; the rest, what on and how to write it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    train: DistillConfig
+    # The first ``max_blocks`` calibration blocks (rounded down to whole micro-batches) are the
+    # training set; step s uses micro-batches in order, cycling.
+    max_blocks: int = Field(ge=1)
+    # Wall-clock cap on training (minutes, summed over attempts): the run stops at the first
+    # checkpoint past it and the stage writes the weights of that step. The result records it.
+    minutes: float | None = Field(default=None, gt=0)
+    # The student export is the tied form (``mlpfuse_ties.json``): it is loaded with its windows
+    # tied (each window trains as one parameter set) and written back in the same tied form.
+    tied: bool = False
+    # Storage dtype of the written model; "auto": the student export's. Training is float32.
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            unknown = sorted(set(data) - set(cls.model_fields))
+            if unknown:
+                raise ValueError(
+                    f"unknown distill stage settings {unknown}; known: {sorted(cls.model_fields)}"
+                )
+        return data
+
+
+def run_stage(config: DistillStageConfig, inputs: dict[str, Path], out_dir: Path) -> dict:
+    """Distill the student export toward the teacher export on calibration blocks.
+
+    ``inputs``: ``teacher``: an export artifact of the *original* model (``teacher/model``);
+    ``student``: an export artifact of the compressed winner (``student/model``); ``data``: the
+    data artifact (``calib.parquet``); optionally ``overlay``: the winner's overlay directory, whose
+    skipped layers map student layers to the teacher layers they came from (needed when layers
+    were dropped). Checkpoints go to ``out_dir/checkpoints``, so an attempt killed mid-way resumes
+    from the last one when the stage runs again in the same ``out_dir``; they are removed once
+    ``out_dir/model`` (a Hugging Face checkpoint in the student export's form) is written.
+    """
+    from stages.data import read_calib
+    from stages.export import TIES_FILE, load_export
+
+    out_dir = Path(out_dir)
+    teacher_dir, student_dir, data_dir, overlay_dir = _stage_inputs(inputs)
+    if teacher_dir.resolve() == student_dir.resolve():
+        raise InputError(
+            f"teacher and student are the same export ({teacher_dir}): the teacher must be the "
+            "original (uncompressed) model"
+        )
+    _check_teacher_artifact(Path(inputs["teacher"]), Path(inputs["student"]))
+    has_ties = (student_dir / TIES_FILE).exists()
+    if has_ties != config.tied:
+        form = "tied" if has_ties else "stock"
+        raise InputError(
+            f"{student_dir} is a {form} export but the distill stage has tied={config.tied}; "
+            "set tied to match the export form"
+        )
+
+    teacher = load_export(teacher_dir, dtype=torch.float32)
+    student = load_export(student_dir, dtype=torch.float32)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    n_t = int(teacher.config.num_hidden_layers)
+    n_s = int(student.config.num_hidden_layers)
+    skipped = _skipped_layers(overlay_dir)
+    if overlay_dir is None and n_s != n_t:
+        raise InputError(
+            f"student has {n_s} decoder layers, teacher {n_t}: pass the winner's overlay (input "
+            "'overlay') so each student layer is compared with the teacher layer it came from"
+        )
+    if n_t - len(skipped) != n_s:
+        raise InputError(
+            f"the overlay drops layers {sorted(skipped)} of {n_t}, leaving {n_t - len(skipped)}, "
+            f"but the student has {n_s}: the teacher must be the original model of this overlay"
+        )
+    layer_map = layer_map_for(n_t, skipped)
+
+    train = config.train
+    blocks = read_calib(data_dir)[: config.max_blocks]
+    n_batches = len(blocks) // train.micro_batch
+    if n_batches == 0:
+        raise InputError(
+            f"{len(blocks)} calibration blocks (max_blocks={config.max_blocks}) are fewer than "
+            f"one micro-batch of {train.micro_batch}"
+        )
+    blocks = blocks[: n_batches * train.micro_batch]
+    vocab = min(int(m.get_input_embeddings().num_embeddings) for m in (teacher, student))
+    if int(blocks.max()) >= vocab:
+        raise InputError(
+            f"calibration token id {int(blocks.max())} is outside the models' vocabulary ({vocab})"
+        )
+    batches = [
+        torch.from_numpy(blocks[i * train.micro_batch : (i + 1) * train.micro_batch].copy())
+        for i in range(n_batches)
+    ]
+
+    checkpoint_dir = out_dir / CHECKPOINTS_DIR
+    result = distill(
+        student,
+        teacher,
+        batches,
+        train,
+        checkpoint_dir,
+        progress=True,
+        layer_map=layer_map,
+        time_limit_s=None if config.minutes is None else config.minutes * 60.0,
+    )
+    del teacher
+
+    if config.dtype == "auto":
+        from transformers import AutoConfig
+
+        stored = getattr(AutoConfig.from_pretrained(student_dir), "dtype", None)
+        if isinstance(stored, torch.dtype):
+            out_dtype = stored
+        else:
+            out_dtype = _OUT_DTYPES.get(str(stored).removeprefix("torch."), torch.float32)
+    else:
+        out_dtype = _OUT_DTYPES[config.dtype]
+    model_dir = out_dir / MODEL_DIR
+    _write_student(student, student_dir, model_dir, out_dtype, tied=config.tied)
+    block = int(blocks.shape[1])
+    summary = {
+        "losses": result.losses,
+        "steps": result.steps_done,
+        "steps_requested": train.steps,
+        "tokens": result.steps_done * train.grad_accum * train.micro_batch * block,
+        "seconds": round(result.seconds, 3),
+        "resumed_from": result.resumed_from,
+        "minutes": config.minutes,
+        "stopped_early": result.stopped_early,
+        "calib_blocks": int(len(blocks)),
+        "block_size": block,
+        "layer_map": layer_map,
+        "skipped_layers": sorted(skipped),
+        "path": str(model_dir),
+        "form": "tied" if config.tied else "stock",
+        "dtype": str(out_dtype).removeprefix("torch."),
+    }
+    _append_card(model_dir, summary)
+    shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    return summary
+
+
+def _stage_inputs(inputs: dict[str, Path]) -> tuple[Path, Path, Path, Path | None]:
+    missing = [role for role in ("teacher", "student", "data") if not inputs.get(role)]
+    if missing:
+        raise InputError(
+            f"distill stage inputs {missing} are missing (needs teacher, student, data)"
+        )
+    teacher_dir = Path(inputs["teacher"]) / MODEL_DIR
+    student_dir = Path(inputs["student"]) / MODEL_DIR
+    data_dir = Path(inputs["data"])
+    for role, path in (("teacher", teacher_dir), ("student", student_dir)):
+        if not (path / "config.json").exists():
+            raise InputError(f"input {role!r}: {path} is not an export (no config.json)")
+    if not (data_dir / "calib.parquet").exists():
+        raise InputError(f"input 'data': {data_dir} has no calib.parquet")
+    overlay = inputs.get("overlay")
+    overlay_dir = Path(overlay) if overlay else None
+    if overlay_dir is not None and not (overlay_dir / "overlay.json").exists():
+        raise InputError(f"input 'overlay': {overlay_dir} has no overlay.json")
+    return teacher_dir, student_dir, data_dir, overlay_dir
+
+
+def _check_teacher_artifact(teacher: Path, student: Path) -> None:
+    """With the orchestrator's manifests: the teacher export had no overlay, and both exports come
+    from the same shard (stage ``run`` calls made by hand have no manifest: nothing to check)."""
+    manifests = {}
+    for role, path in (("teacher", teacher), ("student", student)):
+        try:
+            manifests[role] = json.loads((path / "manifest.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            manifests[role] = None
+    t, s = manifests["teacher"], manifests["student"]
+    if t is not None and (t.get("inputs") or {}).get("overlay"):
+        raise InputError(
+            f"the teacher artifact {teacher} is an export of an overlay (a compressed candidate); "
+            "the teacher must be the export of the original model"
+        )
+    if t is not None and s is not None:
+        ts, ss = (t.get("inputs") or {}).get("shard"), (s.get("inputs") or {}).get("shard")
+        if ts and ss and ts != ss:
+            raise InputError(
+                f"teacher and student exports come from different shards ({ts} vs {ss})"
+            )
+
+
+def _skipped_layers(overlay_dir: Path | None) -> set[int]:
+    if overlay_dir is None:
+        return set()
+    layers = json.loads((overlay_dir / "overlay.json").read_text()).get("layers", {})
+    return {int(i) for i, entry in layers.items() if entry.get("skip")}
+
+
+def _write_student(
+    student: nn.Module, student_dir: Path, model_dir: Path, dtype: torch.dtype, *, tied: bool
+) -> None:
+    """Write ``student`` at ``model_dir`` in the form of ``student_dir``: stock
+    (``save_pretrained``, safetensors) or the export's tied form (the same tensor names stored,
+    ``mlpfuse_ties.json`` copied). Tokenizer files and the model card are copied from
+    ``student_dir``. Written beside and renamed into place, so a half-written model never stays."""
+    from stages.export import EXTRA_TOKENIZER_FILES, TIES_FILE, TIED_STEM, ShardWriter, parse_size
+    from stages.shard import TOKENIZER_FILES
+
+    tmp = model_dir.with_name(f".{model_dir.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    student.to(dtype)
+    student.config.dtype = dtype
+    if not tied:
+        student.save_pretrained(tmp, max_shard_size="2GB")
+    else:
+        from safetensors import safe_open
+        from transformers import AutoConfig
+
+        spec = json.loads((student_dir / TIES_FILE).read_text())
+        weights = spec["weights"]
+        if weights.endswith(".index.json"):
+            index = json.loads((student_dir / weights).read_text())
+            files = sorted(set(index["weight_map"].values()))
+        else:
+            files = [weights]
+        names: list[str] = []
+        for f in files:
+            with safe_open(str(student_dir / f), framework="pt") as h:
+                names.extend(h.keys())
+        state = student.state_dict()
+        missing = [n for n in names if n not in state]
+        if missing:
+            raise RuntimeError(f"tied export tensors {missing[:5]} are not in the loaded student")
+        cfg = AutoConfig.from_pretrained(student_dir)
+        cfg.dtype = dtype
+        cfg.save_pretrained(tmp)
+        writer = ShardWriter(tmp, TIED_STEM, parse_size("2GB"))
+        for name in sorted(names):
+            t = state[name].detach().cpu()
+            writer.add(name, t.to(dtype) if t.is_floating_point() else t)
+        written = writer.close(
+            sum(p.numel() for p in student.parameters()),
+            mode=(tmp / "config.json").stat().st_mode & 0o777,
+        )
+        spec["weights"] = f"{TIED_STEM}.safetensors" + ("" if len(written) == 1 else ".index.json")
+        (tmp / TIES_FILE).write_text(json.dumps(spec, indent=2) + "\n")
+    for name in (*TOKENIZER_FILES, *EXTRA_TOKENIZER_FILES, "README.md"):
+        if (student_dir / name).exists() and not (tmp / name).exists():
+            shutil.copy2(student_dir / name, tmp / name)
+    shutil.rmtree(model_dir, ignore_errors=True)
+    os.replace(tmp, model_dir)
+
+
+def _append_card(model_dir: Path, summary: dict) -> None:
+    card = model_dir / "README.md"
+    if not card.exists():
+        return
+    losses = summary["losses"]
+    lines = [
+        "",
+        "## Distillation",
+        "",
+        "After compression the feed-forward weights were distilled layer by layer against the "
+        "original model (MSE between hidden states; dropped layers mapped to the original layer "
+        "each kept layer came from).",
+        "",
+        f"- steps: {summary['steps']} of {summary['steps_requested']}"
+        + (" (stopped by the time limit)" if summary["stopped_early"] else ""),
+        f"- tokens: {summary['tokens']:,} ({summary['calib_blocks']} calibration blocks of "
+        f"{summary['block_size']})",
+    ]
+    if losses:
+        lines.append(f"- loss: {losses[0]:.4g} → {losses[-1]:.4g}")
+    card.write_text(card.read_text().rstrip("\n") + "\n" + "\n".join(lines) + "\n")

@@ -1,0 +1,103 @@
+"""The size budget end to end on a tiny model: candidates meet the budget, the winner is the best
+candidate evaluated, re-targeting reuses the base stages, and impossible budgets exit 2."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from orchestrator.budget import BudgetSpec, HalvingSpec, ModelFacts, halving_budgets, plan_candidates
+from orchestrator.cli import main
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tmp_path_factory: pytest.TempPathFactory, smollm2_tokenizer: Path) -> Path:
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tinylm")
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=49152, tie_word_embeddings=True)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
+    for f in smollm2_tokenizer.iterdir():
+        (path / f.name).write_bytes(f.read_bytes())
+    return path
+
+
+def _spec(tmp: Path, model: Path, target: dict, cache: Path | None = None, methods: list[str] | None = None) -> Path:
+    spec = {
+        "name": "b", "model": str(model), "cache": str(cache or tmp / "cache"), "output": str(tmp / "out"),
+        "data": {"corpus": "shakespeare", "block_size": 64, "calib_tokens": 512, "eval_tokens": 512},
+        "evaluate": {"window": 64, "stride": 64},
+        "budget": {"target": target, "methods": methods or ["prune", "layer_drop", "combo"],
+                   "halving": {"min_tokens": 64}},
+    }
+    p = tmp / f"spec-{len(list(tmp.glob('spec-*')))}.yaml"
+    p.write_text(yaml.safe_dump(spec))
+    return p
+
+
+def _artifacts(cache: Path) -> set[str]:
+    return {str(p.parent.relative_to(cache)) for p in (cache / "artifacts").rglob("manifest.json")}
+
+
+def test_halving_budgets_grow_to_full() -> None:
+    assert halving_budgets(20, 4096, HalvingSpec(min_tokens=512, factor=2)) == [512, 1024, 2048, 4096]
+    assert halving_budgets(1, 4096, HalvingSpec(min_tokens=512)) == [4096]
+
+
+def test_planner_sizes_every_candidate_to_the_budget() -> None:
+    facts = ModelFacts(num_layers=6, params=1000, ff_params=600, layer_params=[150] * 6, ff_layer_params=[100] * 6,
+                       cos=[0.1, 0.9, 0.5, 0.8, 0.7, 0.2])
+    cands, skipped = plan_candidates(BudgetSpec(target={"params": 0.8}), facts)
+    names = {c.name for c in cands}
+    assert {"prune-activation-uniform", "prune-magnitude-uniform+refit", "fusion-uniform", "layer-drop-2"} <= names
+    drop = next(c for c in cands if c.name == "layer-drop-2")
+    assert set(drop.config.candidate.layers) == {1, 3}  # the layers that change the hidden state least
+    assert any(s["method"] == "merge" for s in skipped)  # no savings in the stock export
+    prune = next(c for c in cands if c.name == "prune-activation-uniform")
+    assert 600 * (1 - prune.config.candidate.ratio) >= 200  # removes at least the 200 asked for
+
+
+def test_budget_run_picks_best_and_retargets(tiny_lm: Path, tmp_path: Path, ray_local) -> None:
+    cache = tmp_path / "cache"
+    assert main(["run", str(_spec(tmp_path, tiny_lm, {"params": 0.9}, cache))]) == 0
+    rep = json.loads((tmp_path / "out" / "report.json").read_text())
+    budget = rep["budget"]["budget"]
+    finals = [c for c in rep["candidates"] if c["rounds"] and c["rounds"][-1]["tokens"] == rep["base"]["eval_tokens"]]
+    assert all(c["params"] <= budget for c in rep["candidates"])
+    assert rep["winner"]["perplexity"] == min(c["perplexity"] for c in finals)
+    assert "won with perplexity" in rep["winner"]["reason"]
+    assert (tmp_path / "out" / "report.html").exists()
+    from transformers import AutoModelForCausalLM
+
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "export")
+    assert exported.num_parameters() == rep["winner"]["params"]
+
+    # Re-targeting: shard, data, collect and base evaluation come from the cache.
+    assert main(["run", str(_spec(tmp_path, tiny_lm, {"params": 0.8}, cache))]) == 0
+    rep2 = json.loads((tmp_path / "out" / "report.json").read_text())
+    for name in ("shard", "data", "collect", "collect.part0", "evaluate"):
+        assert rep2["stages"][name]["status"] == "hit", name
+    assert rep2["budget"]["budget"] < budget
+
+
+@pytest.mark.parametrize("target, methods, message", [
+    ({"params": 0.01}, None, "no method can meet target params: 0.01"),
+    ({"params": 1.5}, None, "not smaller than the model"),
+    ({"params": 1.0}, None, "not smaller than the model"),
+    ({"params": 10**12}, None, "not smaller than the model"),
+    ({"params": 0.8}, ["prune", "pruning-magic"], "unknown method 'pruning-magic'"),
+])
+def test_impossible_budgets_exit_2(tiny_lm: Path, tmp_path: Path, ray_local, capsys: pytest.CaptureFixture[str],
+                                   target: dict, methods: list[str] | None, message: str) -> None:
+    cache = tmp_path / "cache"
+    assert main(["run", str(_spec(tmp_path, tiny_lm, target, cache, methods))]) == 2
+    assert message in capsys.readouterr().err
+    assert not any(a.startswith("artifacts/compress") for a in _artifacts(cache)) if cache.exists() else True
+    if cache.exists():
+        assert list((cache / "staging").iterdir()) == []
