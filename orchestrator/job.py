@@ -97,6 +97,30 @@ def run_budget(session: Session, spec: PipelineSpec) -> dict[str, Any]:
     }
 
 
+def _distill(session: Session, spec: PipelineSpec, winner: Candidate) -> dict[str, Any]:
+    """Distil the exported winner against the original model, then score the result the same
+    way as every candidate (sharded and evaluated on the held-out split)."""
+    from stages.checkpoint import resolve_source, source_key
+
+    assert spec.distill is not None and spec.budget is not None
+    cfg = spec.distill.model_copy(update={"tied": spec.budget.export == "tied"})
+    teacher = make_node(session.keys, "export.teacher", "export", ExportConfig(), {"shard": "shard"})
+    session.run([teacher])
+    node = make_node(session.keys, "distill", "distill", cfg,
+                     {"teacher": "export.teacher", "student": "export", "data": "data",
+                      "overlay": f"compress.{winner.name}"})
+    result = dict(session.run([node])["distill"]["result"])
+    if not cfg.tied:  # the stock form is a plain checkpoint: shard it and score it like the rest
+        model_dir = str(session.path("distill") / "model")
+        shard_cfg = spec.shard_config(source_key(resolve_source(model_dir))).model_copy(update={"model": model_dir})
+        session.run([make_node(session.keys, "shard.distilled", "shard", shard_cfg)])
+        ev = make_node(session.keys, "evaluate.distilled", "evaluate", spec.evaluate,
+                       {"shard": "shard.distilled", "data": "data"})
+        result["perplexity"] = session.run([ev])["evaluate.distilled"]["result"]["perplexity"]
+        result["perplexity_before"] = winner.rounds[-1]["perplexity"]
+    return result
+
+
 def _publish(src: Path, dest: Path) -> None:
     """Copy the exported checkpoint out of the store (hard links where possible)."""
     tmp = dest.with_name(dest.name + ".tmp")
@@ -128,9 +152,13 @@ def run_job(spec: PipelineSpec, store: ArtifactStore, force: set[str] | None = N
             (node,) = [make_node(session.keys, "export", "export", export_cfg,
                                  {"shard": "shard", "overlay": f"compress.{winner.name}"})]
             session.run([node])
+            final = session.path("export") / "model"
+            if spec.distill is not None:
+                extra["distill"] = _distill(session, spec, winner)
+                final = session.path("distill") / "model"
             dest = spec.output_dir() / "export"
             dest.parent.mkdir(parents=True, exist_ok=True)
-            _publish(session.path("export") / "model", dest)
+            _publish(final, dest)
             extra["export"] = {**session.results["export"]["result"], "path": str(dest)}
     finally:
         session.close()

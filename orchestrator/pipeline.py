@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -191,7 +192,10 @@ class Session:
             bound[node.name] = task.options(**opts).bind(str(self.store.root), asdict(node), *upstream)
         dag = MultiOutputNode([bound[n.name] for n in todo])
         try:
-            results = ray.get(dag.execute())
+            with warnings.catch_warnings():
+                # Ray 2.60 marks DAGNode.execute() deprecated without a replacement for task DAGs.
+                warnings.filterwarnings("ignore", message="DAGNode.execute")
+                results = ray.get(dag.execute())
         except ray.exceptions.RayTaskError as e:
             raise _unwrap(e) from None
         return {r["name"]: r for r in results}

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from orchestrator.budget import BudgetSpec
 from stages.collect import CollectConfig
 from stages.data import TokenizeConfig
+from stages.distill import DistillStageConfig
 from stages.errors import InputError
 from stages.evaluate import EvaluateConfig
 from stages.export import ExportConfig
@@ -73,6 +74,8 @@ class PipelineSpec(BaseModel):
     budget: BudgetSpec | None = None
     # How the winner is written (budget.export chooses stock vs tied).
     export: ExportConfig = ExportConfig()
+    # Layer-wise distillation of the winner against the original model (DeepSpeed ZeRO).
+    distill: DistillStageConfig | None = None
 
     @field_validator("data", mode="before")
     @classmethod

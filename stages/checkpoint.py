@@ -11,9 +11,10 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import math
 import re
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -182,6 +183,17 @@ class LazyCheckpoint:
     def keys(self) -> list[str]:
         return list(self._where)
 
+    def meta(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
+        """(shape, dtype) of a tensor without reading its data."""
+        p = self._where[name]
+        if self.src.format == "bin":
+            t = self._bins[p][name]
+            return tuple(t.shape), t.dtype
+        with safe_open(str(p), framework="pt") as f:
+            sl = f.get_slice(name)
+            dtype = {v: k for k, v in _ST_DTYPES.items()}[sl.get_dtype()]
+            return tuple(sl.get_shape()), dtype
+
     def get(self, name: str) -> torch.Tensor:
         p = self._where[name]
         if self.src.format == "bin":
@@ -195,3 +207,34 @@ class LazyCheckpoint:
     def iter(self, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
         for n in names:
             yield n, self.get(n)
+
+
+_ST_DTYPES = {
+    torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+def stream_safetensors(path: Path, specs: list[tuple[str, tuple[int, ...], torch.dtype]],
+                       get: Callable[[str], torch.Tensor]) -> None:
+    """Write a safetensors file tensor by tensor: the header from ``specs`` (name, shape, dtype),
+    then each tensor from ``get(name)``, written and dropped — peak memory is one tensor, where
+    ``save_file`` needs them all at once (and keeps memory-mapped sources resident)."""
+    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, shape, dtype in specs:
+        size = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+        header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # tensor data starts 8-byte aligned, as safetensors writes it
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for name, shape, dtype in specs:
+            t = get(name).to(dtype).contiguous()
+            if tuple(t.shape) != tuple(shape):
+                raise ValueError(f"{name}: shape {tuple(t.shape)} differs from the header's {shape}")
+            f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+            del t

@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from stages import collect, compress, data, evaluate, export, shard
+from stages import collect, compress, data, distill, evaluate, export, shard
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,10 @@ STAGES: dict[str, StageDef] = {
         StageDef("evaluate", 1, evaluate.EvaluateConfig, evaluate.run, inputs=("shard", "data"), num_cpus=2),
         # Inputs: shard, optionally overlay (the candidate to export; absent: the base model).
         StageDef("export", 1, export.ExportConfig, export.run, inputs=("shard",)),
+        # Inputs: teacher (export of the original), student (export of the winner), data, and
+        # optionally overlay (the winner's, to map layers when some were dropped).
+        StageDef("distill", 1, distill.DistillStageConfig, distill.run_stage, inputs=("teacher", "student", "data"),
+                 num_cpus=2),
     )
 }
 

@@ -11,6 +11,7 @@ materialises the model once (GGUF is not lazily readable).
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 from collections import defaultdict
@@ -23,7 +24,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from stages.artifacts import commit_part, part_done, write_json_atomic
-from stages.checkpoint import LazyCheckpoint, ModelSource, resolve_source
+from stages.checkpoint import LazyCheckpoint, ModelSource, resolve_source, stream_safetensors
 from stages.errors import CheckpointError
 from stages.families import FamilyAdapter, family_for
 
@@ -155,22 +156,27 @@ def run(config: ShardConfig, inputs: dict[str, Path], out_dir: Path) -> dict:
         params["ff_layers"][i] = sum(family.read_ff(hf_config, sd, r).num_params() for r in family.ff_blocks(hf_config, sd))
         del sd
 
-    rest: dict[str, torch.Tensor] = {}
+    # Non-layer tensors (embeddings, norms, head): name in the skeleton -> checkpoint key, streamed
+    # into rest.safetensors one tensor at a time.
+    rest: dict[str, str] = {}
     tie = bool(getattr(hf_config, "tie_word_embeddings", False))
     for k in rest_keys:
         name = _rest_name(k, expected, base_prefix)
         if name is not None and not (tie and name.endswith("lm_head.weight")):
-            t = get(k)
-            rest[name] = (t.to(dtype) if dtype is not None and t.is_floating_point() else t).contiguous()
+            rest[name] = k
     layer_names = {n for n in expected if re.search(r"\.\d+\.", n) and n.startswith(family.layers_path)}
     # A head tied to the input embeddings is stored once (as the embeddings).
     tied = {n for n in expected - set(rest) - layer_names if n.endswith("lm_head.weight")}
     still_missing = sorted(expected - set(rest) - layer_names - tied)
     if still_missing:
         raise CheckpointError(f"checkpoint {src.path} lacks non-layer tensors {still_missing[:6]}")
+    specs = []
+    for name, k in sorted(rest.items()):
+        shape, src_dtype = lazy.meta(k) if src.format != "gguf" else (tuple(tensors[k].shape), tensors[k].dtype)
+        specs.append((name, shape, dtype if dtype is not None and src_dtype.is_floating_point else src_dtype))
     if not part_done(out_dir, "rest.safetensors"):
-        commit_part(out_dir, "rest.safetensors", lambda p: save_file(rest, str(p)))
-    params["rest"] = sum(v.numel() for v in rest.values())
+        commit_part(out_dir, "rest.safetensors", lambda p: stream_safetensors(p, specs, lambda n: get(rest[n])))
+    params["rest"] = sum(math.prod(shape) for _, shape, _ in specs)
     params["total"] = params["rest"] + sum(params["layers"])
     params["ff"] = sum(params["ff_layers"])
 
