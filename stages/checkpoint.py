@@ -194,6 +194,19 @@ class LazyCheckpoint:
             dtype = {v: k for k, v in _ST_DTYPES.items()}[sl.get_dtype()]
             return tuple(sl.get_shape()), dtype
 
+    def row_chunks(self, name: str, max_bytes: int = 32 << 20) -> Iterator[torch.Tensor]:
+        """A tensor in row chunks of about ``max_bytes`` (bounded memory for embeddings)."""
+        shape, dtype = self.meta(name)
+        if self.src.format == "bin" or len(shape) < 2:
+            yield self.get(name)
+            return
+        row = math.prod(shape[1:]) * torch.empty(0, dtype=dtype).element_size()
+        step = max(1, max_bytes // max(row, 1))
+        with safe_open(str(self._where[name]), framework="pt") as f:
+            sl = f.get_slice(name)
+            for a in range(0, shape[0], step):
+                yield sl[a : a + step].clone()
+
     def get(self, name: str) -> torch.Tensor:
         p = self._where[name]
         if self.src.format == "bin":
@@ -217,10 +230,11 @@ _ST_DTYPES = {
 
 
 def stream_safetensors(path: Path, specs: list[tuple[str, tuple[int, ...], torch.dtype]],
-                       get: Callable[[str], torch.Tensor]) -> None:
+                       get: Callable[[str], torch.Tensor | Iterator[torch.Tensor]]) -> None:
     """Write a safetensors file tensor by tensor: the header from ``specs`` (name, shape, dtype),
-    then each tensor from ``get(name)``, written and dropped — peak memory is one tensor, where
-    ``save_file`` needs them all at once (and keeps memory-mapped sources resident)."""
+    then each tensor from ``get(name)`` — a tensor, or an iterator of row chunks — written and
+    dropped. Peak memory is one chunk, where ``save_file`` needs every tensor at once (and keeps
+    memory-mapped sources resident)."""
     header: dict[str, object] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for name, shape, dtype in specs:
@@ -233,8 +247,15 @@ def stream_safetensors(path: Path, specs: list[tuple[str, tuple[int, ...], torch
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
         for name, shape, dtype in specs:
-            t = get(name).to(dtype).contiguous()
-            if tuple(t.shape) != tuple(shape):
-                raise ValueError(f"{name}: shape {tuple(t.shape)} differs from the header's {shape}")
-            f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
-            del t
+            got = get(name)
+            chunks = [got] if isinstance(got, torch.Tensor) else got
+            rows = 0
+            for t in chunks:
+                t = t.to(dtype).contiguous()
+                if tuple(t.shape[1:]) != tuple(shape[1:]):
+                    raise ValueError(f"{name}: shape {tuple(t.shape)} does not fit the header's {shape}")
+                rows += t.shape[0] if t.dim() else 1
+                f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+                del t
+            if rows != (shape[0] if shape else 1):
+                raise ValueError(f"{name}: wrote {rows} rows, the header says {shape}")

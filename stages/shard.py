@@ -20,7 +20,6 @@ from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict
-from safetensors.torch import save_file
 from tqdm import tqdm
 
 from stages.artifacts import commit_part, part_done, write_json_atomic
@@ -149,9 +148,11 @@ def run(config: ShardConfig, inputs: dict[str, Path], out_dir: Path) -> dict:
                 sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
             sd = {k: v.contiguous() for k, v in sd.items()}
             for k, v in sd.items():
-                if v.is_floating_point() and not torch.isfinite(v).all():
+                # in 16M-element pieces: a whole-tensor isfinite would allocate a bool per element
+                if v.is_floating_point() and not all(torch.isfinite(c).all() for c in v.reshape(-1).split(1 << 24)):
                     raise CheckpointError(f"layer {i} tensor {k!r} holds NaN or inf values")
-            commit_part(out_dir, rel, lambda p, sd=sd: save_file(sd, str(p)))
+            specs = [(k, tuple(v.shape), v.dtype) for k, v in sorted(sd.items())]
+            commit_part(out_dir, rel, lambda p, sd=sd, specs=specs: stream_safetensors(p, specs, sd.__getitem__))
         params["layers"][i] = sum(v.numel() for v in sd.values())
         params["ff_layers"][i] = sum(family.read_ff(hf_config, sd, r).num_params() for r in family.ff_blocks(hf_config, sd))
         del sd
@@ -175,7 +176,8 @@ def run(config: ShardConfig, inputs: dict[str, Path], out_dir: Path) -> dict:
         shape, src_dtype = lazy.meta(k) if src.format != "gguf" else (tuple(tensors[k].shape), tensors[k].dtype)
         specs.append((name, shape, dtype if dtype is not None and src_dtype.is_floating_point else src_dtype))
     if not part_done(out_dir, "rest.safetensors"):
-        commit_part(out_dir, "rest.safetensors", lambda p: stream_safetensors(p, specs, lambda n: get(rest[n])))
+        read = (lambda n: lazy.row_chunks(rest[n])) if src.format != "gguf" else (lambda n: get(rest[n]))
+        commit_part(out_dir, "rest.safetensors", lambda p: stream_safetensors(p, specs, read))
     params["rest"] = sum(math.prod(shape) for _, shape, _ in specs)
     params["total"] = params["rest"] + sum(params["layers"])
     params["ff"] = sum(params["ff_layers"])
