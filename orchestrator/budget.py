@@ -109,8 +109,10 @@ class ModelFacts:
         n = len(p["layers"])
         cos = []
         for i in range(n):
-            st = read_stats(collect_dir, i).get("layer", {})
-            cos.append(float(st["cos.sum"][0] / max(st["count"][0], 1)) if st else 0.0)
+            st = read_stats(collect_dir, i).get("layer")
+            if st is None:
+                raise ValueError(f"collect artifact {collect_dir} has no layer statistics (written by an older version)")
+            cos.append(float(st["cos.sum"][0] / max(st["count"][0], 1)))
         return cls(n, p["total"], p["ff"], p["layers"], p["ff_layers"], cos)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from pathlib import Path
 
@@ -115,6 +116,21 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         print("interrupted; finished work is cached, re-run to resume", file=sys.stderr)
+        return 1
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            print(f"error: No space left on device writing {e.filename or 'the cache'}; free disk space and "
+                  "re-run: finished work is cached", file=sys.stderr)
+        else:
+            print(f"error: {e}; finished work is cached, re-run to resume", file=sys.stderr)
+        return 1
+    except Exception as e:
+        import ray.exceptions
+
+        if not isinstance(e, ray.exceptions.RayError):
+            raise
+        print(f"error: a stage's worker failed ({type(e).__name__}: {e}); finished work is cached, "
+              "re-run to resume", file=sys.stderr)
         return 1
 
 

@@ -26,12 +26,15 @@ from stages.data import corpus_key
 from stages.errors import InputError
 from stages.registry import STAGES
 
-# Ray listens on loopback only, reports no usage, and needs no auth token for local jobs.
+# Ray listens on loopback only, reports no usage, and needs no auth token for local jobs. Ray reads
+# these when it is imported, so they are set here, before anything in the process imports ray.
 RAY_ENV = {
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_AUTH_MODE": "disabled",
 }
+for _k, _v in RAY_ENV.items():
+    os.environ.setdefault(_k, _v)
 
 
 @dataclass(frozen=True)
@@ -121,8 +124,8 @@ def ray_session(address: str | None, num_cpus: int | None) -> Iterator[None]:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(
-            num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
+        ray.init(  # address="local": never join a cluster found through RAY_ADDRESS or a stale file
+            address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
             _node_ip_address="127.0.0.1", log_to_driver=True,
             runtime_env={"env_vars": dict(RAY_ENV)},
         )
@@ -175,13 +178,14 @@ class Session:
         return {n.name: self.results[n.name] for n in nodes}
 
     def _execute(self, todo: list[PlanNode], group: list[PlanNode]) -> dict[str, dict[str, Any]]:
-        import ray
-        from ray.dag import MultiOutputNode
-
         if self._ray is None:
             self._ray = ray_session(self.spec.ray.address, self.spec.ray.num_cpus)
             self._ray.__enter__()
-        cpus = max(1.0, float(ray.cluster_resources().get("CPU", 1)))
+        import ray
+        from ray.dag import MultiOutputNode
+
+        # A task must fit on one node: cap requests by the largest live node, not the cluster total.
+        cpus = max([1.0] + [float(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")])
         task = ray.remote(execute_node)
         bound: dict[str, Any] = {}
         names = {n.name for n in todo}

@@ -127,11 +127,10 @@ class ArtifactStore:
     # ----- write -----------------------------------------------------------------------------
     def commit(self, stage: str, key: str, staging: Path, manifest: dict[str, Any]) -> Artifact:
         """Checksum every file in ``staging``, write the manifest last, rename into place."""
-        shutil.rmtree(staging / ".parts", ignore_errors=True)
         files = {}
         for f in sorted(staging.rglob("*")):
-            if not f.is_file():
-                continue
+            if not f.is_file() or f.relative_to(staging).parts[0] == ".parts":
+                continue  # part markers stay until the rename: a failed commit still resumes
             if f.name.startswith("."):  # temporaries of an interrupted attempt, never artifact content
                 f.unlink()
                 continue
@@ -150,6 +149,7 @@ class ArtifactStore:
             else:
                 raise
         fsync_dir(dest.parent)
+        shutil.rmtree(dest / ".parts", ignore_errors=True)
         return Artifact(stage, key, dest, manifest)
 
     def remove(self, stage: str, key: str) -> None:

@@ -205,10 +205,15 @@ def run_part(config: CollectPartConfig, inputs: dict[str, Path], out_dir: Path) 
     start = 0
     while start < model.num_layers and part_done(out_dir, _layer_rel(start)):
         start += 1
-    if start > 0:
-        carry = load_file(str(out_dir / f"carry/L{start - 1:05d}.safetensors"))
+    carry_file = out_dir / f"carry/L{start - 1:05d}.safetensors"
+    if start == model.num_layers:
+        pass  # every layer committed (an attempt died before the stage was): nothing left to run
+    elif start > 0 and carry_file.exists():
+        carry = load_file(str(carry_file))
         for n, s in enumerate(states):
             s.hidden = carry[f"b{n}"].to(s.hidden.dtype)
+    else:
+        start = 0  # no hidden state to continue from: recompute (committed parts are rewritten equal)
     from tqdm import tqdm
 
     for i in tqdm(range(start, model.num_layers), desc=f"collect[{config.worker}]", unit="layer", initial=start,

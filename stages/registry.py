@@ -32,11 +32,11 @@ class StageDef:
 STAGES: dict[str, StageDef] = {
     s.name: s
     for s in (
-        StageDef("shard", 1, shard.ShardConfig, shard.run, num_cpus=2),
+        StageDef("shard", 2, shard.ShardConfig, shard.run, num_cpus=2),
         StageDef("data", 1, data.TokenizeConfig, data.run, inputs=("shard",)),
-        StageDef("collect_part", 1, collect.CollectPartConfig, collect.run_part, inputs=("shard", "data"), num_cpus=2),
+        StageDef("collect_part", 2, collect.CollectPartConfig, collect.run_part, inputs=("shard", "data"), num_cpus=2),
         # Inputs: shard, part0..part{n-1} (one per collect_part worker).
-        StageDef("collect", 1, collect.CollectConfig, collect.run_merge, inputs=("shard",)),
+        StageDef("collect", 2, collect.CollectConfig, collect.run_merge, inputs=("shard",)),
         # Inputs: shard, optionally collect (data-aware methods, refit).
         StageDef("compress", 1, compress.CompressConfig, compress.run, inputs=("shard",), num_cpus=2),
         StageDef("evaluate", 1, evaluate.EvaluateConfig, evaluate.run, inputs=("shard", "data"), num_cpus=2),

@@ -77,7 +77,8 @@ def ray_local():
     """One embedded Ray on 127.0.0.1 for the whole session; ray.shutdown stops what it started."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
+             log_to_driver=False)
     yield ray
     ray.shutdown()
 
