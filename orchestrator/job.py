@@ -77,11 +77,11 @@ def run_budget(session: Session, spec: PipelineSpec) -> dict[str, Any]:
             alive = alive[: max(1, math.ceil(len(alive) / spec.budget.halving.factor))]
     winner = alive[0]
     base_ppl = session.results["evaluate"]["result"]["perplexity"]
-    layer_forwards = sum(len(c.rounds) for c in cands)  # evaluations run, in units of one pass
+    evaluations = sum(len(c.rounds) for c in cands)
     return {
         "winner_candidate": winner,
         "budget": {"target": spec.budget.target.model_dump(exclude_none=True), "kind": kind, "budget": budget,
-                   "export": spec.budget.export, "rounds": rounds, "evaluations": layer_forwards,
+                   "export": spec.budget.export, "rounds": rounds, "evaluations": evaluations,
                    "seconds": round(time.time() - t0, 2)},
         "candidates": [
             {"name": c.name, "method": c.config.candidate.method, "family": c.family,
@@ -155,7 +155,15 @@ def run_job(spec: PipelineSpec, store: ArtifactStore, force: set[str] | None = N
             final = session.path("export") / "model"
             if spec.distill is not None:
                 extra["distill"] = _distill(session, spec, winner)
-                final = session.path("distill") / "model"
+                before, after = extra["distill"].get("perplexity_before"), extra["distill"].get("perplexity")
+                # Hand over the better model: distillation on a short budget can also make it worse.
+                kept = after is None or before is None or after <= before
+                extra["distill"]["kept"] = kept
+                if kept:
+                    final = session.path("distill") / "model"
+                else:
+                    extra["distill"]["note"] = (f"distillation raised held-out perplexity from {before:.3f} to "
+                                                f"{after:.3f}; the undistilled winner is exported")
             dest = spec.output_dir() / "export"
             dest.parent.mkdir(parents=True, exist_ok=True)
             _publish(final, dest)

@@ -174,10 +174,10 @@ class Session:
         todo = [n for n in nodes if n.name not in hits]
         self.results.update(hits)
         if todo:
-            self.results.update(self._execute(todo, nodes))
+            self.results.update(self._execute(todo))
         return {n.name: self.results[n.name] for n in nodes}
 
-    def _execute(self, todo: list[PlanNode], group: list[PlanNode]) -> dict[str, dict[str, Any]]:
+    def _execute(self, todo: list[PlanNode]) -> dict[str, dict[str, Any]]:
         if self._ray is None:
             self._ray = ray_session(self.spec.ray.address, self.spec.ray.num_cpus)
             self._ray.__enter__()
