@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +109,8 @@ def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
         if field is None:
             return []
         cls = field.annotation
+        # Optional sections (`X | None`): the model inside the union.
+        cls = next((a for a in typing.get_args(cls) if hasattr(a, "model_fields")), cls)
     return list(getattr(cls, "model_fields", {}))
 
 

@@ -100,17 +100,6 @@ class DistillConfig(BaseModel):
     # bfloat16 forward/backward with fp32 master weights (GPU workers).
     bf16: bool = False
 
-    @model_validator(mode="before")
-    @classmethod
-    def _known_keys(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            unknown = sorted(set(data) - set(cls.model_fields))
-            if unknown:
-                raise ValueError(
-                    f"unknown distill settings {unknown}; known: {sorted(cls.model_fields)}"
-                )
-        return data
-
     @model_validator(mode="after")
     def _offload_needs_zero(self) -> DistillConfig:
         if self.offload_optimizer and self.zero_stage == 0:
@@ -1036,17 +1025,6 @@ class DistillStageConfig(BaseModel):
     tied: bool = False
     # Storage dtype of the written model; "auto": the student export's. Training is float32.
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-
-    @model_validator(mode="before")
-    @classmethod
-    def _known_keys(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            unknown = sorted(set(data) - set(cls.model_fields))
-            if unknown:
-                raise ValueError(
-                    f"unknown distill stage settings {unknown}; known: {sorted(cls.model_fields)}"
-                )
-        return data
 
 
 def run_stage(config: DistillStageConfig, inputs: dict[str, Path], out_dir: Path) -> dict:

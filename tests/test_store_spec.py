@@ -80,6 +80,10 @@ def test_unknown_key_names_closest() -> None:
         parse_spec({"modle": "x"})
     with pytest.raises(SpecError, match=r"unknown key 'evaluate.strid'.*did you mean 'stride'"):
         parse_spec({"model": "x", "evaluate": {"strid": 3}})
+    with pytest.raises(SpecError, match=r"unknown key 'budget.targt'.*did you mean 'target'"):
+        parse_spec({"model": "x", "budget": {"target": {"params": 0.8}, "targt": 1}})
+    with pytest.raises(SpecError, match=r"unknown key 'distill.minutz'.*did you mean 'minutes'"):
+        parse_spec({"model": "x", "distill": {"train": {}, "max_blocks": 1, "minutz": 3}})
 
 
 def test_wrong_type_names_value() -> None:
