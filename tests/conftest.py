@@ -94,3 +94,26 @@ def smollm2_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("tokenizer")
     AutoTokenizer.from_pretrained(src.path, gguf_file=src.gguf_file).save_pretrained(out)
     return out
+
+
+def tiny_llama_with_tokenizer(path: Path, tokenizer_dir: Path, *, layers: int, hidden: int = 32,
+                              intermediate: int = 64) -> Path:
+    """A tiny random Llama with SmolLM2's real tokenizer (so vocab 49152, tied embeddings): for
+    pipeline runs that tokenise real text."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, vocab_size=49152, tie_word_embeddings=True)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
+    for f in tokenizer_dir.iterdir():
+        (path / f.name).write_bytes(f.read_bytes())
+    return path
+
+
+def write_corpus(path: Path, docs: int = 6) -> Path:
+    """A small plain-text corpus of ``docs`` documents."""
+    path.mkdir()
+    for i in range(docs):
+        (path / f"doc{i}.txt").write_text(" ".join(f"word{j % 97} line {i} of the text" for j in range(400)))
+    return path

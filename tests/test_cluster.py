@@ -25,6 +25,7 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
+from tests.conftest import tiny_llama_with_tokenizer, write_corpus
 
 pytestmark = pytest.mark.cluster
 
@@ -147,22 +148,9 @@ class RayNode:
 
 @pytest.fixture(scope="module")
 def cluster_assets(tmp_path_factory: pytest.TempPathFactory, smollm2_tokenizer: Path) -> dict[str, Path]:
-    import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
     root = tmp_path_factory.mktemp("cluster")
-    ckpt = root / "ckpt"
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=6, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=49152, tie_word_embeddings=True)
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(ckpt)
-    for f in smollm2_tokenizer.iterdir():
-        (ckpt / f.name).write_bytes(f.read_bytes())
-    corpus = root / "corpus"
-    corpus.mkdir()
-    for i in range(6):
-        (corpus / f"doc{i}.txt").write_text(" ".join(f"word{j % 97} line {i} of the text" for j in range(400)))
-    return {"root": root, "ckpt": ckpt, "corpus": corpus}
+    ckpt = tiny_llama_with_tokenizer(root / "ckpt", smollm2_tokenizer, layers=6)
+    return {"root": root, "ckpt": ckpt, "corpus": write_corpus(root / "corpus")}
 
 
 @pytest.fixture()

@@ -31,6 +31,7 @@ import yaml
 
 from orchestrator.cli import main
 from orchestrator.store import ArtifactStore
+from tests.conftest import tiny_llama_with_tokenizer, write_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("shard", "data", "collect_part", "collect", "evaluate")
@@ -68,22 +69,9 @@ def _env(**extra: str) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory: pytest.TempPathFactory, smollm2_tokenizer: Path) -> dict[str, Path]:
     """A tiny random Llama (12 layers; SmolLM2's real tokenizer, so vocab 49152) and a small corpus."""
-    import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
     root = tmp_path_factory.mktemp("faults")
-    ckpt = root / "ckpt"
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=12, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=49152, tie_word_embeddings=True)
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(ckpt)
-    for f in smollm2_tokenizer.iterdir():
-        (ckpt / f.name).write_bytes(f.read_bytes())
-    corpus = root / "corpus"
-    corpus.mkdir()
-    for i in range(6):
-        (corpus / f"doc{i}.txt").write_text(" ".join(f"word{j % 97} line {i} of the text" for j in range(400)))
-    return {"root": root, "ckpt": ckpt, "corpus": corpus}
+    ckpt = tiny_llama_with_tokenizer(root / "ckpt", smollm2_tokenizer, layers=12)
+    return {"root": root, "ckpt": ckpt, "corpus": write_corpus(root / "corpus")}
 
 
 def _spec(tmp: Path, assets: dict[str, Path], name: str, **over: object) -> Path:
