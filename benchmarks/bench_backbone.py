@@ -142,7 +142,7 @@ def child_streamed(a) -> dict:
     from stages.runner import LayerStreamedModel
 
     cfg, streams, batches = _windows(a)
-    fed = sum(int(ids.numel()) for ids, _ in batches)
+    fed = sum(int(ids.numel()) for ids, *_ in batches)
     t0 = time.perf_counter()
     model = LayerStreamedModel(a.shard)
     t_build = time.perf_counter() - t0
@@ -210,7 +210,7 @@ def child_inmemory(a) -> dict:
     from stages.evaluate import _nll
 
     cfg, streams, batches = _windows(a)
-    fed = sum(int(ids.numel()) for ids, _ in batches)
+    fed = sum(int(ids.numel()) for ids, *_ in batches)
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(a.ckpt, dtype=torch.float32).eval()
     t_build = time.perf_counter() - t0
@@ -218,7 +218,7 @@ def child_inmemory(a) -> dict:
     t_fwd = 0.0
     nll, count = 0.0, 0
     with torch.no_grad():
-        for ids, n_target in batches:
+        for ids, n_target, _ in batches:
             t = time.perf_counter()
             logits = model(input_ids=ids, use_cache=False).logits
             t_fwd += time.perf_counter() - t

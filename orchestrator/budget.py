@@ -27,7 +27,7 @@ from stages.collect import read_stats
 from stages.compress import CompressConfig, RefitConfig
 from stages.errors import InputError
 
-METHOD_FAMILIES = ("prune", "fusion", "moefy", "merge", "layer_drop", "combo")
+METHOD_FAMILIES = ("prune", "fusion", "moefy", "merge", "layer_drop", "ff_drop", "combo")
 
 
 class TargetSpec(BaseModel):
@@ -70,6 +70,8 @@ class BudgetSpec(BaseModel):
     protect_first: int = Field(2, ge=0)
     protect_last: int = Field(1, ge=0)
     halving: HalvingSpec = HalvingSpec()
+    # Candidates start from the base model's cached hidden states at their first changed layer.
+    share_prefix: bool = True
     export: Literal["stock", "tied"] = "stock"
     # Extra candidates given by hand (any method and settings).
     candidates: tuple[CompressConfig, ...] = ()
@@ -207,6 +209,24 @@ def plan_candidates(spec: BudgetSpec, facts: ModelFacts) -> tuple[list[Candidate
                 add(f"combo-drop{len(half)}-prune", "combo",
                     {"method": "prune", "criterion": "activation", "ratio": ratio, "layers": rest}, drop=half)
 
+    if "ff_drop" in spec.methods:
+        # FF sublayers only (attention kept), in the same order as whole layers. Stock configs have
+        # one FF size for every layer, so a removed FF sublayer saves loaded parameters only in
+        # the tied form (per-layer sizes, mlpfuse.load).
+        if spec.export != "tied":
+            skipped.append({"method": "ff_drop", "why": "the stock export zero-pads a removed FF sublayer to the "
+                            "common FF size, so it saves no loaded parameters; use export: tied"})
+        else:
+            dropped, freed = [], 0
+            for i in order:
+                if freed >= remove:
+                    break
+                dropped.append(i)
+                freed += facts.ff_layer_params[i]
+            if freed >= remove:
+                add(f"ff-drop-{len(dropped)}", "ff_drop", {"method": "ff_drop", "layers": sorted(dropped)})
+            else:
+                skipped.append({"method": "ff_drop", "why": "dropping every middle FF sublayer does not meet the budget"})
     if "merge" in spec.methods:
         if spec.export != "tied":
             skipped.append({"method": "merge", "why": "tied windows are materialised as copies in the stock "

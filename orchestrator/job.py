@@ -18,13 +18,28 @@ from orchestrator.store import ArtifactStore
 from stages.export import ExportConfig
 
 
-def _round_nodes(session: Session, spec: PipelineSpec, alive: list[Candidate], r: int, tokens: int) -> list:
+def _round_nodes(session: Session, spec: PipelineSpec, alive: list[Candidate], r: int, tokens: int,
+                 prefix: dict[str, str]) -> list:
     ev = spec.evaluate.model_copy(update={"max_tokens": tokens})
     return [
         make_node(session.keys, f"evaluate.{c.name}.r{r}", "evaluate", ev,
-                  {"shard": "shard", "data": "data", "overlay": f"compress.{c.name}"})
+                  {"shard": "shard", "data": "data", "overlay": f"compress.{c.name}", **prefix})
         for c in alive
     ]
+
+
+def _share_prefix(session: Session, spec: PipelineSpec, alive: list[Candidate]) -> dict[str, str]:
+    """Cache the base model's hidden states entering each candidate's first changed layer (one
+    base pass over the evaluation windows); returns the evaluate nodes' extra input."""
+    from stages.evaluate import PrefixConfig
+    from stages.overlay import first_changed_layer
+
+    starts = sorted({first_changed_layer(session.path(f"compress.{c.name}")) or 0 for c in alive} - {0})
+    if not starts:
+        return {}
+    cfg = PrefixConfig(**spec.evaluate.model_dump(), layers=tuple(starts))
+    session.run([make_node(session.keys, "prefix", "prefix", cfg, {"shard": "shard", "data": "data"})])
+    return {"prefix": "prefix"}
 
 
 def run_budget(session: Session, spec: PipelineSpec) -> dict[str, Any]:
@@ -65,23 +80,33 @@ def run_budget(session: Session, spec: PipelineSpec) -> dict[str, Any]:
         raise InputError(f"no candidate meets the budget of {budget:,} {kind}")
     full = session.results["evaluate"]["result"]["tokens"]
     rounds = halving_budgets(len(alive), full, spec.budget.halving)
+    prefix = _share_prefix(session, spec, alive) if spec.budget.share_prefix else {}
+    num_layers = facts.num_layers
     for r, tokens in enumerate(rounds):
         last = r == len(rounds) - 1
-        res = session.run(_round_nodes(session, spec, alive, r, 0 if last else tokens))
+        res = session.run(_round_nodes(session, spec, alive, r, 0 if last else tokens, prefix))
         for c in alive:
-            m = res[f"evaluate.{c.name}.r{r}"]
-            c.rounds.append({"tokens": m["result"]["tokens"], "perplexity": m["result"]["perplexity"],
-                             "seconds": m["seconds"]})
+            m = res[f"evaluate.{c.name}.r{r}"]["result"]
+            c.rounds.append({"tokens": m["tokens"], "perplexity": m["perplexity"],
+                             "seconds": res[f"evaluate.{c.name}.r{r}"]["seconds"],
+                             "start_layer": m.get("start_layer", 0), "layer_tokens": m.get("layer_tokens")})
         alive.sort(key=lambda c: c.rounds[-1]["perplexity"])
         if not last:
             alive = alive[: max(1, math.ceil(len(alive) / spec.budget.halving.factor))]
     winner = alive[0]
     base_ppl = session.results["evaluate"]["result"]["perplexity"]
     evaluations = sum(len(c.rounds) for c in cands)
+    done = [x for c in cands for x in c.rounds if x.get("layer_tokens") is not None]
+    layer_tokens = sum(x["layer_tokens"] for x in done)
+    # The same evaluations, every one run from layer 0 (what prefix sharing saved).
+    unshared = sum(x["layer_tokens"] * num_layers // max(num_layers - x["start_layer"], 1) for x in done)
+    prefix_cost = session.results["prefix"]["result"]["layer_tokens"] if prefix else 0
     return {
         "winner_candidate": winner,
         "budget": {"target": spec.budget.target.model_dump(exclude_none=True), "kind": kind, "budget": budget,
                    "export": spec.budget.export, "rounds": rounds, "evaluations": evaluations,
+                   "layer_tokens": layer_tokens + prefix_cost, "layer_tokens_without_prefix": unshared,
+                   "share_prefix": bool(prefix),
                    "seconds": round(time.time() - t0, 2)},
         "candidates": [
             {"name": c.name, "method": c.config.candidate.method, "family": c.family,

@@ -40,6 +40,8 @@ STAGES: dict[str, StageDef] = {
         # Inputs: shard, optionally collect (data-aware methods, refit).
         StageDef("compress", 1, compress.CompressConfig, compress.run, inputs=("shard",), num_cpus=2),
         StageDef("evaluate", 1, evaluate.EvaluateConfig, evaluate.run, inputs=("shard", "data"), num_cpus=2),
+        # The base model's hidden states entering chosen layers, per evaluation window (prefix sharing).
+        StageDef("prefix", 1, evaluate.PrefixConfig, evaluate.run_prefix, inputs=("shard", "data"), num_cpus=2),
         # Inputs: shard, optionally overlay (the candidate to export; absent: the base model).
         StageDef("export", 1, export.ExportConfig, export.run, inputs=("shard",)),
         # Inputs: teacher (export of the original), student (export of the winner), data, and

@@ -72,6 +72,11 @@ def test_budget_run_picks_best_and_retargets(tiny_lm: Path, tmp_path: Path, ray_
     assert all(c["params"] <= budget for c in rep["candidates"])
     assert rep["winner"]["perplexity"] == min(c["perplexity"] for c in finals)
     assert "won with perplexity" in rep["winner"]["reason"]
+    # Prefix sharing: candidates that leave the first layers alone (layer drop) start later.
+    rounds = [x for c in rep["candidates"] for x in c["rounds"]]
+    assert any(x["start_layer"] > 0 for x in rounds)
+    assert rep["budget"]["share_prefix"] and rep["stages"]["prefix"]["status"] == "run"
+    assert sum(x["layer_tokens"] for x in rounds) < rep["budget"]["layer_tokens_without_prefix"]
     assert (tmp_path / "out" / "report.html").exists()
     from transformers import AutoModelForCausalLM
 
