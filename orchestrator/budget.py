@@ -172,6 +172,9 @@ def plan_candidates(spec: BudgetSpec, facts: ModelFacts) -> tuple[list[Candidate
             for crit in ("activation", "magnitude", "random"):
                 add(f"prune-{crit}-{alloc}", "prune", {"method": "prune", "criterion": crit, "ratio": ratio,
                                                       "layers": layers})
+            if alloc == "uniform" and spec.export == "tied":  # per-layer sizes pay off only when tied
+                add("prune-activation-sensitivity", "prune", {"method": "prune", "criterion": "activation",
+                                                              "ratio": ratio, "allocation": "sensitivity"})
         if "fusion" in spec.methods:
             # k-means++ starts close to converged; 10 Lloyd iterations keep 30 layers × 3 variants cheap.
             fuse = {"method": "fusion", "ratio": ratio, "layers": layers, "iters": 10}

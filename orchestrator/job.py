@@ -49,17 +49,18 @@ def run_budget(session: Session, spec: PipelineSpec) -> dict[str, Any]:
     kind, budget = target_params(spec.budget.target, facts)
     cands, skipped = plan_candidates(spec.budget, facts)
     t0 = time.time()
-    # Refit candidates start from their un-refit twin (built first), so nothing is clustered twice.
+    # Refit candidates start from their un-refit twin (the same settings without refit, built
+    # first), so nothing is clustered twice.
     plain = [c for c in cands if c.config.refit is None]
-    names = {c.name for c in plain}
+    twins = {c.config.model_dump_json(): c.name for c in plain}
     built = session.run([make_node(session.keys, f"compress.{c.name}", "compress", c.config,
                                    {"shard": "shard", "collect": "collect"}) for c in plain])
     refits = []
     for c in cands:
         if c.config.refit is not None:
-            twin = c.name.removesuffix("+refit")
+            twin = twins.get(c.config.model_copy(update={"refit": None}).model_dump_json())
             inputs = {"shard": "shard", "collect": "collect"}
-            if twin in names:
+            if twin is not None:
                 inputs["unrefit"] = f"compress.{twin}"
             refits.append(make_node(session.keys, f"compress.{c.name}", "compress", c.config, inputs))
     built.update(session.run(refits))

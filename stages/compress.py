@@ -23,6 +23,7 @@ chunks; a tied window fits one shared projection over all its layers).
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -78,6 +79,13 @@ class PruneMethod(_Sized):
     method: Literal["prune"] = "prune"
     criterion: Literal["activation", "magnitude", "random"] = "activation"
     seed: int = 0
+    # uniform: every block keeps the same fraction. sensitivity: the same total is kept, spread
+    # over the layers by one global ranking of each neuron's share of its block's score, so blocks
+    # whose output rests on few neurons lose more and blocks that need many keep them (per-layer
+    # sizes: saves loaded parameters in the tied export).
+    allocation: Literal["uniform", "sensitivity"] = "uniform"
+    # sensitivity: no block keeps fewer than this fraction of its neurons.
+    min_ratio: float = Field(0.125, gt=0, le=1)
 
 
 class MergeMethod(_Method):
@@ -188,26 +196,54 @@ def _build(m: BaseModel, ctx: _Context) -> Overlay:
         return ov
     if isinstance(m, MergeMethod):
         return _merge(m, ctx)
+    sizes = _sensitivity_sizes(m, ctx) if isinstance(m, PruneMethod) and m.allocation == "sensitivity" else {}
     for i in _layers(m, ctx.num_layers):  # type: ignore[arg-type]
         new: dict[FFBlockRef, FFWeights] = {}
         for ref, ff in ctx.blocks(i).items():
-            new[ref] = _compress_block(m, ctx, i, ref, ff)
+            new[ref] = _compress_block(m, ctx, i, ref, ff, sizes.get((i, ref)))
         ov.blocks[i] = new
     return ov
 
 
-def _compress_block(m: BaseModel, ctx: _Context, i: int, ref: FFBlockRef, ff: FFWeights) -> FFWeights:
+def _prune_scores(m: PruneMethod, ctx: _Context, i: int, ref: FFBlockRef, ff: FFWeights) -> Tensor:
+    if m.criterion == "activation":
+        return pruning.activation_scores(ff, torch.from_numpy(ctx.energy(i, ref)).float())
+    if m.criterion == "magnitude":
+        return pruning.magnitude_scores(ff)
+    return pruning.random_scores(ff, seed=m.seed + 7919 * i)
+
+
+def _sensitivity_sizes(m: PruneMethod, ctx: _Context) -> dict[tuple[int, FFBlockRef], int]:
+    """Neurons kept per block when ``m``'s total is spread by one global ranking: each neuron's
+    score as a share of its block's total, so a neuron is cut where it matters least to its own
+    block's output; every block keeps at least ``min_ratio``, the total kept equals uniform's."""
+    shares, floors, total = [], {}, 0
+    for i in _layers(m, ctx.num_layers):
+        for ref, ff in ctx.blocks(i).items():
+            sc = _prune_scores(m, ctx, i, ref, ff).double()
+            n = ff.intermediate_size
+            total += m.k(n)
+            floors[(i, ref)] = max(1, math.ceil(m.min_ratio * n))
+            order = torch.sort(sc, descending=True).values / max(float(sc.sum()), 1e-30)
+            shares += [(float(v), j, (i, ref)) for j, v in enumerate(order.tolist()) if j >= floors[(i, ref)]]
+    sizes = dict(floors)
+    spare = total - sum(floors.values())
+    if spare < 0:
+        raise InputError(f"min_ratio={m.min_ratio} keeps more neurons than the budget allows")
+    # Within a block, shares are in descending order, so taking the largest shares globally keeps
+    # each block's top neurons: the count per block is all that matters.
+    for _, _, key in sorted(shares, key=lambda t: (-t[0], t[1]))[:spare]:
+        sizes[key] += 1
+    return sizes
+
+
+def _compress_block(m: BaseModel, ctx: _Context, i: int, ref: FFBlockRef, ff: FFWeights,
+                    size: int | None = None) -> FFWeights:
     if isinstance(m, FFDropMethod):
         return ff.select(torch.zeros(0, dtype=torch.long))
     if isinstance(m, PruneMethod):
-        k = m.k(ff.intermediate_size)
-        if m.criterion == "activation":
-            scores = pruning.activation_scores(ff, torch.from_numpy(ctx.energy(i, ref)).float())
-        elif m.criterion == "magnitude":
-            scores = pruning.magnitude_scores(ff)
-        else:
-            scores = pruning.random_scores(ff, seed=m.seed + 7919 * i)
-        return pruning.prune_ff(ff, k, scores)
+        k = size if size is not None else m.k(ff.intermediate_size)
+        return pruning.prune_ff(ff, k, _prune_scores(m, ctx, i, ref, ff))
     if isinstance(m, FusionMethod):
         k = m.k(ff.intermediate_size)
         energy = None

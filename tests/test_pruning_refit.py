@@ -228,3 +228,38 @@ def test_refit_rejects_mismatches() -> None:
         acc.solve(0.0)
     with pytest.raises(ValueError, match=r"H \[n, 48\]"):
         acc.update(torch.zeros(3, 5), torch.zeros(3, H))
+
+
+class _Ctx:
+    """The two things sensitivity allocation reads from the compress context."""
+
+    def __init__(self, blocks: list[FFWeights]):
+        from stages.families import FFBlockRef
+
+        self.num_layers = len(blocks)
+        self._blocks = [{FFBlockRef("dense"): ff} for ff in blocks]
+
+    def blocks(self, i: int) -> dict:
+        return self._blocks[i]
+
+
+def test_sensitivity_allocation_keeps_the_uniform_total_and_spares_spread_out_blocks() -> None:
+    from stages.compress import PruneMethod, _sensitivity_sizes
+    from stages.families import FFBlockRef
+
+    spread = random_ff(True, "silu", seed=0)
+    peaked = random_ff(True, "silu", seed=1)
+    peaked.down[:, :4] *= 50.0  # four neurons carry almost all of this block's magnitude
+    ctx = _Ctx([spread, peaked])
+    m = PruneMethod(criterion="magnitude", ratio=0.5, allocation="sensitivity", min_ratio=0.125)
+    sizes = _sensitivity_sizes(m, ctx)  # type: ignore[arg-type]
+    ref = FFBlockRef("dense")
+    assert sum(sizes.values()) == 2 * m.k(I)
+    assert sizes[(1, ref)] < m.k(I) < sizes[(0, ref)]
+    assert all(v >= int(0.125 * I) for v in sizes.values())
+    uniform = _sensitivity_sizes(PruneMethod(criterion="magnitude", ratio=0.5, allocation="sensitivity",
+                                             min_ratio=0.5), ctx)  # type: ignore[arg-type]
+    assert uniform == {(0, ref): m.k(I), (1, ref): m.k(I)}  # floors at the uniform size leave no choice
+    with pytest.raises(Exception, match="min_ratio"):
+        _sensitivity_sizes(PruneMethod(criterion="magnitude", ratio=0.25, allocation="sensitivity",
+                                       min_ratio=0.5), ctx)  # type: ignore[arg-type]
