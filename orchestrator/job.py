@@ -60,6 +60,8 @@ def run_budget(session: Session, spec: PipelineSpec) -> dict[str, Any]:
         if c.config.refit is not None:
             twin = twins.get(c.config.model_copy(update={"refit": None}).model_dump_json())
             inputs = {"shard": "shard", "collect": "collect"}
+            if c.config.refit.sequential:
+                inputs["data"] = "data"
             if twin is not None:
                 inputs["unrefit"] = f"compress.{twin}"
             refits.append(make_node(session.keys, f"compress.{c.name}", "compress", c.config, inputs))

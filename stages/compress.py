@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Annotated, Literal
 
 import numpy as np
@@ -129,6 +130,12 @@ class RefitConfig(BaseModel):
     # Relative ridge: λ = lam · mean(diag(HᵀH)), so one value means the same shrinkage everywhere.
     lam: float = Field(1e-3, ge=0)
     rows: int = Field(4096, ge=16)
+    # Fit each layer on the compressed model's own FF inputs (every earlier layer already
+    # compressed and refit) instead of the original model's, against the original layer's output
+    # on the original inputs, so each fit also absorbs the drift of the layers before it. Needs
+    # the calibration tokens (the data artifact); not for tied windows (their layers' inputs
+    # depend on the shared weights being fit). MoE experts keep the original routing's tokens.
+    sequential: bool = False
 
 
 class CompressConfig(BaseModel):
@@ -168,6 +175,16 @@ class _Context:
         """E[h_i²] of block ``ref``'s neurons from collect's sums."""
         stats = read_stats(self.need_collect("activation-aware scoring"), i)[ref.name]
         return moments(stats, "hidden")[2]
+
+    def rows_of(self, i: int, ref: FFBlockRef, x_all: Tensor) -> Tensor:
+        """The rows of ``x_all`` (every calibration token, in token order) that match
+        :meth:`block_inputs`'s rows."""
+        d = self.need_collect("refit")
+        tok, _ = read_inputs(d, i)
+        if ref.kind == "expert":
+            etok, _ = read_features(d, i, ref.name, "hidden")
+            tok = tok[np.searchsorted(tok, etok)]
+        return x_all[torch.from_numpy(np.ascontiguousarray(tok, dtype=np.int64))]
 
     def block_inputs(self, i: int, ref: FFBlockRef) -> Tensor:
         """The block's calibration inputs x [n, H] (MoE experts: the tokens routed to them)."""
@@ -293,14 +310,15 @@ def _merge(m: MergeMethod, ctx: _Context) -> Overlay:
     return ov
 
 
-def _refit(ov: Overlay, ctx: _Context, cfg: RefitConfig) -> dict[str, list[float]]:
-    """Re-solve the down projection of every changed block; returns per-layer relative errors."""
+def _refit(ov: Overlay, ctx: _Context, cfg: RefitConfig, data_dir: Path | None = None) -> dict[str, list[float]]:
+    """Re-solve the down projection of every changed block; returns per-layer relative errors
+    (of the block's output against the original block's on the original inputs)."""
     groups = [g for g in ov.tied] + [[i] for i in ov.blocks if not any(i in g for g in ov.tied)]
     before: dict[int, float] = {}
     after: dict[int, float] = {}
-    for group in groups:
-        refs = list(ov.blocks[group[0]])
-        for ref in refs:
+
+    def fit_group(group: list[int], own_inputs: dict[int, Tensor] | None = None) -> None:
+        for ref in list(ov.blocks[group[0]]):
             new = ov.blocks[group[0]][ref]
             if new.intermediate_size == 0:
                 continue
@@ -309,10 +327,10 @@ def _refit(ov: Overlay, ctx: _Context, cfg: RefitConfig) -> dict[str, list[float
             for i in group:
                 orig = ctx.blocks(i)[ref]
                 x = ctx.block_inputs(i, ref)
+                h_in = x if own_inputs is None else ctx.rows_of(i, ref, own_inputs[i])
                 for s in range(0, x.shape[0], cfg.rows):
-                    xb = x[s : s + cfg.rows]
                     with torch.no_grad():
-                        acc.update(new.hidden(xb), orig.forward(xb))
+                        acc.update(new.hidden(h_in[s : s + cfg.rows]), orig.forward(x[s : s + cfg.rows]))
                 pairs.append((i, orig, x))
             fitted = refit_down(new, acc, cfg.lam)
             for i, orig, x in pairs:
@@ -323,8 +341,62 @@ def _refit(ov: Overlay, ctx: _Context, cfg: RefitConfig) -> dict[str, list[float
                     after[i] = after.get(i, 0.0) + float(((fitted.forward(x) - y) ** 2).sum()) / norm
             for i in group:
                 ov.blocks[i][ref] = fitted
+
+    if not cfg.sequential:
+        for group in groups:
+            fit_group(group)
+    else:
+        if ov.tied:
+            raise InputError("sequential refit does not apply to tied windows (their layers' inputs depend on the "
+                             "shared weights being fit); use refit: {sequential: false}")
+        if data_dir is None:
+            raise InputError("sequential refit needs the calibration tokens: add the data stage's output")
+        for i, x_own in _compressed_inputs(ov, ctx, data_dir):
+            fit_group([i], {i: x_own})
     layers = sorted(before)
     return {"layers": layers, "before": [before[i] for i in layers], "after": [after[i] for i in layers]}
+
+
+def _compressed_inputs(ov: Overlay, ctx: _Context, data_dir: Path) -> Iterator[tuple[int, Tensor]]:
+    """Walk the calibration blocks through the compressed model one layer at a time, yielding
+    (layer, the FF input x of every calibration token [n_tokens, H]) for each changed layer
+    *before* it is applied; the caller refits it in ``ov`` and the walk then applies the result."""
+    from stages.data import read_calib
+    from stages.overlay import ff_patch
+
+    model, family = ctx.model, ctx.family
+    calib = read_calib(data_dir)
+    states = [model.start(torch.from_numpy(calib[b : b + 4])) for b in range(0, len(calib), 4)]
+
+    class _Stop(Exception):
+        pass
+
+    for i in range(ctx.num_layers):
+        if i in ov.skip:
+            continue
+        base = model.layer_state(i)
+        if i in ov.blocks:
+            xs: list[Tensor] = []
+
+            def grab(_m: torch.nn.Module, args: tuple, xs: list[Tensor] = xs) -> None:
+                xs.append(args[0].detach().reshape(-1, args[0].shape[-1]).float())
+                raise _Stop
+
+            with model.layer(i, base) as layer:
+                handle = layer.get_submodule(family.ff_module).register_forward_pre_hook(grab)
+                try:
+                    for s in states:
+                        try:
+                            model.apply(layer, i, s)
+                        except _Stop:
+                            pass
+                finally:
+                    handle.remove()
+            yield i, torch.cat(xs)
+            base = {**base, **ff_patch(family, ctx.config, base, ov.blocks[i])}
+        with model.layer(i, base) as layer:
+            for s in states:
+                s.hidden = model.apply(layer, i, s)
 
 
 def _load_overlay(overlay_dir: Path, ctx: _Context) -> Overlay:
@@ -373,8 +445,9 @@ def _block_kind(ref: FFBlockRef) -> str:
 
 
 def run(config: CompressConfig, inputs: dict[str, Path], out_dir: Path) -> dict:
-    """Inputs: ``shard``, ``collect`` (data-aware methods, refit) and, for a refit candidate,
-    optionally ``unrefit``: the same candidate built without refit, whose blocks are reused."""
+    """Inputs: ``shard``, ``collect`` (data-aware methods, refit), ``data`` (sequential refit)
+    and, for a refit candidate, optionally ``unrefit``: the same candidate built without refit,
+    whose blocks are reused."""
     ctx = _Context(inputs["shard"], inputs.get("collect"))
     m = config.candidate
     if "unrefit" in inputs:  # the same candidate built without refit: reuse it (no re-clustering)
@@ -386,7 +459,7 @@ def run(config: CompressConfig, inputs: dict[str, Path], out_dir: Path) -> dict:
         if overlap:
             raise InputError(f"layers {overlap} are both dropped and compressed")
         ov.skip |= set(_layers(LayerDropMethod(layers=config.drop), ctx.num_layers))
-    errors = _refit(ov, ctx, config.refit) if config.refit is not None and ov.blocks else None
+    errors = _refit(ov, ctx, config.refit, inputs.get("data")) if config.refit is not None and ov.blocks else None
     # Sizes of every layer's blocks after compression, for parameter accounting.
     sizes: dict[int, dict[str, int]] = {}
     per_neuron: dict[str, int] = {}
