@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ from stages.artifacts import write_json_atomic
 def build_report(spec: PipelineSpec, results: dict[str, dict], seconds: float, store_root: Path) -> dict[str, Any]:
     shard = results["shard"]["result"]
     base = results["evaluate"]["result"]
-    return {
+    report: dict[str, Any] = {
         "model": spec.model,
         "name": spec.name,
         "seconds": round(seconds, 3),
@@ -25,6 +26,10 @@ def build_report(spec: PipelineSpec, results: dict[str, dict], seconds: float, s
                  "eval_tokens": base["tokens"]},
         "outputs": {"report": str(spec.output_dir() / "report.json"), "cache": str(store_root)},
     }
+    sim = Path(results["similarity"]["path"]) / "similarity.json" if "similarity" in results else None
+    if sim is not None and sim.exists():
+        report["similarity"] = json.loads(sim.read_text())  # {"matrix": [L, L], "layers", ...}
+    return report
 
 
 def write_report(report: dict[str, Any], out_dir: Path) -> Path:

@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from stages import collect, compress, data, distill, evaluate, export, shard
+from stages import collect, compress, data, distill, evaluate, export, shard, similarity
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,7 @@ STAGES: dict[str, StageDef] = {
         StageDef("collect_part", 2, collect.CollectPartConfig, collect.run_part, inputs=("shard", "data"), num_cpus=2),
         # Inputs: shard, part0..part{n-1} (one per collect_part worker).
         StageDef("collect", 2, collect.CollectConfig, collect.run_merge, inputs=("shard",)),
+        StageDef("similarity", 1, similarity.SimilarityConfig, similarity.run, inputs=("shard", "collect")),
         # Inputs: shard, optionally collect (data-aware methods, refit).
         StageDef("compress", 1, compress.CompressConfig, compress.run, inputs=("shard",), num_cpus=2),
         StageDef("evaluate", 1, evaluate.EvaluateConfig, evaluate.run, inputs=("shard", "data"), num_cpus=2),

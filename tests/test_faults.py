@@ -34,7 +34,7 @@ from orchestrator.store import ArtifactStore
 from tests.conftest import tiny_llama_with_tokenizer, write_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("shard", "data", "collect_part", "collect", "evaluate")
+STAGES = ("shard", "data", "collect_part", "collect", "similarity", "evaluate")
 FAULTS: Counter[str] = Counter()
 
 
