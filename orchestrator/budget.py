@@ -72,6 +72,8 @@ class BudgetSpec(BaseModel):
     halving: HalvingSpec = HalvingSpec()
     # Candidates start from the base model's cached hidden states at their first changed layer.
     share_prefix: bool = True
+    # Per-layer reconstruction and NTK errors of each method's best candidate, in the report.
+    layer_errors: bool = True
     export: Literal["stock", "tied"] = "stock"
     # Extra candidates given by hand (any method and settings).
     candidates: tuple[CompressConfig, ...] = ()

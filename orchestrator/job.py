@@ -42,6 +42,22 @@ def _share_prefix(session: Session, spec: PipelineSpec, alive: list[Candidate]) 
     return {"prefix": "prefix"}
 
 
+def _layer_errors(session: Session, spec: PipelineSpec, cands: list[Candidate]) -> dict[str, Any]:
+    """Per-layer reconstruction and NTK errors (held-out probe tokens, the original model's FF
+    inputs) of the best candidate of each method family that changes FF blocks."""
+    from orchestrator.layer_errors import score_layers
+
+    best: dict[str, Candidate] = {}
+    for c in cands:
+        if c.rounds and c.config.candidate.method != "layer_drop" and (
+                c.family not in best or c.rounds[-1]["perplexity"] < best[c.family].rounds[-1]["perplexity"]):
+            best[c.family] = c
+    if not best:
+        return {}
+    out = score_layers(session, spec, list(best.values()))
+    return {"layer_errors": out["recon"], "ntk_errors": out["ntk"], "ntk_sign_errors": out["ntk_sign"]}
+
+
 def run_budget(session: Session, spec: PipelineSpec) -> dict[str, Any]:
     """Plan, build and score candidates; returns the report's budget section and the winner."""
     assert spec.budget is not None
@@ -98,6 +114,7 @@ def run_budget(session: Session, spec: PipelineSpec) -> dict[str, Any]:
             alive = alive[: max(1, math.ceil(len(alive) / spec.budget.halving.factor))]
     winner = alive[0]
     base_ppl = session.results["evaluate"]["result"]["perplexity"]
+    errors = _layer_errors(session, spec, cands) if spec.budget.layer_errors else {}
     evaluations = sum(len(c.rounds) for c in cands)
     done = [x for c in cands for x in c.rounds if x.get("layer_tokens") is not None]
     layer_tokens = sum(x["layer_tokens"] for x in done)
@@ -120,6 +137,7 @@ def run_budget(session: Session, spec: PipelineSpec) -> dict[str, Any]:
             for c in cands
         ],
         "skipped": skipped,
+        **errors,
         "winner": {"name": winner.name, "params": winner.result.get(counted), "perplexity": winner.rounds[-1]["perplexity"],
                    "reason": winner_reason(winner, cands, base_ppl)},
     }

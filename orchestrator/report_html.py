@@ -291,8 +291,9 @@ def plot_similarity(report: dict, path: Path) -> bool:
     return True
 
 
-def plot_layer_errors(report: dict, path: Path) -> bool:
-    errs = report.get("layer_errors")
+def plot_layer_errors(report: dict, path: Path, key: str = "layer_errors",
+                      title: str = "Per-layer FF output reconstruction error (held-out tokens)") -> bool:
+    errs = report.get(key)
     if not isinstance(errs, dict):
         return False
     series = {}
@@ -314,7 +315,7 @@ def plot_layer_errors(report: dict, path: Path) -> bool:
     _log_if_wide(ax, allv)
     ax.set_xlabel("layer")
     ax.set_ylabel("error")
-    ax.set_title("Per-layer reconstruction / NTK error")
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     _save(fig, path)
@@ -359,7 +360,9 @@ PLOT_FNS: tuple[tuple[str, str, Callable[[dict, Path], bool]], ...] = (
     ("pareto", "Candidates: parameters vs perplexity", plot_pareto),
     ("halving", "Successive halving rounds", plot_halving),
     ("similarity", "Per-layer similarity", plot_similarity),
-    ("layer_errors", "Per-layer reconstruction / NTK error", plot_layer_errors),
+    ("layer_errors", "Per-layer reconstruction error of the best candidate of each method", plot_layer_errors),
+    ("ntk_errors", "Per-layer empirical NTK error of the best candidate of each method",
+     lambda r, p: plot_layer_errors(r, p, "ntk_errors", "Per-layer empirical NTK error (FF parameters)")),
     ("distill", "Distillation loss", plot_distill),
 )
 

@@ -11,6 +11,14 @@ An artifact exists only if its ``manifest.json`` parses and every file it lists 
 size and sha256. A staging directory becomes an artifact by one ``rename``, so readers never see
 half an artifact, and two runs computing the same key serialise on its lock: the second finds the
 first one's artifact and reports a cache hit.
+
+Remote stores (``s3://``, ``gs://``, ``hdfs://``, ``abfs://`` through pyarrow.fs; any other fsspec
+protocol through fsspec) keep ``artifacts/`` and ``quarantine/`` at the URI. Stages still read and
+write local paths: a local working directory (``$MLPFUSE_MIRROR/<sha of uri>/``, by default under
+``~/.cache/mlpfuse/remote``) holds ``staging/``, ``locks/`` and a read-through mirror of
+``artifacts/``. Object stores have no atomic directory rename, so a commit uploads every file and
+``manifest.json`` last: a remote artifact exists iff its manifest does, and files left without one
+by a crash are ignored by readers and overwritten by the next commit.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import posixpath
 import shutil
 import time
 from collections.abc import Iterator
@@ -26,11 +35,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import fsspec
+import pyarrow as pa
+import pyarrow.fs as pafs
 from filelock import FileLock
 
 from stages.artifacts import file_digest, fsync_dir, write_json_atomic
 
 MANIFEST = "manifest.json"
+MIRROR_ENV = "MLPFUSE_MIRROR"  # where remote stores keep their local working directories
+_CHUNK = 8 << 20
 
 
 def cache_key(stage: str, version: int, config: dict[str, Any], input_keys: dict[str, str]) -> str:
@@ -42,6 +56,17 @@ def cache_key(stage: str, version: int, config: dict[str, Any], input_keys: dict
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
 
 
+def _file_problem(f: Path, rel: str, info: dict[str, Any]) -> str | None:
+    """Why file ``f`` (listed as ``rel``) does not match its manifest entry, or None."""
+    if not f.exists():
+        return f"{rel} is missing"
+    if f.stat().st_size != info["size"]:
+        return f"{rel} has {f.stat().st_size} bytes, manifest says {info['size']}"
+    if file_digest(f) != info["sha256"]:
+        return f"{rel} fails its checksum"
+    return None
+
+
 @dataclass(frozen=True)
 class Artifact:
     stage: str
@@ -50,36 +75,99 @@ class Artifact:
     manifest: dict[str, Any]
 
 
+class _Remote:
+    """Paths relative to a remote store's base, on a pyarrow filesystem (fsspec-backed for schemes
+    pyarrow does not know, e.g. ``memory://``)."""
+
+    def __init__(self, uri: str):
+        try:
+            self.fs, base = pafs.FileSystem.from_uri(uri)
+        except pa.ArrowInvalid:  # unknown to pyarrow: any fsspec protocol
+            fs, base = fsspec.core.url_to_fs(uri)
+            self.fs = pafs.PyFileSystem(pafs.FSSpecHandler(fs))
+        self.base = base.rstrip("/")
+
+    def path(self, rel: str) -> str:
+        return f"{self.base}/{rel}"
+
+    def read(self, rel: str) -> bytes | None:
+        try:
+            with self.fs.open_input_stream(self.path(rel)) as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
+
+    def write(self, rel: str, data: bytes) -> None:
+        with self.fs.open_output_stream(self.path(rel)) as f:
+            f.write(data)
+
+    def upload(self, src: Path, rel: str) -> None:
+        with open(src, "rb") as s, self.fs.open_output_stream(self.path(rel)) as d:
+            shutil.copyfileobj(s, d, _CHUNK)
+
+    def download(self, rel: str, dst: Path) -> None:
+        with self.fs.open_input_stream(self.path(rel)) as s, open(dst, "wb") as d:
+            shutil.copyfileobj(s, d, _CHUNK)
+
+    def dirs(self, rel: str) -> list[str]:
+        infos = self.fs.get_file_info(pafs.FileSelector(self.path(rel), allow_not_found=True))
+        return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
+
+    def delete(self, rel: str, *, tree: bool = False) -> None:
+        try:
+            (self.fs.delete_dir if tree else self.fs.delete_file)(self.path(rel))
+        except FileNotFoundError:
+            pass
+
+
 class ArtifactStore:
-    """A local (or shared-mount) directory store. Use one root for every run that should share
-    results; for a cluster, a directory every node mounts (NFS, a PVC, a FUSE-mounted bucket)."""
+    """A store at a local (or shared-mount) directory, or at a remote URI. Use one root for every
+    run that should share results; for a cluster, a directory every node mounts (NFS, a PVC) or an
+    object-store URI (``s3://bucket/mlpfuse``).
+
+    ``root`` is the directory (a Path), or the URI as given (a str; ``ArtifactStore(str(root))``
+    reopens the same store, as Ray tasks do); ``local`` is the local directory holding staging,
+    locks and artifact files (``root`` itself for a local store). With a remote store, ``lock``
+    serialises runs on one machine only: across nodes the store is best-effort. Two nodes may both
+    compute a key; a commit that finds a manifest already there keeps it, and otherwise both upload
+    the same key's files and write the manifest last, so readers see one complete artifact (a file
+    that does not match the manifest read is treated as missing, never returned)."""
 
     def __init__(self, root: str | os.PathLike[str]):
         root = str(root)
+        self.remote: _Remote | None = None
         if "://" in root and not root.startswith("file://"):
-            raise ValueError(
-                f"cache {root!r}: object-store URIs are used through a shared mount; give its local "
-                "mount point (e.g. a FUSE-mounted bucket or a PVC path)"
-            )
-        self.root = Path(root.removeprefix("file://")).expanduser().resolve()
+            scheme, rest = root.split("://", 1)
+            uri = f"{scheme}://{rest.rstrip('/')}"
+            self.root: Path | str = uri
+            self.remote = _Remote(uri)
+            mirror = Path(os.environ.get(MIRROR_ENV) or "~/.cache/mlpfuse/remote").expanduser()
+            self.local = mirror.resolve() / hashlib.sha256(uri.encode()).hexdigest()[:16]
+        else:
+            self.root = self.local = Path(root.removeprefix("file://")).expanduser().resolve()
         for sub in ("artifacts", "staging", "locks", "quarantine"):
-            (self.root / sub).mkdir(parents=True, exist_ok=True)
+            (self.local / sub).mkdir(parents=True, exist_ok=True)
 
     # ----- paths -------------------------------------------------------------------------
     def artifact_dir(self, stage: str, key: str) -> Path:
-        return self.root / "artifacts" / stage / key
+        """Where the artifact's files are (remote stores: the local mirror)."""
+        return self.local / "artifacts" / stage / key
 
     def staging_dir(self, stage: str, key: str) -> Path:
-        return self.root / "staging" / f"{stage}-{key}"
+        return self.local / "staging" / f"{stage}-{key}"
 
     @contextmanager
     def lock(self, key: str, timeout: float = -1) -> Iterator[None]:
-        with FileLock(str(self.root / "locks" / f"{key}.lock"), timeout=timeout):
+        with FileLock(str(self.local / "locks" / f"{key}.lock"), timeout=timeout):
             yield
 
     # ----- read ------------------------------------------------------------------------------
     def get(self, stage: str, key: str, *, verify: bool = True) -> Artifact | None:
-        """The finished artifact, or None. A corrupt one is quarantined and reported as missing."""
+        """The finished artifact, or None. A corrupt one is quarantined and reported as missing.
+        Remote stores: ``verify`` also brings every file into the local mirror (downloading what is
+        missing or wrong); without it, only the manifest is read and ``path`` may be incomplete."""
+        if self.remote is not None:
+            return self._get_remote(stage, key, verify)
         path = self.artifact_dir(stage, key)
         mpath = path / MANIFEST
         if not mpath.exists():
@@ -98,17 +186,58 @@ class ArtifactStore:
 
     def _check(self, path: Path, manifest: dict[str, Any]) -> str | None:
         for rel, info in manifest.get("files", {}).items():
-            f = path / rel
-            if not f.exists():
-                return f"{rel} is missing"
-            if f.stat().st_size != info["size"]:
-                return f"{rel} has {f.stat().st_size} bytes, manifest says {info['size']}"
-            if file_digest(f) != info["sha256"]:
-                return f"{rel} fails its checksum"
+            if (problem := _file_problem(path / rel, rel, info)) is not None:
+                return problem
         return None
 
+    def _get_remote(self, stage: str, key: str, verify: bool) -> Artifact | None:
+        assert self.remote is not None
+        rel = f"artifacts/{stage}/{key}"
+        raw = self.remote.read(f"{rel}/{MANIFEST}")
+        if raw is None:
+            return None
+        try:
+            manifest = json.loads(raw)
+        except ValueError as e:
+            self._quarantine_remote(stage, key, raw, f"unreadable manifest ({e})")
+            return None
+        path = self.artifact_dir(stage, key)
+        if verify:
+            for name, info in manifest.get("files", {}).items():
+                f = path / name
+                if _file_problem(f, name, info) is None:
+                    continue
+                f.parent.mkdir(parents=True, exist_ok=True)
+                tmp = f.with_name(f".{f.name}.download-{os.getpid()}")
+                try:
+                    self.remote.download(f"{rel}/{name}", tmp)
+                except FileNotFoundError:
+                    pass  # reported as missing below
+                if (problem := _file_problem(tmp, name, info)) is not None:
+                    tmp.unlink(missing_ok=True)
+                    self._quarantine_remote(stage, key, raw, problem)
+                    return None
+                os.replace(tmp, f)
+            write_json_atomic(path / MANIFEST, manifest)
+        return Artifact(stage, key, path, manifest)
+
+    def _quarantine_remote(self, stage: str, key: str, raw: bytes, why: str) -> None:
+        """Record why (with the manifest) under quarantine/, then delete the artifact: manifest
+        first, so it stops existing at once. The bytes are not kept (a copy costs as much)."""
+        assert self.remote is not None
+        rel = f"artifacts/{stage}/{key}"
+        if self.remote.read(f"{rel}/{MANIFEST}") != raw:
+            return  # replaced or removed meanwhile by another run: not the artifact found corrupt
+        dest = f"quarantine/{stage}-{key}-{int(time.time() * 1000)}"
+        self.remote.write(f"{dest}/{MANIFEST}", raw)
+        self.remote.write(f"{dest}/QUARANTINED", (why + "\n").encode())
+        self.remote.delete(f"{rel}/{MANIFEST}")
+        self.remote.delete(rel, tree=True)
+        shutil.rmtree(self.artifact_dir(stage, key), ignore_errors=True)
+
     def _quarantine(self, path: Path, why: str) -> None:
-        dest = self.root / "quarantine" / f"{path.parent.name}-{path.name}-{int(time.time() * 1000)}"
+        stamp = int(time.time() * 1000)
+        dest = self.local / "quarantine" / f"{path.parent.name}-{path.name}-{stamp}"
         try:
             os.rename(path, dest)
             (dest / "QUARANTINED").write_text(why + "\n")
@@ -116,17 +245,19 @@ class ArtifactStore:
             pass  # another run moved it first
 
     def list(self) -> list[Artifact]:
-        out = []
-        for stage_dir in sorted((self.root / "artifacts").iterdir()):
-            for d in sorted(stage_dir.iterdir()):
-                a = self.get(stage_dir.name, d.name, verify=False)
-                if a is not None:
-                    out.append(a)
-        return out
+        """Every artifact whose manifest parses (nothing is downloaded)."""
+        if self.remote is not None:
+            r = self.remote
+            names = [(s, k) for s in r.dirs("artifacts") for k in r.dirs(f"artifacts/{s}")]
+        else:
+            top = sorted((self.local / "artifacts").iterdir())
+            names = [(s.name, d.name) for s in top for d in sorted(s.iterdir())]
+        return [a for s, k in names if (a := self.get(s, k, verify=False)) is not None]
 
     # ----- write -----------------------------------------------------------------------------
     def commit(self, stage: str, key: str, staging: Path, manifest: dict[str, Any]) -> Artifact:
-        """Checksum every file in ``staging``, write the manifest last, rename into place."""
+        """Checksum every file in ``staging``, write the manifest last, rename into place (remote
+        stores: upload every file, then the manifest, then move ``staging`` into the mirror)."""
         files = {}
         for f in sorted(staging.rglob("*")):
             if not f.is_file() or f.relative_to(staging).parts[0] == ".parts":
@@ -140,6 +271,16 @@ class ArtifactStore:
         manifest = {**manifest, "stage": stage, "key": key, "files": files}
         write_json_atomic(staging / MANIFEST, manifest)
         dest = self.artifact_dir(stage, key)
+        if self.remote is not None:
+            if (theirs := self.get(stage, key)) is not None:  # another node committed: keep theirs
+                shutil.rmtree(staging, ignore_errors=True)
+                return theirs
+            rel = f"artifacts/{stage}/{key}"
+            for d in sorted({posixpath.dirname(f"{rel}/{name}") for name in files} | {rel}):
+                self.remote.fs.create_dir(self.remote.path(d), recursive=True)
+            for name in [*files, MANIFEST]:  # the manifest last: from then on the artifact exists
+                self.remote.upload(staging / name, f"{rel}/{name}")
+            shutil.rmtree(dest, ignore_errors=True)  # a stale mirror: the remote is the truth
         dest.parent.mkdir(parents=True, exist_ok=True)
         try:
             os.rename(staging, dest)
@@ -153,9 +294,14 @@ class ArtifactStore:
         return Artifact(stage, key, dest, manifest)
 
     def remove(self, stage: str, key: str) -> None:
-        """Forget an artifact (``--force``): moved aside, then deleted."""
+        """Forget an artifact (``--force``): moved aside, then deleted (remote: manifest first)."""
+        if self.remote is not None:
+            self.remote.delete(f"artifacts/{stage}/{key}/{MANIFEST}")
+            self.remote.delete(f"artifacts/{stage}/{key}", tree=True)
+            shutil.rmtree(self.artifact_dir(stage, key), ignore_errors=True)
+            return
         path = self.artifact_dir(stage, key)
         if path.exists():
-            trash = self.root / "quarantine" / f"forced-{stage}-{key}-{int(time.time() * 1000)}"
+            trash = self.local / "quarantine" / f"forced-{stage}-{key}-{int(time.time() * 1000)}"
             os.rename(path, trash)
             shutil.rmtree(trash, ignore_errors=True)

@@ -24,17 +24,18 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Annotated, Literal
 
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from stages import alignment, fusion, moefy, pruning
-from stages.artifacts import write_json_atomic
+from stages.artifacts import write_atomic, write_json_atomic
 from stages.collect import moments, read_features, read_inputs, read_stats
 from stages.errors import InputError
 from stages.families import FFBlockRef, FFWeights
@@ -156,6 +157,8 @@ class _Context:
         self.num_layers = self.model.num_layers
         self.collect_dir = collect_dir
         self._states: dict[int, dict[str, Tensor]] = {}
+        # Fused blocks' count vectors P (training form: y = W_out' (P ⊙ act(W_in' x))).
+        self.counts: dict[str, Tensor] = {}
 
     def state(self, i: int) -> dict[str, Tensor]:
         if i not in self._states:
@@ -194,6 +197,10 @@ class _Context:
             etok, _ = read_features(d, i, ref.name, "hidden")
             x = x[np.searchsorted(tok, etok)]
         return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+
+
+# Fused blocks' P vectors (keys ``L<layer>/<block>``), read by the layer_errors stage's NTK.
+COUNTS = "counts.safetensors"
 
 
 def _layers(m: _Method, n: int) -> list[int]:
@@ -271,6 +278,8 @@ def _compress_block(m: BaseModel, ctx: _Context, i: int, ref: FFBlockRef, ff: FF
             weights=energy if m.weighting == "energy" else None,
             scale_by_sqrt_energy=energy if m.weighting == "sqrt_energy" else None,
         )
+        if m.mode == "fusion":  # the training form's fixed P, kept beside the folded export form
+            ctx.counts[f"L{i:05d}/{ref.name}"] = fused.scale.float().contiguous()
         return fused.fold()
     if isinstance(m, MoefyMethod):
         moe = moefy.StaticMoE.from_dense(ff, m.branches, m.assignment)
@@ -401,8 +410,6 @@ def _compressed_inputs(ov: Overlay, ctx: _Context, data_dir: Path) -> Iterator[t
 
 def _load_overlay(overlay_dir: Path, ctx: _Context) -> Overlay:
     """An overlay written by :func:`save_overlay`, read back as FF blocks."""
-    from safetensors.torch import load_file
-
     meta = json.loads((overlay_dir / "overlay.json").read_text())
     ov = Overlay(tied=[list(g) for g in meta.get("tied", [])])
     for i, entry in meta["layers"].items():
@@ -452,6 +459,8 @@ def run(config: CompressConfig, inputs: dict[str, Path], out_dir: Path) -> dict:
     m = config.candidate
     if "unrefit" in inputs:  # the same candidate built without refit: reuse it (no re-clustering)
         ov = _load_overlay(inputs["unrefit"], ctx)
+        if (inputs["unrefit"] / COUNTS).exists():
+            ctx.counts = load_file(str(inputs["unrefit"] / COUNTS))
     else:
         ov = _build(m, ctx)
     if config.drop:
@@ -475,6 +484,8 @@ def run(config: CompressConfig, inputs: dict[str, Path], out_dir: Path) -> dict:
     counts = param_counts(shard_meta, sizes, ov.skip, ov.tied, per_neuron, const)
     dtype = next(iter(ctx.state(0).values())).dtype
     save_overlay(out_dir, ov, ctx.family, ctx.config, ctx.state, dtype=dtype)
+    if ctx.counts:
+        write_atomic(out_dir / COUNTS, lambda p: save_file(ctx.counts, str(p)))
     method = {"method": m.method, "settings": m.model_dump(mode="json"),
               "refit": None if config.refit is None else config.refit.model_dump()}
     write_json_atomic(out_dir / "method.json", method)

@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from stages import collect, compress, data, distill, evaluate, export, shard, similarity
+from stages import collect, compress, data, distill, evaluate, export, layer_errors, shard, similarity
 
 
 @dataclass(frozen=True)
@@ -39,8 +39,10 @@ STAGES: dict[str, StageDef] = {
         StageDef("collect", 2, collect.CollectConfig, collect.run_merge, inputs=("shard",)),
         StageDef("similarity", 1, similarity.SimilarityConfig, similarity.run, inputs=("shard", "collect")),
         # Inputs: shard, optionally collect (data-aware methods, refit).
-        StageDef("compress", 1, compress.CompressConfig, compress.run, inputs=("shard",), num_cpus=2),
+        StageDef("compress", 2, compress.CompressConfig, compress.run, inputs=("shard",), num_cpus=2),
         StageDef("evaluate", 1, evaluate.EvaluateConfig, evaluate.run, inputs=("shard", "data"), num_cpus=2),
+        StageDef("probe", 1, layer_errors.ProbeConfig, layer_errors.run_probe, inputs=("shard", "data")),
+        StageDef("layer_errors", 1, layer_errors.LayerErrorsConfig, layer_errors.run, inputs=("shard", "probe", "overlay")),
         # The base model's hidden states entering chosen layers, per evaluation window (prefix sharing).
         StageDef("prefix", 1, evaluate.PrefixConfig, evaluate.run_prefix, inputs=("shard", "data"), num_cpus=2),
         # Inputs: shard, optionally overlay (the candidate to export; absent: the base model).

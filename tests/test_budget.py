@@ -77,6 +77,10 @@ def test_budget_run_picks_best_and_retargets(tiny_lm: Path, tmp_path: Path, ray_
     assert any(x["start_layer"] > 0 for x in rounds)
     assert rep["budget"]["share_prefix"] and rep["stages"]["prefix"]["status"] == "run"
     assert sum(x["layer_tokens"] for x in rounds) < rep["budget"]["layer_tokens_without_prefix"]
+    # Per-layer errors of each method's best candidate (layer drop has no FF block to compare).
+    assert set(rep["layer_errors"]) and set(rep["layer_errors"]) == set(rep["ntk_errors"])
+    for name, errs in rep["layer_errors"].items():
+        assert len(errs) == 6 and any(e is not None and e > 0 for e in errs), name
     assert (tmp_path / "out" / "report.html").exists()
     from transformers import AutoModelForCausalLM
 

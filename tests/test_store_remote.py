@@ -1,0 +1,142 @@
+"""The artifact store on a remote URI (fsspec's in-process ``memory://`` stands in for s3/gs/hdfs):
+upload with the manifest last, a read-through local mirror, checksums verified on download."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from dataclasses import asdict
+from pathlib import Path
+
+import fsspec
+import pytest
+
+from orchestrator.pipeline import execute_node, make_node
+from orchestrator.store import MIRROR_ENV, ArtifactStore
+from tests.conftest import make_tiny
+
+MEM = fsspec.filesystem("memory")
+MP = pytest.MonkeyPatch
+FILES = {"a.bin": bytes(range(256)) * 40, "sub/b.txt": b"hello\n"}
+
+
+@pytest.fixture
+def uri() -> Iterator[str]:
+    name = f"mlpfuse-test-{uuid.uuid4().hex}"
+    yield f"memory://{name}"
+    if MEM.exists(f"/{name}"):
+        MEM.rm(f"/{name}", recursive=True)
+
+
+def _node(tmp: Path, monkeypatch: MP, uri: str, node: str) -> ArtifactStore:
+    """A store as seen from one machine: its own empty local mirror."""
+    monkeypatch.setenv(MIRROR_ENV, str(tmp / node))
+    return ArtifactStore(uri)
+
+
+def _commit(store: ArtifactStore, key: str) -> None:
+    staging = store.staging_dir("s", key)
+    for rel, data in FILES.items():
+        (staging / rel).parent.mkdir(parents=True, exist_ok=True)
+        (staging / rel).write_bytes(data)
+    (staging / ".parts").mkdir()
+    (staging / ".parts" / "a.bin.json").write_text("{}")  # a part marker: never uploaded
+    store.commit("s", key, staging, {"config": {}, "result": {"x": 1}})
+
+
+def _remote(uri: str, rel: str) -> str:
+    return f"/{uri.removeprefix('memory://')}/{rel}"
+
+
+def test_commit_then_get_round_trips(tmp_path: Path, monkeypatch: MP, uri: str) -> None:
+    store = _node(tmp_path, monkeypatch, uri, "n1")
+    assert store.root == uri and ArtifactStore(str(store.root) + "/").root == uri  # round-trips
+    assert store.get("s", "k1") is None
+    _commit(store, "k1")
+    assert not store.staging_dir("s", "k1").exists()
+    assert sorted(MEM.find(_remote(uri, "artifacts/s/k1"))) == sorted(
+        _remote(uri, f"artifacts/s/k1/{rel}") for rel in [*FILES, "manifest.json"])
+    art = store.get("s", "k1")
+    assert art is not None and art.path.is_relative_to(tmp_path / "n1")
+    assert {rel: (art.path / rel).read_bytes() for rel in FILES} == FILES
+    assert art.manifest["result"] == {"x": 1}
+    assert art.manifest["files"]["a.bin"]["size"] == len(FILES["a.bin"])
+
+
+def test_other_node_downloads(tmp_path: Path, monkeypatch: MP, uri: str) -> None:
+    _commit(_node(tmp_path, monkeypatch, uri, "n1"), "k1")
+    other = _node(tmp_path, monkeypatch, uri, "n2")
+    assert not other.artifact_dir("s", "k1").exists()
+    assert other.get("s", "k1", verify=False) is not None  # manifest only: nothing downloaded
+    assert not (other.artifact_dir("s", "k1") / "a.bin").exists()
+    art = other.get("s", "k1")
+    assert art is not None and art.path.is_relative_to(tmp_path / "n2")
+    assert {rel: (art.path / rel).read_bytes() for rel in FILES} == FILES
+    (art.path / "a.bin").write_bytes(b"damaged locally")  # a bad mirror copy is fetched again
+    art = other.get("s", "k1")
+    assert art is not None and (art.path / "a.bin").read_bytes() == FILES["a.bin"]
+
+
+def test_files_without_manifest_are_no_artifact(tmp_path: Path, monkeypatch: MP, uri: str) -> None:
+    store = _node(tmp_path, monkeypatch, uri, "n1")
+    MEM.pipe_file(_remote(uri, "artifacts/s/k1/a.bin"), b"half an upload")  # a crash mid-commit
+    assert store.get("s", "k1") is None and store.list() == []
+    _commit(store, "k1")  # the next commit overwrites it
+    art = _node(tmp_path, monkeypatch, uri, "n2").get("s", "k1")
+    assert art is not None and (art.path / "a.bin").read_bytes() == FILES["a.bin"]
+
+
+@pytest.mark.parametrize("damage", ["bitflip", "missing", "manifest"])
+def test_corrupt_remote_is_never_returned(tmp_path: Path, monkeypatch: MP, uri: str,
+                                          damage: str) -> None:
+    _commit(_node(tmp_path, monkeypatch, uri, "n1"), "k1")
+    name = "manifest.json" if damage == "manifest" else "a.bin"
+    target = _remote(uri, f"artifacts/s/k1/{name}")
+    if damage == "missing":
+        MEM.rm_file(target)
+    elif damage == "manifest":
+        MEM.pipe_file(target, MEM.cat_file(target)[:-5])
+    else:
+        data = bytearray(MEM.cat_file(target))
+        data[10] ^= 0x01
+        MEM.pipe_file(target, bytes(data))
+    other = _node(tmp_path, monkeypatch, uri, "n2")
+    assert other.get("s", "k1") is None
+    assert not (other.artifact_dir("s", "k1") / "a.bin").exists()
+    assert not MEM.exists(_remote(uri, "artifacts/s/k1/manifest.json"))  # gone for every node
+    (record,) = MEM.ls(_remote(uri, "quarantine"), detail=False)
+    assert MEM.cat_file(f"{record}/QUARANTINED").strip()
+    _commit(other, "k1")  # recomputed
+    assert other.get("s", "k1") is not None
+
+
+def test_list_and_remove(tmp_path: Path, monkeypatch: MP, uri: str) -> None:
+    store = _node(tmp_path, monkeypatch, uri, "n1")
+    _commit(store, "k1")
+    _commit(store, "k2")
+    assert [(a.stage, a.key) for a in store.list()] == [("s", "k1"), ("s", "k2")]
+    store.remove("s", "k1")
+    assert store.get("s", "k1") is None and not store.artifact_dir("s", "k1").exists()
+    assert not MEM.exists(_remote(uri, "artifacts/s/k1"))
+    assert [a.key for a in _node(tmp_path, monkeypatch, uri, "n2").list()] == ["k2"]
+    store.remove("s", "nothing")  # no error
+
+
+def test_execute_node_on_remote_store(tmp_path: Path, monkeypatch: MP, uri: str) -> None:
+    """One stage through the pipeline's own task body (in-process: memory:// is per process)."""
+    from stages import shard
+
+    ckpt = make_tiny("llama", tmp_path / "ckpt")
+    node = asdict(make_node({}, "shard", "shard", shard.ShardConfig(model=str(ckpt))))
+    monkeypatch.setenv(MIRROR_ENV, str(tmp_path / "n1"))
+    first = execute_node(uri, node)
+    assert first["status"] == "run"
+    assert MEM.exists(_remote(uri, f"artifacts/shard/{node['key']}/manifest.json"))
+    assert execute_node(uri, node)["status"] == "hit"
+    monkeypatch.setenv(MIRROR_ENV, str(tmp_path / "n2"))  # another node: a hit, by download
+    second = execute_node(uri, node)
+    assert second["status"] == "hit" and second["result"] == first["result"]
+    manifest = json.loads((Path(second["path"]) / "manifest.json").read_text())
+    assert all((Path(second["path"]) / rel).read_bytes() == (Path(first["path"]) / rel).read_bytes()
+               for rel in manifest["files"])
