@@ -176,7 +176,7 @@ def suite_budget(args: argparse.Namespace) -> dict[str, Any]:
     out = {}
     methods = args.methods
     for t in args.targets:
-        budget = {"target": {"params": t}, "methods": methods}
+        budget = {"target": {"params": t}, "methods": methods, "halving": {"min_tokens": args.min_tokens}}
         halving = run(f"quality-budget-{t}-halving", budget, args.cache, args.out)
         full = run(f"quality-budget-{t}-full", {**budget, "halving": {"min_tokens": FULL}}, args.cache, args.out)
         rows = table(full, f"Budget: {int(round((1 - t) * 100))}% of parameters removed, every candidate on every token")
@@ -207,6 +207,7 @@ def main() -> int:
     ap.add_argument("--fractions", nargs="+", default=["1/3", "1/2"])
     ap.add_argument("--targets", type=float, nargs="+", default=[0.9, 0.8, 0.7])
     ap.add_argument("--methods", nargs="+", default=["prune", "moefy", "layer_drop", "combo"])
+    ap.add_argument("--min-tokens", type=int, default=128, help="budget suite: first halving round's tokens")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     result = {"moefy": suite_moefy, "fusion": suite_fusion, "merge": suite_merge, "budget": suite_budget}[args.suite](args)

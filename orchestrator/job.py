@@ -44,14 +44,16 @@ def _share_prefix(session: Session, spec: PipelineSpec, alive: list[Candidate]) 
 
 def _layer_errors(session: Session, spec: PipelineSpec, cands: list[Candidate]) -> dict[str, Any]:
     """Per-layer reconstruction and NTK errors (held-out probe tokens, the original model's FF
-    inputs) of the best candidate of each method family that changes FF blocks."""
+    inputs) of the best candidate of each method family that changes FF blocks, and of every
+    candidate given by hand."""
     from orchestrator.layer_errors import score_layers
 
     best: dict[str, Candidate] = {}
     for c in cands:
+        group = c.name if c.family == "custom" else c.family
         if c.rounds and c.config.candidate.method != "layer_drop" and (
-                c.family not in best or c.rounds[-1]["perplexity"] < best[c.family].rounds[-1]["perplexity"]):
-            best[c.family] = c
+                group not in best or c.rounds[-1]["perplexity"] < best[group].rounds[-1]["perplexity"]):
+            best[group] = c
     if not best:
         return {}
     out = score_layers(session, spec, list(best.values()))
