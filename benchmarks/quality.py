@@ -11,8 +11,8 @@ Suites:
 
 - ``moefy``: MLPMoE at 10/20/30 % of MLP parameters removed: Compensated Pruning vs the same
   branch removal without compensation vs Fractal Fade vs magnitude and activation-aware neuron
-  pruning, with contiguous and importance-ordered branches (10 branches, so whole branches hit
-  the fractions exactly).
+  pruning, with contiguous, data-free-importance and activation-energy branches (10 branches, so
+  whole branches hit the fractions exactly).
 - ``fusion``: MLP Fusion 1536 -> 384 in layers 8-29 (and 1536 -> 768) against plain clustering,
   data-aware fusion and magnitude / random / activation-aware pruning at equal parameters, each
   with and without the least-squares refit; per-layer reconstruction and NTK errors when the
@@ -55,8 +55,11 @@ BASE_SPEC: dict[str, Any] = {
 MID = list(range(8, 30))
 
 
-def run(name: str, budget: dict[str, Any], cache: str, out: Path) -> dict[str, Any]:
-    spec = parse_spec({**BASE_SPEC, "name": name, "cache": cache, "output": str(out / name), "budget": budget})
+def run(name: str, budget: dict[str, Any], cache: str, out: Path, max_tokens: int | None = None) -> dict[str, Any]:
+    base = dict(BASE_SPEC)
+    if max_tokens:
+        base["evaluate"] = {**base["evaluate"], "max_tokens": max_tokens}
+    spec = parse_spec({**base, "name": name, "cache": cache, "output": str(out / name), "budget": budget})
     t0 = time.time()
     report, _ = run_job(spec, ArtifactStore(spec.cache))
     report["wall_seconds"] = round(time.time() - t0, 1)
@@ -74,9 +77,12 @@ def describe(c: dict[str, Any]) -> str:
     s = c["settings"]
     m = dict(s["candidate"])
     parts = [m.pop("method")]
-    for k in ("criterion", "op", "mode", "weighting", "assignment", "compensate", "ratio", "keep_branches",
-              "sparsity", "start", "size", "permute"):
-        if k in m and k not in ("layers",):
+    relevant = {"prune": ("criterion", "allocation", "ratio"), "fusion": ("mode", "weighting", "ratio"),
+                "merge": ("start", "size", "permute"),
+                "moefy": ("op", "assignment") + {"compensated": ("compensate", "keep_branches"),
+                                                 "fade": ("sparsity",)}.get(m.get("op", ""), ())}
+    for k in relevant.get(parts[0], ()):
+        if k in m:
             parts.append(f"{k}={m[k]}")
     if m.get("layers") and parts[0] != "merge":
         ls = m["layers"]
@@ -110,12 +116,13 @@ def suite_moefy(args: argparse.Namespace) -> dict[str, Any]:
     for removed in args.removed:
         keep = round(1 - removed, 6)
         cands = []
-        for assign in ("contiguous", "importance"):
+        for assign in args.assignments:
             moe = {"method": "moefy", "branches": 10, "assignment": assign}
             cands += [cand({**moe, "op": "compensated", "keep_branches": keep}),
                       cand({**moe, "op": "compensated", "keep_branches": keep, "compensate": False}),
                       cand({**moe, "op": "fade", "sparsity": removed})]
-        cands += [cand({"method": "prune", "criterion": c, "ratio": keep}) for c in ("magnitude", "activation")]
+        if args.baselines:
+            cands += [cand({"method": "prune", "criterion": c, "ratio": keep}) for c in ("magnitude", "activation")]
         rep = run(f"quality-moefy-{int(removed * 100)}", {
             "target": {"ff_params": keep + 1e-3}, "methods": [], "candidates": cands,
             "halving": {"min_tokens": FULL}, "export": "tied"}, args.cache, args.out)
@@ -137,7 +144,7 @@ def suite_fusion(args: argparse.Namespace) -> dict[str, Any]:
             # Layers 8-29 fused to `ratio` of their width, the other 8 layers whole.
             "target": {"ff_params": (30 - len(MID) + len(MID) * ratio) / 30 + 1e-3}, "methods": [],
             "candidates": cands, "refit": None, "halving": {"min_tokens": FULL}, "export": "tied"},
-            args.cache, args.out)
+            args.cache, args.out, args.max_tokens)
         rows = table(rep, f"MLP Fusion 1536 -> {int(1536 * ratio)} in layers 8-29")
         errs = rep.get("layer_errors")
         if errs:
@@ -156,7 +163,8 @@ def suite_merge(args: argparse.Namespace) -> dict[str, Any]:
         target = {"ff_params": 1 - num / den + 1e-3}
         label = f"{frac} of FF sublayers"
         rep = run(f"quality-merge-search-{num}-{den}", {
-            "target": target, "methods": ["merge"], "refit": None, "export": "tied"}, args.cache, args.out)
+            "target": target, "methods": ["merge"], "refit": None, "export": "tied"}, args.cache, args.out,
+            args.max_tokens)
         search = table(rep, f"FF merging window search, {label} (successive halving over every window)")
         best = min((c for c in rep["candidates"] if c["method"] == "merge" and c["settings"]["candidate"]["permute"]
                     and c["perplexity"] is not None), key=lambda c: (-len(c["rounds"]), c["perplexity"]))
@@ -166,7 +174,7 @@ def suite_merge(args: argparse.Namespace) -> dict[str, Any]:
         cands += [cand({"method": "ff_drop", "layers": window[1:]}), cand({"method": "layer_drop", "layers": window[1:]})]
         rep2 = run(f"quality-merge-{num}-{den}", {
             "target": target, "methods": ["ff_drop", "layer_drop"], "refit": None, "candidates": cands,
-            "halving": {"min_tokens": FULL}, "export": "tied"}, args.cache, args.out)
+            "halving": {"min_tokens": FULL}, "export": "tied"}, args.cache, args.out, args.max_tokens)
         out[label] = {"search": search, "compare": table(rep2, f"FF merging {label}: best window {window[0]}-"
                                                                f"{window[-1]} and baselines, full held-out budget")}
     return out
@@ -202,11 +210,14 @@ def main() -> int:
     ap.add_argument("--cache", default="~/.cache/mlpfuse")
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "quality")
     ap.add_argument("--removed", type=float, nargs="+", default=[0.1, 0.2, 0.3])
+    ap.add_argument("--assignments", nargs="+", default=["contiguous", "importance", "activation"])
+    ap.add_argument("--no-baselines", dest="baselines", action="store_false", help="moefy: without the pruning rows")
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5])
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--fractions", nargs="+", default=["1/3", "1/2"])
     ap.add_argument("--targets", type=float, nargs="+", default=[0.9, 0.8, 0.7])
     ap.add_argument("--methods", nargs="+", default=["prune", "moefy", "layer_drop", "combo"])
+    ap.add_argument("--max-tokens", type=int, default=0, help="fusion/merge: score only this many held-out tokens")
     ap.add_argument("--min-tokens", type=int, default=128, help="budget suite: first halving round's tokens")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)

@@ -110,7 +110,10 @@ class FFDropMethod(_Method):
 class MoefyMethod(_Method):
     method: Literal["moefy"] = "moefy"
     branches: int = Field(8, ge=2)
-    assignment: Literal["contiguous", "importance"] = "contiguous"
+    # contiguous: index slices (the paper). importance: bands of the data-free score
+    # ||W_in row|| * ||W_out col||. activation: bands of the activation-aware score
+    # E[h_i^2] * ||W_out col||^2 from collect's statistics (also used for the compensation gains).
+    assignment: Literal["contiguous", "importance", "activation"] = "contiguous"
     op: Literal["compensated", "fade", "none"] = "compensated"
     # compensated: fraction of branches kept; fade: fraction of neurons removed.
     keep_branches: float = Field(0.75, gt=0, le=1)
@@ -282,11 +285,13 @@ def _compress_block(m: BaseModel, ctx: _Context, i: int, ref: FFBlockRef, ff: FF
             ctx.counts[f"L{i:05d}/{ref.name}"] = fused.scale.float().contiguous()
         return fused.fold()
     if isinstance(m, MoefyMethod):
-        moe = moefy.StaticMoE.from_dense(ff, m.branches, m.assignment)
+        hsm = torch.from_numpy(ctx.energy(i, ref)).double() if m.assignment == "activation" else None
+        method = "importance" if m.assignment == "activation" else m.assignment
+        moe = moefy.StaticMoE.from_dense(ff, m.branches, method, hidden_second_moment=hsm)
         if m.op == "compensated":
-            moe = moefy.compensated_prune(moe, m.keep_branches, compensate=m.compensate)
+            moe = moefy.compensated_prune(moe, m.keep_branches, compensate=m.compensate, hidden_second_moment=hsm)
         elif m.op == "fade":
-            moe = moefy.fractal_fade(moe, m.sparsity, m.schedule)
+            moe = moefy.fractal_fade(moe, m.sparsity, m.schedule, hidden_second_moment=hsm)
         return moefy.to_dense(moe)
     raise InputError(f"unsupported method {type(m).__name__}")
 

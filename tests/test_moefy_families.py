@@ -57,3 +57,30 @@ def test_unpruned_moefy_keeps_smollm2_perplexity(smollm2_shard: Path, tmp_path: 
     base = evaluate.evaluate_model(smollm2_shard, d, ev)["perplexity"]
     moe = evaluate.evaluate_model(smollm2_shard, d, ev, overrides=load_overrides(ov))["perplexity"]
     assert abs(moe / base - 1) < 5e-4, (base, moe)
+
+
+def test_activation_assignment_removes_the_lowest_energy_branches(tiny_checkpoints: dict[str, Path],
+                                                                  tmp_path: Path) -> None:
+    """``assignment: activation`` bands neurons by collect's E[h²]·‖W_out col‖²: keeping 3 of 4
+    branches keeps exactly the neurons activation-aware pruning keeps at 3/4."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from tests.test_collect import _collect, _data
+
+    sd = tmp_path / "shard"
+    shard.run(shard.ShardConfig(model=str(tiny_checkpoints["llama"])), {}, sd)
+    vocab = json.loads((sd / "config.json").read_text())["vocab_size"]
+    col = _collect(sd, _data(tmp_path, n_blocks=4, block=16, vocab=vocab), tmp_path / "c", workers=1)
+    outs = {}
+    for name, cand in (("moefy", {"method": "moefy", "branches": 4, "assignment": "activation", "op": "compensated",
+                                  "keep_branches": 0.75, "compensate": False}),
+                       ("prune", {"method": "prune", "criterion": "activation", "ratio": 0.75})):
+        out = tmp_path / name
+        out.mkdir()
+        compress.run(compress.CompressConfig.model_validate({"candidate": cand}), {"shard": sd, "collect": col}, out)
+        meta = json.loads((out / "overlay.json").read_text())
+        outs[name] = load_file(str(out / meta["layers"]["0"]["patch"]))
+    for k, v in outs["prune"].items():
+        torch.testing.assert_close(outs["moefy"][k], v)
