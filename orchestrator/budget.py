@@ -188,8 +188,8 @@ def plan_candidates(spec: BudgetSpec, facts: ModelFacts) -> tuple[list[Candidate
             keep_b = math.floor(ratio * branches) / branches
             if keep_b > 0:
                 add(f"moefy-compensated-{alloc}", "moefy", {"method": "moefy", "branches": branches,
-                    "assignment": "importance", "op": "compensated", "keep_branches": keep_b, "layers": layers})
-            add(f"moefy-fade-{alloc}", "moefy", {"method": "moefy", "branches": branches, "assignment": "importance",
+                    "assignment": "activation", "op": "compensated", "keep_branches": keep_b, "layers": layers})
+            add(f"moefy-fade-{alloc}", "moefy", {"method": "moefy", "branches": branches, "assignment": "activation",
                 "op": "fade", "sparsity": round(1 - ratio, 6), "layers": layers})
 
     # Whole-layer drop: the layers that change the hidden state least (highest cos(in, out)).
