@@ -59,7 +59,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     store = ArtifactStore(args.cache)
     arts = store.list()
-    staging = sorted(p.name for p in (store.root / "staging").iterdir())
+    staging = sorted(p.name for p in (store.local / "staging").iterdir())
     print(f"store {store.root}: {len(arts)} artifacts, {len(staging)} in progress")
     for a in arts:
         size = sum(f["size"] for f in a.manifest.get("files", {}).values())
@@ -74,6 +74,23 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
     job_id = submit(Path(args.spec), args.address, wait=args.wait)
     print(f"submitted job {job_id} to {args.address}")
+    return 0
+
+
+def cmd_lm_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from orchestrator.lm_eval_run import format_table, run_lm_eval
+
+    results = run_lm_eval(args.model_dir, args.tasks.split(","), data=args.data, limit=args.limit,
+                          batch_size=args.batch_size, device=args.device, include_path=args.include_path,
+                          max_length=args.max_length)
+    print(format_table(results))
+    if args.output:
+        out = Path(args.output).expanduser()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=2) + "\n")
+        print(f"results: {out}")
     return 0
 
 
@@ -107,6 +124,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--address", required=True, help="Ray dashboard address, e.g. http://head:8265")
     p.add_argument("--wait", action="store_true", help="follow the job's logs until it ends")
     p.set_defaults(func=cmd_submit)
+    p = sub.add_parser("lm-eval", help="lm-eval-harness on an exported model, offline (default task: "
+                       "perplexity of the held-out documents)")
+    p.add_argument("model_dir", help="a model directory (an export's model/)")
+    p.add_argument("--tasks", default="mlpfuse_heldout",
+                   help="comma-separated lm-eval tasks (default: mlpfuse_heldout, shipped)")
+    p.add_argument("--data", help="mlpfuse_heldout's documents: a bundled corpus (shakespeare, the default) "
+                   "or corpus directory -> its held-out split; a .txt/.jsonl/.parquet file -> all of it")
+    p.add_argument("--limit", type=int, help="score only the first N documents of each task")
+    p.add_argument("--include-path", help="a directory of extra lm-eval task YAMLs")
+    p.add_argument("--max-length", type=int, help="window length in tokens (default: the model's)")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--output", help="write the results as JSON here")
+    p.set_defaults(func=cmd_lm_eval)
 
     args = parser.parse_args(argv)
     try:
