@@ -105,7 +105,8 @@ def run_budget(session: Session, spec: PipelineSpec) -> dict[str, Any]:
     num_layers = facts.num_layers
     for r, tokens in enumerate(rounds):
         last = r == len(rounds) - 1
-        res = session.run(_round_nodes(session, spec, alive, r, 0 if last else tokens, prefix))
+        # The last round scores the full budget: exactly the tokens the base model was scored on.
+        res = session.run(_round_nodes(session, spec, alive, r, spec.evaluate.max_tokens if last else tokens, prefix))
         for c in alive:
             m = res[f"evaluate.{c.name}.r{r}"]["result"]
             c.rounds.append({"tokens": m["tokens"], "perplexity": m["perplexity"],

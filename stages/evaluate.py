@@ -97,8 +97,10 @@ class PrefixStates:
         self.meta = json.loads((self.path / PREFIX_META).read_text())
         self.layers = set(self.meta["layers"])
 
-    def matches(self, config: EvaluateConfig) -> bool:
-        return self.meta["window"] == config.window and self.meta["stride"] == config.stride
+    def matches(self, config: EvaluateConfig, n_windows: int) -> bool:
+        """Same windows, and at least the first ``n_windows`` of them cached."""
+        return (self.meta["window"] == config.window and self.meta["stride"] == config.stride
+                and self.meta["windows"] >= n_windows)
 
     def hidden(self, layer: int, windows: list[int]) -> Tensor:
         from safetensors import safe_open
@@ -156,7 +158,8 @@ def run(config: EvaluateConfig, inputs: dict[str, Path], out_dir: Path) -> dict:
     if inputs.get("prefix") is not None and overrides:
         prefix = PrefixStates(inputs["prefix"])
         first = first_changed_layer(inputs["overlay"]) or 0
-        if prefix.matches(config) and first in prefix.layers:
+        n_windows = len(sliding_windows(read_eval(inputs["data"]), config.window, config.stride, config.max_tokens))
+        if prefix.matches(config, n_windows) and first in prefix.layers:
             start = first
     result = evaluate_model(inputs["shard"], inputs["data"], config, overrides=overrides, progress=True,
                             prefix=prefix, start=start)

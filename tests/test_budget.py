@@ -32,7 +32,7 @@ def _spec(tmp: Path, model: Path, target: dict, cache: Path | None = None, metho
     spec = {
         "name": "b", "model": str(model), "cache": str(cache or tmp / "cache"), "output": str(tmp / "out"),
         "data": {"corpus": "shakespeare", "block_size": 64, "calib_tokens": 512, "eval_tokens": 512},
-        "evaluate": {"window": 64, "stride": 64},
+        "evaluate": {"window": 64, "stride": 64, "max_tokens": 448},  # the final round scores these too
         "budget": {"target": target, "methods": methods or ["prune", "layer_drop", "combo"],
                    "halving": {"min_tokens": 64}},
     }

@@ -59,7 +59,8 @@ def test_prefix_of_other_windows_or_layers_is_not_used(arts: dict[str, Path], tm
     inputs = {"shard": arts["shard"], "data": arts["data"], "overlay": arts["overlay"]}
     other_windows = _prefix(arts, tmp_path, (2,), EV.model_copy(update={"window": 32}))
     other_layer = _prefix(arts, tmp_path, (1,))
-    for i, prefix in enumerate((other_windows, other_layer)):
+    too_few = _prefix(arts, tmp_path, (2,), EV.model_copy(update={"max_tokens": 40}))
+    for i, prefix in enumerate((other_windows, other_layer, too_few)):
         (tmp_path / f"o{i}").mkdir()
         assert evaluate.run(EV, {**inputs, "prefix": prefix}, tmp_path / f"o{i}")["start_layer"] == 0
 
