@@ -57,7 +57,7 @@ MID = list(range(8, 30))
 
 def run(name: str, budget: dict[str, Any], cache: str, out: Path, max_tokens: int | None = None) -> dict[str, Any]:
     base = dict(BASE_SPEC)
-    if max_tokens:
+    if max_tokens is not None:  # 0: every held-out token
         base["evaluate"] = {**base["evaluate"], "max_tokens": max_tokens}
     spec = parse_spec({**base, "name": name, "cache": cache, "output": str(out / name), "budget": budget})
     t0 = time.time()
@@ -125,7 +125,7 @@ def suite_moefy(args: argparse.Namespace) -> dict[str, Any]:
             cands += [cand({"method": "prune", "criterion": c, "ratio": keep}) for c in ("magnitude", "activation")]
         rep = run(f"quality-moefy-{int(removed * 100)}", {
             "target": {"ff_params": keep + 1e-3}, "methods": [], "candidates": cands,
-            "halving": {"min_tokens": FULL}, "export": "tied"}, args.cache, args.out)
+            "halving": {"min_tokens": FULL}, "export": "tied"}, args.cache, args.out, args.max_tokens)
         out[f"-{int(removed * 100)}% FF"] = table(rep, f"MLPMoE: {int(removed * 100)}% of MLP parameters removed")
     return out
 
@@ -217,7 +217,8 @@ def main() -> int:
     ap.add_argument("--fractions", nargs="+", default=["1/3", "1/2"])
     ap.add_argument("--targets", type=float, nargs="+", default=[0.9, 0.8, 0.7])
     ap.add_argument("--methods", nargs="+", default=["prune", "moefy", "layer_drop", "combo"])
-    ap.add_argument("--max-tokens", type=int, default=0, help="fusion/merge: score only this many held-out tokens")
+    ap.add_argument("--max-tokens", type=int, default=None,
+                    help="moefy/fusion/merge: score this many held-out tokens (0: all; default 2,048)")
     ap.add_argument("--min-tokens", type=int, default=128, help="budget suite: first halving round's tokens")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
