@@ -323,7 +323,10 @@ def run_merge(config: CollectConfig, inputs: dict[str, Path], out_dir: Path) -> 
             for k, v in load_np(str(part / _layer_rel(i))).items():
                 total[k] = total[k] + v if k in total else v
         blocks[i] = sorted({k.split("/")[0] for k in total} - {"layer"})
-        tokens = max(tokens, int(sum(v[0] for k, v in total.items() if k.endswith("/count") and "expert" not in k)))
+        # Tokens through the layer: the layer's own count (dense blocks, shared experts and the
+        # routed experts' sums count the same tokens again).
+        tokens = max(tokens, int(total["layer/count"][0]) if "layer/count" in total else
+                     int(sum(v[0] for k, v in total.items() if k.endswith("/count") and "expert" not in k)))
         (out_dir / "stats").mkdir(exist_ok=True)
         save_np(total, str(out_dir / _layer_rel(i)))
     meta = {

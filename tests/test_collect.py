@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +45,8 @@ def test_two_workers_equal_one_and_numpy(llama_shard: Path, tmp_path: Path) -> N
     data = _data(tmp_path, n_blocks=7, block=8, vocab=128)
     one = _collect(llama_shard, data, tmp_path / "one", workers=1)
     two = _collect(llama_shard, data, tmp_path / "two", workers=2)
+    for merged in (one, two):  # the merged token count is the calibration tokens, counted once
+        assert json.loads((merged / "meta.json").read_text())["tokens"] == 7 * 8
     for layer in range(3):
         s1, s2 = read_stats(one, layer)["mlp"], read_stats(two, layer)["mlp"]
         assert s1.keys() == s2.keys()
@@ -85,6 +88,7 @@ def test_moe_routing_recorded_exactly(model_type: str, tiny_checkpoints: dict[st
     shard.run(shard.ShardConfig(model=str(tiny_checkpoints[model_type])), {}, out)
     data = _data(tmp_path, n_blocks=3, block=8, vocab=128)
     c = _collect(out, data, tmp_path / "c", workers=2)
+    assert json.loads((c / "meta.json").read_text())["tokens"] == 3 * 8
     model = AutoModelForCausalLM.from_pretrained(tiny_checkpoints[model_type]).eval()
     routed = []
     model.model.layers[1].mlp.gate.register_forward_hook(lambda m, a, o: routed.append(o[2]))
