@@ -39,7 +39,7 @@ from stages.artifacts import write_atomic, write_json_atomic
 from stages.collect import moments, read_features, read_inputs, read_stats
 from stages.errors import InputError
 from stages.families import FFBlockRef, FFWeights
-from stages.overlay import Overlay, save_overlay
+from stages.overlay import Overlay, OverlayWriter
 from stages.refit import RefitAccumulator, refit_down
 from stages.runner import LayerStreamedModel
 
@@ -202,6 +202,17 @@ class _Context:
         return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
 
 
+def _shape_only(ff: FFWeights) -> FFWeights:
+    """``ff`` with zero-size storage but its sizes and layout (for parameter accounting after the
+    block's tensors were written and released)."""
+    def z(t: Tensor | None, shape: tuple[int, ...]) -> Tensor | None:
+        return None if t is None else torch.empty(shape, device="meta")
+
+    n, h = ff.intermediate_size, ff.hidden_size
+    return FFWeights(up=z(ff.up, (n, ff.up.shape[1])), gate=z(ff.gate, (n, ff.up.shape[1])),
+                     down=z(ff.down, (h, n)), b_up=z(ff.b_up, (n,)), b_down=z(ff.b_down, (h,)), act=ff.act)
+
+
 # Fused blocks' P vectors (keys ``L<layer>/<block>``), read by the layer_errors stage's NTK.
 COUNTS = "counts.safetensors"
 
@@ -223,13 +234,16 @@ def _build(m: BaseModel, ctx: _Context) -> Overlay:
         return ov
     if isinstance(m, MergeMethod):
         return _merge(m, ctx)
-    sizes = _sensitivity_sizes(m, ctx) if isinstance(m, PruneMethod) and m.allocation == "sensitivity" else {}
-    for i in _layers(m, ctx.num_layers):  # type: ignore[arg-type]
-        new: dict[FFBlockRef, FFWeights] = {}
-        for ref, ff in ctx.blocks(i).items():
-            new[ref] = _compress_block(m, ctx, i, ref, ff, sizes.get((i, ref)))
+    for i, new in _iter_layers(m, ctx):
         ov.blocks[i] = new
     return ov
+
+
+def _iter_layers(m: BaseModel, ctx: _Context) -> Iterator[tuple[int, dict[FFBlockRef, FFWeights]]]:
+    """(layer, its compressed FF blocks), one layer at a time (per-block methods)."""
+    sizes = _sensitivity_sizes(m, ctx) if isinstance(m, PruneMethod) and m.allocation == "sensitivity" else {}
+    for i in _layers(m, ctx.num_layers):  # type: ignore[arg-type]
+        yield i, {ref: _compress_block(m, ctx, i, ref, ff, sizes.get((i, ref))) for ref, ff in ctx.blocks(i).items()}
 
 
 def _prune_scores(m: PruneMethod, ctx: _Context, i: int, ref: FFBlockRef, ff: FFWeights) -> Tensor:
@@ -462,39 +476,66 @@ def run(config: CompressConfig, inputs: dict[str, Path], out_dir: Path) -> dict:
     whose blocks are reused."""
     ctx = _Context(inputs["shard"], inputs.get("collect"))
     m = config.candidate
-    if "unrefit" in inputs:  # the same candidate built without refit: reuse it (no re-clustering)
-        ov = _load_overlay(inputs["unrefit"], ctx)
-        if (inputs["unrefit"] / COUNTS).exists():
-            ctx.counts = load_file(str(inputs["unrefit"] / COUNTS))
-    else:
-        ov = _build(m, ctx)
-    if config.drop:
-        overlap = sorted(set(config.drop) & set(ov.blocks))
+    dtype = next(iter(ctx.state(0).values())).dtype
+    writer = OverlayWriter(out_dir, ctx.family, ctx.config, ctx.state, dtype=dtype)
+    drop = set(_layers(LayerDropMethod(layers=config.drop), ctx.num_layers)) if config.drop else set()
+    # Per-block methods without a cross-layer step stream: each layer is built, refit, written
+    # and released before the next, so one compressed layer is resident at a time.
+    streamed = ("unrefit" not in inputs and not isinstance(m, (MergeMethod, LayerDropMethod))
+                and not (config.refit is not None and config.refit.sequential))
+    changed: dict[int, dict[FFBlockRef, FFWeights]] = {}
+    if streamed:
+        overlap = sorted(drop & set(_layers(m, ctx.num_layers)))  # type: ignore[arg-type]
         if overlap:
             raise InputError(f"layers {overlap} are both dropped and compressed")
-        ov.skip |= set(_layers(LayerDropMethod(layers=config.drop), ctx.num_layers))
-    errors = _refit(ov, ctx, config.refit, inputs.get("data")) if config.refit is not None and ov.blocks else None
+        errors: dict[str, list] | None = {"layers": [], "before": [], "after": []} if config.refit else None
+        ov = Overlay(skip=drop)
+        for i, blocks in _iter_layers(m, ctx):
+            one = Overlay(blocks={i: blocks})
+            if config.refit is not None and errors is not None:
+                for k, v in _refit(one, ctx, config.refit).items():
+                    errors[k] += v
+            writer.add(i, one.blocks[i])
+            changed[i] = {ref: _shape_only(ff) for ref, ff in one.blocks[i].items()}
+        if errors is not None and not errors["layers"]:
+            errors = None
+    else:
+        if "unrefit" in inputs:  # the same candidate built without refit: reuse it (no re-clustering)
+            ov = _load_overlay(inputs["unrefit"], ctx)
+            if (inputs["unrefit"] / COUNTS).exists():
+                ctx.counts = load_file(str(inputs["unrefit"] / COUNTS))
+        else:
+            ov = _build(m, ctx)
+        overlap = sorted(drop & set(ov.blocks))
+        if overlap:
+            raise InputError(f"layers {overlap} are both dropped and compressed")
+        ov.skip |= drop
+        errors = _refit(ov, ctx, config.refit, inputs.get("data")) if config.refit is not None and ov.blocks else None
+        group_of = {i: g for g in ov.tied for i in g}
+        for i in sorted(ov.blocks):
+            writer.add(i, ov.blocks[i], group_of.get(i))
+        changed = {i: {ref: _shape_only(ff) for ref, ff in b.items()} for i, b in ov.blocks.items()}
+        ov.blocks = {}
     # Sizes of every layer's blocks after compression, for parameter accounting.
     sizes: dict[int, dict[str, int]] = {}
     per_neuron: dict[str, int] = {}
     const: dict[str, int] = {}
     for i in range(ctx.num_layers):
         sizes[i] = {}
-        for ref, ff in {**ctx.blocks(i), **ov.blocks.get(i, {})}.items():
+        for ref, ff in {**ctx.blocks(i), **changed.get(i, {})}.items():
             kind = _block_kind(ref)
             sizes[i][kind] = sizes[i].get(kind, 0) + ff.intermediate_size
             per_neuron[kind] = ff.hidden_size * (3 if ff.is_glu else 2) + (1 if ff.b_up is not None else 0)
             const[kind] = ff.hidden_size if ff.b_down is not None and kind != "expert" else 0
     shard_meta = json.loads((inputs["shard"] / "shard.json").read_text())
     counts = param_counts(shard_meta, sizes, ov.skip, ov.tied, per_neuron, const)
-    dtype = next(iter(ctx.state(0).values())).dtype
-    save_overlay(out_dir, ov, ctx.family, ctx.config, ctx.state, dtype=dtype)
+    writer.finish(ov.skip, ov.tied)
     if ctx.counts:
         write_atomic(out_dir / COUNTS, lambda p: save_file(ctx.counts, str(p)))
     method = {"method": m.method, "settings": m.model_dump(mode="json"),
               "refit": None if config.refit is None else config.refit.model_dump()}
     write_json_atomic(out_dir / "method.json", method)
-    result = {**counts, "changed_layers": ov.changed_layers(), "skipped": sorted(ov.skip), "tied": ov.tied}
+    result = {**counts, "changed_layers": sorted(set(changed) | ov.skip), "skipped": sorted(ov.skip), "tied": ov.tied}
     if errors is not None:
         result["refit_errors"] = errors
     return result

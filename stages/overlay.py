@@ -9,11 +9,13 @@ dropped whole (identity). Nothing else of the base model is copied.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import Tensor
 
 from stages.artifacts import write_atomic, write_json_atomic
@@ -47,25 +49,43 @@ def ff_patch(family: FamilyAdapter, config: object, base: dict[str, Tensor], blo
     return out
 
 
+class OverlayWriter:
+    """Writes an overlay layer by layer (each patch as soon as its layer is built, so a stage
+    holds one compressed layer at a time), then ``overlay.json`` last."""
+
+    def __init__(self, out_dir: Path, family: FamilyAdapter, config: object, base_state: "callable",
+                 dtype: torch.dtype | None = None):
+        self.out_dir, self.family, self.config, self.base_state, self.dtype = out_dir, family, config, base_state, dtype
+        self.layers: dict[str, dict] = {}
+        self.written: dict[tuple[int, ...], str] = {}
+
+    def add(self, i: int, blocks: dict[FFBlockRef, FFWeights], group: list[int] | None = None) -> None:
+        """Layer ``i``'s new blocks (``group``: the tied window it belongs to, stored once)."""
+        g = tuple(group or [i])
+        if g not in self.written:
+            patch = ff_patch(self.family, self.config, self.base_state(i), blocks)
+            if self.dtype is not None:
+                patch = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in patch.items()}
+            name = f"ff/L{g[0]:05d}" + (f"-{g[-1]:05d}" if len(g) > 1 else "") + ".safetensors"
+            write_atomic(self.out_dir / name, lambda p, t=patch: save_file(t, str(p)))
+            self.written[g] = name
+        self.layers[str(i)] = {"patch": self.written[g], "tied": list(g) if len(g) > 1 else None}
+
+    def finish(self, skip: set[int], tied: list[list[int]]) -> dict:
+        layers = {**{str(i): {"skip": True} for i in sorted(skip)}, **self.layers}
+        meta = {"layers": layers, "tied": [list(g) for g in tied]}
+        write_json_atomic(self.out_dir / OVERLAY, meta)
+        return meta
+
+
 def save_overlay(out_dir: Path, overlay: Overlay, family: FamilyAdapter, config: object,
                  base_state: "callable", dtype: torch.dtype | None = None) -> dict:
     """Write the overlay's patch files and ``overlay.json``; returns the JSON."""
-    layers: dict[str, dict] = {str(i): {"skip": True} for i in sorted(overlay.skip)}
+    writer = OverlayWriter(out_dir, family, config, base_state, dtype)
     group_of = {i: g for g in overlay.tied for i in g}
-    written: dict[tuple[int, ...], str] = {}
     for i in sorted(overlay.blocks):
-        group = tuple(group_of.get(i, [i]))
-        if group not in written:
-            patch = ff_patch(family, config, base_state(i), overlay.blocks[i])
-            if dtype is not None:
-                patch = {k: v.to(dtype) if v.is_floating_point() else v for k, v in patch.items()}
-            name = f"ff/L{group[0]:05d}" + (f"-{group[-1]:05d}" if len(group) > 1 else "") + ".safetensors"
-            write_atomic(out_dir / name, lambda p, t=patch: save_file(t, str(p)))
-            written[group] = name
-        layers[str(i)] = {"patch": written[group], "tied": list(group) if len(group) > 1 else None}
-    meta = {"layers": layers, "tied": [list(g) for g in overlay.tied]}
-    write_json_atomic(out_dir / OVERLAY, meta)
-    return meta
+        writer.add(i, overlay.blocks[i], group_of.get(i))
+    return writer.finish(overlay.skip, overlay.tied)
 
 
 def load_overrides(overlay_dir: Path | None) -> dict[int, LayerOverride]:
@@ -81,9 +101,31 @@ def load_overrides(overlay_dir: Path | None) -> dict[int, LayerOverride]:
         else:
             name = entry["patch"]
             if name not in cache:
-                cache[name] = Patch(load_file(str(overlay_dir / name)))
+                cache[name] = Patch(PatchFile(overlay_dir / name))
             out[int(i)] = cache[name]
     return out
+
+
+class PatchFile(Mapping[str, Tensor]):
+    """A patch file's tensors, read when the runner materialises the layer (not when the overlay
+    is opened), so a candidate's evaluation holds one layer's patch at a time."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        with safe_open(str(path), framework="pt") as f:
+            self._keys = list(f.keys())
+
+    def __getitem__(self, key: str) -> Tensor:
+        if key not in self._keys:
+            raise KeyError(key)
+        with safe_open(str(self.path), framework="pt") as f:
+            return f.get_tensor(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
 
 
 def first_changed_layer(overlay_dir: Path | None) -> int | None:
