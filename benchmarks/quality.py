@@ -20,6 +20,8 @@ Suites:
 - ``merge``: FF merging of 1/3 and 1/2 of the FF sublayers (tied windows): every window of the
   size, permute and vanilla, then the best window's permute and vanilla merges against FF-sublayer
   drop and whole-layer drop at the same FF reduction.
+- ``prefix``: the merge window search with and without prefix sharing (every evaluation
+  recomputed): layer-forwards and seconds of the candidate evaluation.
 - ``budget``: the planner at 90/80/70 % of parameters, successive halving vs every candidate on the
   full budget: the same winner? how many layer-forwards (tokens x layers) each took?
 
@@ -55,13 +57,14 @@ BASE_SPEC: dict[str, Any] = {
 MID = list(range(8, 30))
 
 
-def run(name: str, budget: dict[str, Any], cache: str, out: Path, max_tokens: int | None = None) -> dict[str, Any]:
+def run(name: str, budget: dict[str, Any], cache: str, out: Path, max_tokens: int | None = None,
+        force: set[str] | None = None) -> dict[str, Any]:
     base = dict(BASE_SPEC)
     if max_tokens is not None:  # 0: every held-out token
         base["evaluate"] = {**base["evaluate"], "max_tokens": max_tokens}
     spec = parse_spec({**base, "name": name, "cache": cache, "output": str(out / name), "budget": budget})
     t0 = time.time()
-    report, _ = run_job(spec, ArtifactStore(spec.cache))
+    report, _ = run_job(spec, ArtifactStore(spec.cache), force)
     report["wall_seconds"] = round(time.time() - t0, 1)
     return report
 
@@ -180,6 +183,30 @@ def suite_merge(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def suite_prefix(args: argparse.Namespace) -> dict[str, Any]:
+    """The merge window search (every window, permute and vanilla, successive halving) scored
+    with and without prefix sharing, every evaluation recomputed: layer-forwards and seconds."""
+    out = {}
+    for frac in args.fractions:
+        num, den = (int(x) for x in frac.split("/"))
+        for share in (True, False):
+            rep = run(f"quality-prefix-{num}-{den}-{share}", {
+                "target": {"ff_params": 1 - num / den + 1e-3}, "methods": ["merge"], "refit": None, "export": "tied",
+                "share_prefix": share, "layer_errors": False}, args.cache, args.out, args.max_tokens,
+                force={"evaluate", "prefix"})
+            b = rep["budget"]
+            out[f"{frac} share_prefix={share}"] = {
+                "seconds": b["seconds"], "layer_tokens": b["layer_tokens"], "evaluations": b["evaluations"],
+                "winner": rep["winner"]["name"], "winner_perplexity": rep["winner"]["perplexity"]}
+        on, off = out[f"{frac} share_prefix=True"], out[f"{frac} share_prefix=False"]
+        on["layer_forward_ratio"] = off["layer_tokens"] / on["layer_tokens"]
+        on["seconds_ratio"] = off["seconds"] / on["seconds"]
+        print(f"\n## prefix sharing, merge search {frac}: layer-forwards {off['layer_tokens']:,} -> {on['layer_tokens']:,} "
+              f"({on['layer_forward_ratio']:.2f}x fewer), seconds {off['seconds']:.1f} -> {on['seconds']:.1f} "
+              f"({on['seconds_ratio']:.2f}x), winners {off['winner']} / {on['winner']}")
+    return out
+
+
 def suite_budget(args: argparse.Namespace) -> dict[str, Any]:
     out = {}
     methods = args.methods
@@ -206,7 +233,7 @@ def suite_budget(args: argparse.Namespace) -> dict[str, Any]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("suite", choices=["moefy", "fusion", "merge", "budget"])
+    ap.add_argument("suite", choices=["moefy", "fusion", "merge", "budget", "prefix"])
     ap.add_argument("--cache", default="~/.cache/mlpfuse")
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "quality")
     ap.add_argument("--removed", type=float, nargs="+", default=[0.1, 0.2, 0.3])
@@ -222,7 +249,9 @@ def main() -> int:
     ap.add_argument("--min-tokens", type=int, default=128, help="budget suite: first halving round's tokens")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    result = {"moefy": suite_moefy, "fusion": suite_fusion, "merge": suite_merge, "budget": suite_budget}[args.suite](args)
+    suites = {"moefy": suite_moefy, "fusion": suite_fusion, "merge": suite_merge, "budget": suite_budget,
+              "prefix": suite_prefix}
+    result = suites[args.suite](args)
     path = args.out / f"{args.suite}.json"
     path.write_text(json.dumps(result, indent=1))
     print(f"\nwritten {path}")
