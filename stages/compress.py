@@ -63,7 +63,8 @@ class _Sized(_Method):
         return self
 
     def k(self, size: int) -> int:
-        k = self.keep if self.keep is not None else int(round((self.ratio or 0) * size))
+        # A ratio rounds down, so a parameter budget computed from it is never exceeded.
+        k = self.keep if self.keep is not None else int(math.floor((self.ratio or 0) * size + 1e-9))
         if not 1 <= k <= size:
             raise InputError(f"cannot keep {k} of {size} neurons (keep={self.keep}, ratio={self.ratio})")
         return k

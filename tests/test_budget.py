@@ -70,6 +70,8 @@ def test_budget_run_picks_best_and_retargets(tiny_lm: Path, tmp_path: Path, ray_
     budget = rep["budget"]["budget"]
     finals = [c for c in rep["candidates"] if c["rounds"] and c["rounds"][-1]["tokens"] == rep["base"]["eval_tokens"]]
     assert all(c["params"] <= budget for c in rep["candidates"])
+    # Planned sizes round down: no pruning candidate is built over the budget and dropped.
+    assert not [s for s in rep["skipped"] if s["method"].startswith("prune") and "over the budget" in s["why"]]
     assert rep["winner"]["perplexity"] == min(c["perplexity"] for c in finals)
     assert "won with perplexity" in rep["winner"]["reason"]
     # Prefix sharing: candidates that leave the first layers alone (layer drop) start later.
