@@ -69,6 +69,23 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_gc(args: argparse.Namespace) -> int:
+    from stages.registry import STAGES
+
+    store = ArtifactStore(args.cache)
+    older = args.older_than * 86400 if args.older_than is not None else None
+    dead = store.unreachable({s.name: s.version for s in STAGES.values()}, older_than_s=older)
+    total = 0
+    for a in dead:
+        size = sum(f["size"] for f in a.manifest.get("files", {}).values())
+        total += size
+        print(f"  {'would remove' if args.dry_run else 'removing':<12} {a.stage:<12} {a.key}  {size / 1e6:9.1f} MB")
+        if not args.dry_run:
+            store.remove(a.stage, a.key)
+    print(f"{'would free' if args.dry_run else 'freed'} {total / 1e9:.2f} GB in {len(dead)} artifacts of {store.root}")
+    return 0
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
     from cluster.submit import submit
 
@@ -114,6 +131,12 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("status", help="list the artifact store")
     p.add_argument("--cache", default="~/.cache/mlpfuse")
     p.set_defaults(func=cmd_status)
+    p = sub.add_parser("gc", help="remove artifacts no run can use again (stale stage versions, "
+                       "missing inputs), and with --older-than those unused for that long")
+    p.add_argument("--cache", default="~/.cache/mlpfuse")
+    p.add_argument("--older-than", type=float, metavar="DAYS", help="also remove artifacts unused for DAYS days")
+    p.add_argument("--dry-run", action="store_true", help="list what would go, remove nothing")
+    p.set_defaults(func=cmd_gc)
     p = sub.add_parser("demo", help=f"run {DEMO_SPEC.relative_to(PROJECT_ROOT)}")
     p.add_argument("--cache")
     p.add_argument("--output")

@@ -56,6 +56,14 @@ def cache_key(stage: str, version: int, config: dict[str, Any], input_keys: dict
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
 
 
+def _last_used(path: Path) -> float:
+    """When a local artifact was last committed or used (``get`` with ``verify`` touches it)."""
+    try:
+        return max(path.stat().st_mtime, (path / MANIFEST).stat().st_mtime)
+    except OSError:
+        return 0.0
+
+
 def _file_problem(f: Path, rel: str, info: dict[str, Any]) -> str | None:
     """Why file ``f`` (listed as ``rel``) does not match its manifest entry, or None."""
     if not f.exists():
@@ -182,6 +190,11 @@ class ArtifactStore:
         if problem is not None:
             self._quarantine(path, problem)
             return None
+        if verify:
+            try:
+                os.utime(path)  # last used, for ``mlpfuse gc --older-than``
+            except OSError:
+                pass
         return Artifact(stage, key, path, manifest)
 
     def _check(self, path: Path, manifest: dict[str, Any]) -> str | None:
@@ -253,6 +266,29 @@ class ArtifactStore:
             top = sorted((self.local / "artifacts").iterdir())
             names = [(s.name, d.name) for s in top for d in sorted(s.iterdir())]
         return [a for s, k in names if (a := self.get(s, k, verify=False)) is not None]
+
+    def unreachable(self, versions: dict[str, int], *, older_than_s: float | None = None) -> list[Artifact]:
+        """Artifacts no run can hit again: a stage that is gone or at another version (``versions``,
+        stage name -> current version), or an input that is itself unreachable or missing. With
+        ``older_than_s``, also every artifact not used (committed or hit) for that long."""
+        arts = {a.key: a for a in self.list()}
+        memo: dict[str, bool] = {}
+
+        def dead(key: str) -> bool:
+            if key not in memo:
+                a = arts.get(key)
+                memo[key] = True  # a cycle (impossible for content keys) counts as dead
+                memo[key] = (a is None or versions.get(a.stage) != a.manifest.get("stage_version")
+                             or any(dead(k) for k in a.manifest.get("inputs", {}).values()))
+            return memo[key]
+
+        now = time.time()
+        out = []
+        for key, a in arts.items():
+            idle = self.remote is None and older_than_s is not None and now - _last_used(a.path) > older_than_s
+            if dead(key) or idle:
+                out.append(a)
+        return out
 
     # ----- write -----------------------------------------------------------------------------
     def commit(self, stage: str, key: str, staging: Path, manifest: dict[str, Any]) -> Artifact:

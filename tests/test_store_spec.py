@@ -100,3 +100,48 @@ def test_spec_cannot_name_code() -> None:
 def test_every_shipped_spec_validates(path: Path) -> None:
     spec = load_spec(path)
     assert spec.model
+
+
+def test_gc_removes_exactly_what_no_run_can_hit(tmp_path: Path) -> None:
+    """Stale stage versions and everything downstream of them go; current chains and idle-but-recent
+    artifacts stay; ``--older-than`` removes what was not used for that long; a hit counts as use."""
+    import os
+    import time
+
+    store = ArtifactStore(tmp_path)
+
+    def commit(stage: str, key: str, version: int, inputs: dict[str, str]) -> None:
+        staging = store.staging_dir(stage, key)
+        staging.mkdir(parents=True)
+        (staging / "a.bin").write_bytes(key.encode())
+        store.commit(stage, key, staging, {"config": {}, "stage_version": version, "inputs": inputs})
+
+    from stages.registry import STAGES
+
+    versions = {s.name: s.version for s in STAGES.values()}
+    v = versions.__getitem__
+    commit("shard", "s1", v("shard"), {})
+    commit("compress", "c_old", v("compress") - 1, {"shard": "s1"})
+    commit("evaluate", "e_old", v("evaluate"), {"shard": "s1", "overlay": "c_old"})  # its input is stale
+    commit("compress", "c_new", v("compress"), {"shard": "s1"})
+    commit("evaluate", "e_new", v("evaluate"), {"shard": "s1", "overlay": "c_new"})
+    commit("evaluate", "e_orphan", v("evaluate"), {"shard": "gone"})
+    commit("retired", "r1", 1, {})
+    assert sorted(a.key for a in store.unreachable(versions)) == ["c_old", "e_old", "e_orphan", "r1"]
+
+    week = 7 * 86400
+    old = time.time() - 2 * week
+    for key, stage in (("c_new", "compress"), ("e_new", "evaluate")):
+        os.utime(store.artifact_dir(stage, key), (old, old))
+        os.utime(store.artifact_dir(stage, key) / "manifest.json", (old, old))
+    assert store.get("compress", "c_new") is not None  # a hit: c_new is used again
+    idle = {a.key for a in store.unreachable(versions, older_than_s=week)}
+    assert idle == {"c_old", "e_old", "e_orphan", "r1", "e_new"}
+
+    from orchestrator.cli import main
+
+    assert main(["gc", "--cache", str(tmp_path), "--dry-run"]) == 0
+    assert len(store.list()) == 7
+    assert main(["gc", "--cache", str(tmp_path)]) == 0
+    assert sorted(a.key for a in store.list()) == ["c_new", "e_new", "s1"]
+    assert store.get("evaluate", "e_new") is not None
