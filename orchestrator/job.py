@@ -159,14 +159,21 @@ def _distill(session: Session, spec: PipelineSpec, winner: Candidate) -> dict[st
                      {"teacher": "export.teacher", "student": "export", "data": "data",
                       "overlay": f"compress.{winner.name}"})
     result = dict(session.run([node])["distill"]["result"])
-    if not cfg.tied:  # the stock form is a plain checkpoint: shard it and score it like the rest
+    if result.get("overlay"):  # the trained layers as an overlay on the base shard (either form)
+        ev = make_node(session.keys, "evaluate.distilled", "evaluate", spec.evaluate,
+                       {"shard": "shard", "data": "data", "overlay": "distill"})
+    elif not cfg.tied:  # every parameter trained: the stock form is a plain checkpoint, shard it
         model_dir = str(session.path("distill") / "model")
         shard_cfg = spec.shard_config(source_key(resolve_source(model_dir))).model_copy(update={"model": model_dir})
         session.run([make_node(session.keys, "shard.distilled", "shard", shard_cfg)])
         ev = make_node(session.keys, "evaluate.distilled", "evaluate", spec.evaluate,
                        {"shard": "shard.distilled", "data": "data"})
-        result["perplexity"] = session.run([ev])["evaluate.distilled"]["result"]["perplexity"]
-        result["perplexity_before"] = winner.rounds[-1]["perplexity"]
+    else:
+        result["note"] = ("trainable='all' on a tied export: the distilled model is not scored (no overlay "
+                          "holds trained embeddings, and a tied checkpoint cannot be re-sharded)")
+        return result
+    result["perplexity"] = session.run([ev])["evaluate.distilled"]["result"]["perplexity"]
+    result["perplexity_before"] = winner.rounds[-1]["perplexity"]
     return result
 
 

@@ -35,6 +35,7 @@ import copy
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -90,9 +91,12 @@ class DistillConfig(BaseModel):
     # helps when the compressed layers cannot match every hidden state.
     lm_loss_weight: float = Field(default=0.0, ge=0.0)
     layer_loss: Literal["mse"] = "mse"
-    # "ff": only the feed-forward sublayers move (the parameters compression changed);
-    # "all": every parameter of the student.
-    trainable: Literal["ff", "all"] = "ff"
+    # "compressed": only the feed-forward sublayers of ``train_layers`` move (the distill stage
+    # fills them with the layers compression changed; None: every FF sublayer); "ff": every FF
+    # sublayer; "all": every parameter of the student.
+    trainable: Literal["compressed", "ff", "all"] = "compressed"
+    # Student decoder-layer indices whose FF sublayers train with trainable="compressed".
+    train_layers: list[int] | None = None
     checkpoint_every: int = Field(ge=1)
     seed: int
     # Keep fp32 master weights and Adam moments in host memory (ZeRO 2/3 only).
@@ -293,6 +297,26 @@ def ff_parameter_names(model: nn.Module) -> set[str]:
     }
 
 
+_LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|layer|h)\.(\d+)\.")
+
+
+def layer_index(name: str) -> int | None:
+    """The decoder-layer index in a parameter name (``model.layers.3.mlp...`` -> 3), or None."""
+    m = _LAYER_INDEX.search(name)
+    return None if m is None else int(m.group(1))
+
+
+def trainable_names(model: nn.Module, config: DistillConfig) -> set[str]:
+    """The parameter names ``config.trainable`` trains (tied parameters once)."""
+    if config.trainable == "all":
+        return {n for n, _ in model.named_parameters()}
+    ff = ff_parameter_names(model)
+    if config.trainable == "ff" or config.train_layers is None:
+        return ff
+    keep = set(config.train_layers)
+    return {n for n in ff if layer_index(n) in keep}
+
+
 def layer_mse(
     student_hidden: tuple[Tensor, ...],
     teacher_hidden: tuple[Tensor, ...],
@@ -380,11 +404,12 @@ def _distill_worker(
     ties = _tied_groups(student)
     student_mode, teacher_mode = student.training, teacher.training
     requires_grad = {name: p.requires_grad for name, p in student.named_parameters()}
-    trainable = ff_parameter_names(student) if config.trainable == "ff" else set(requires_grad)
+    trainable = trainable_names(student, config)
     if not trainable:
         raise ValueError(
-            f"trainable='ff' found no feed-forward parameters in {type(student).__name__}: no module "
-            f"named {sorted(FF_MODULE_NAMES)} (or BERT's FF output); use trainable='all'"
+            f"trainable={config.trainable!r} (train_layers={config.train_layers}) found no feed-forward "
+            f"parameters in {type(student).__name__}: no module named {sorted(FF_MODULE_NAMES)} (or BERT's "
+            "FF output) in those layers; use trainable='all'"
         )
     # ZeRO-3 partitions the module's parameters and bf16 casts them: both would leave the caller's
     # model unusable, so those engines train a copy whose fp32 weights are copied back at the end.
@@ -1006,6 +1031,7 @@ def _file_rendezvous_torch_config(store_dir: str) -> Any:
 MODEL_DIR = "model"
 CHECKPOINTS_DIR = "checkpoints"
 _OUT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}  # safetensors' names
 
 
 class DistillStageConfig(BaseModel):
@@ -1075,8 +1101,12 @@ def run_stage(config: DistillStageConfig, inputs: dict[str, Path], out_dir: Path
             f"but the student has {n_s}: the teacher must be the original model of this overlay"
         )
     layer_map = layer_map_for(n_t, skipped)
+    kept = [i for i in range(n_t) if i not in skipped]  # student layer j is base layer kept[j]
 
     train = config.train
+    if train.trainable == "compressed" and train.train_layers is None and overlay_dir is not None:
+        changed = _patched_layers(overlay_dir)
+        train = train.model_copy(update={"train_layers": [j for j, i in enumerate(kept) if i in changed]})
     blocks = read_calib(data_dir)[: config.max_blocks]
     n_batches = len(blocks) // train.micro_batch
     if n_batches == 0:
@@ -1119,6 +1149,9 @@ def run_stage(config: DistillStageConfig, inputs: dict[str, Path], out_dir: Path
     else:
         out_dtype = _OUT_DTYPES[config.dtype]
     model_dir = out_dir / MODEL_DIR
+    overlay_written = False
+    if overlay_dir is not None:
+        overlay_written = write_overlay(student, trainable_names(student, train), overlay_dir, out_dir, kept, out_dtype)
     _write_student(student, student_dir, model_dir, out_dtype, tied=config.tied)
     block = int(blocks.shape[1])
     summary = {
@@ -1136,6 +1169,11 @@ def run_stage(config: DistillStageConfig, inputs: dict[str, Path], out_dir: Path
         "skipped_layers": sorted(skipped),
         "path": str(model_dir),
         "form": "tied" if config.tied else "stock",
+        "trainable": train.trainable,
+        "train_layers": train.train_layers,
+        # The trained model also as an overlay on the base shard (overlay.json beside model/),
+        # scored like any candidate; False when training moved parameters outside decoder layers.
+        "overlay": overlay_written,
         "dtype": str(out_dtype).removeprefix("torch."),
     }
     _append_card(model_dir, summary)
@@ -1192,6 +1230,77 @@ def _skipped_layers(overlay_dir: Path | None) -> set[int]:
         return set()
     layers = json.loads((overlay_dir / "overlay.json").read_text()).get("layers", {})
     return {int(i) for i, entry in layers.items() if entry.get("skip")}
+
+
+def _patched_layers(overlay_dir: Path) -> set[int]:
+    layers = json.loads((overlay_dir / "overlay.json").read_text()).get("layers", {})
+    return {int(i) for i, entry in layers.items() if entry.get("patch")}
+
+
+def write_overlay(student: nn.Module, trained: set[str], winner_dir: Path, out_dir: Path, kept: list[int],
+                  dtype: torch.dtype) -> bool:
+    """Write the trained student as an overlay on the winner's base shard at ``out_dir``
+    (``overlay.json`` and ``ff/`` patches, in the form the compress stage writes): every layer the
+    winner patched or training moved gets a patch of its trained tensors (cut back to the winner's
+    shapes: export padding is zero neurons, and stays zero under training), tied windows one patch
+    each, skipped layers stay skipped. Returns False, writing nothing, when training moved
+    parameters outside the decoder layers (embeddings, final norm): no overlay can hold those."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from stages.artifacts import write_atomic, write_json_atomic
+    from stages.families import family_for
+
+    if any(layer_index(n) is None for n in trained):
+        return False
+    meta = json.loads((winner_dir / "overlay.json").read_text())
+    family = family_for(student.config)
+    state = student.state_dict()
+    prefix = next((p for p in family.layer_prefixes if any(k.startswith(p.format(0)) for k in state)), None)
+    if prefix is None:
+        raise RuntimeError(f"no parameter of the student starts with any of {family.layer_prefixes}")
+    moved: dict[int, set[str]] = {}  # base layer -> layer-relative keys training changed
+    for n in trained:
+        j = layer_index(n)
+        assert j is not None
+        moved.setdefault(kept[j], set()).add(n[len(prefix.format(j)):])
+    group_of: dict[int, tuple[int, ...]] = {}
+    refs: dict[int, dict[str, Tensor]] = {}
+    for i, entry in meta["layers"].items():
+        if entry.get("patch"):
+            group_of[int(i)] = tuple(entry.get("tied") or [int(i)])
+            with safe_open(str(winner_dir / entry["patch"]), framework="pt") as f:
+                refs[int(i)] = {k: f.get_slice(k) for k in f.keys()}
+    layers: dict[str, dict] = {str(i): {"skip": True} for i, e in meta["layers"].items() if e.get("skip")}
+    written: dict[tuple[int, ...], str] = {}
+    for i in sorted(set(refs) | set(moved)):
+        g = group_of.get(i, (i,))
+        if g not in written:
+            j = kept.index(i)
+            pfx = prefix.format(j)
+            layer_sd = family.canonicalize({k[len(pfx):]: v for k, v in state.items() if k.startswith(pfx)})
+            ref = refs.get(i, {})
+            patch = {}
+            for key in sorted(set(ref) | moved.get(i, set())):
+                if key not in layer_sd:
+                    raise RuntimeError(f"layer {i}: the student has no tensor {key!r}")
+                t = layer_sd[key].detach()
+                want = ref[key].get_shape() if key in ref else list(t.shape)
+                if list(t.shape) != want:
+                    cut = tuple(slice(0, d) for d in want)
+                    rest = t.clone()
+                    rest[cut] = 0
+                    if len(want) != t.dim() or any(d > e for d, e in zip(want, t.shape)) or rest.any():
+                        raise RuntimeError(f"layer {i} {key}: trained {tuple(t.shape)} does not cut back to {want}")
+                    t = t[cut]
+                out_dtype = _ST_DTYPES.get(ref[key].get_dtype(), dtype) if key in ref else dtype
+                patch[key] = t.to(out_dtype).contiguous().cpu()
+            name = f"ff/L{g[0]:05d}" + (f"-{g[-1]:05d}" if len(g) > 1 else "") + ".safetensors"
+            write_atomic(out_dir / name, lambda p, t=patch: save_file(t, str(p)))
+            written[g] = name
+        layers[str(i)] = {"patch": written[g], "tied": list(g) if len(g) > 1 else None}
+    write_json_atomic(out_dir / "overlay.json", {"layers": layers, "tied": [list(g) for g in meta.get("tied", [])]})
+    return True
 
 
 def _write_student(

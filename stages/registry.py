@@ -49,7 +49,7 @@ STAGES: dict[str, StageDef] = {
         StageDef("export", 1, export.ExportConfig, export.run, inputs=("shard",)),
         # Inputs: teacher (export of the original), student (export of the winner), data, and
         # optionally overlay (the winner's, to map layers when some were dropped).
-        StageDef("distill", 1, distill.DistillStageConfig, distill.run_stage, inputs=("teacher", "student", "data"),
+        StageDef("distill", 2, distill.DistillStageConfig, distill.run_stage, inputs=("teacher", "student", "data"),
                  num_cpus=2),
     )
 }

@@ -14,7 +14,6 @@ so the model's own final norm and head produce the logits.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -275,8 +274,3 @@ class LayerStreamedModel:
         """Convenience: the full streamed forward of one batch."""
         (state,) = self.run([self.start(input_ids, attention_mask)])
         return self.finish(state)
-
-
-def layer_index(name: str) -> int | None:
-    m = re.search(r"\.(\d+)\.", name)
-    return int(m.group(1)) if m else None

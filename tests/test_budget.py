@@ -28,7 +28,8 @@ def tiny_lm(tmp_path_factory: pytest.TempPathFactory, smollm2_tokenizer: Path) -
     return path
 
 
-def _spec(tmp: Path, model: Path, target: dict, cache: Path | None = None, methods: list[str] | None = None) -> Path:
+def _spec(tmp: Path, model: Path, target: dict, cache: Path | None = None, methods: list[str] | None = None,
+          **extra: object) -> Path:
     spec = {
         "name": "b", "model": str(model), "cache": str(cache or tmp / "cache"), "output": str(tmp / "out"),
         "data": {"corpus": "shakespeare", "block_size": 64, "calib_tokens": 512, "eval_tokens": 512},
@@ -36,6 +37,8 @@ def _spec(tmp: Path, model: Path, target: dict, cache: Path | None = None, metho
         "budget": {"target": target, "methods": methods or ["prune", "layer_drop", "combo"],
                    "halving": {"min_tokens": 64}},
     }
+    for k, v in extra.items():
+        spec[k] = {**spec[k], **v} if isinstance(spec.get(k), dict) else v
     p = tmp / f"spec-{len(list(tmp.glob('spec-*')))}.yaml"
     p.write_text(yaml.safe_dump(spec))
     return p
@@ -95,6 +98,29 @@ def test_budget_run_picks_best_and_retargets(tiny_lm: Path, tmp_path: Path, ray_
     for name in ("shard", "data", "collect", "collect.part0", "evaluate"):
         assert rep2["stages"][name]["status"] == "hit", name
     assert rep2["budget"]["budget"] < budget
+
+
+def test_tied_merge_winner_is_distilled_and_scored(tiny_lm: Path, tmp_path: Path, ray_local) -> None:
+    """A tied (merged) winner is distilled with its windows tied and only its merged FF sublayers
+    training; the result is scored as an overlay on the base shard and handed over only if better."""
+    import mlpfuse
+
+    distill = {"train": {"steps": 3, "lr": 1e-3, "zero_stage": 2, "micro_batch": 2, "grad_accum": 1,
+                         "checkpoint_every": 2, "seed": 0}, "max_blocks": 8}
+    spec = _spec(tmp_path, tiny_lm, {"ff_params": 0.7}, methods=["merge"],
+                 budget={"export": "tied"}, distill=distill)
+    assert main(["run", str(spec)]) == 0
+    rep = json.loads((tmp_path / "out" / "report.json").read_text())
+    d, winner = rep["distill"], rep["winner"]
+    assert winner["name"].startswith("merge") and d["form"] == "tied" and d["overlay"] is True
+    assert d["trainable"] == "compressed" and d["train_layers"]  # the merged window only
+    assert len(d["train_layers"]) < 6
+    assert d["perplexity_before"] == winner["perplexity"] and d["perplexity"] > 0
+    assert rep["stages"]["evaluate.distilled"]["status"] == "run"
+    assert d["kept"] == (d["perplexity"] <= d["perplexity_before"])
+    model = mlpfuse.load(tmp_path / "out" / "export")
+    ties = json.loads((tmp_path / "out" / "export" / "mlpfuse_ties.json").read_text())
+    assert ties and model.config.num_hidden_layers == 6
 
 
 @pytest.mark.parametrize("target, methods, message", [

@@ -87,7 +87,7 @@ def plain_distill(student, teacher, batches, config: DistillConfig) -> list[floa
     clip = shipped["gradient_clipping"]
     trainable = (
         ff_parameter_names(student)
-        if config.trainable == "ff"
+        if config.trainable != "all"  # "compressed" without train_layers: every FF sublayer
         else {n for n, _ in student.named_parameters()}
     )
     params = []
@@ -168,7 +168,7 @@ def test_config_is_strict():
     config = make_config()
     with pytest.raises(ValidationError):
         config.steps = 3  # frozen
-    assert config.trainable == "ff" and config.lm_loss_weight == 0.0 and config.layer_loss == "mse"
+    assert config.trainable == "compressed" and config.train_layers is None and config.lm_loss_weight == 0.0 and config.layer_loss == "mse"
 
 
 def test_teacher_must_not_be_the_student(tmp_path):

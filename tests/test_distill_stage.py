@@ -299,7 +299,64 @@ def test_tied_form_stays_tied(artifacts: dict[str, Path], tmp_path: Path) -> Non
     assert not torch.equal(layers[1].mlp.up_proj.weight, before.model.layers[1].mlp.up_proj.weight)
     ids = _ids(artifacts)
     with torch.no_grad():
-        assert (after(ids).logits - before(ids).logits).abs().max().item() > 1e-3
+        got = after(ids).logits
+        assert (got - before(ids).logits).abs().max().item() > 1e-3
+    # The trained model as an overlay on the base shard: the tied window one patch, same logits.
+    assert res["overlay"] is True
+    meta = json.loads((tmp_path / "out" / "overlay.json").read_text())
+    assert meta["layers"][str(TIE[0])]["patch"] == meta["layers"][str(TIE[1])]["patch"]
+    assert meta["layers"][str(SKIP)] == {"skip": True} and meta["tied"] == [TIE]
+    torch.testing.assert_close(_overlay_logits(artifacts, tmp_path / "out", ids), got, rtol=1e-4, atol=1e-5)
+
+
+def _overlay_logits(a: dict[str, Path], overlay: Path, ids: torch.Tensor) -> torch.Tensor:
+    from stages.overlay import load_overrides
+    from stages.runner import LayerStreamedModel
+
+    with torch.no_grad():
+        return LayerStreamedModel(a["shard"], overrides=load_overrides(overlay)).logits(ids)
+
+
+def test_overlay_of_the_distilled_model(artifacts: dict[str, Path], tmp_path: Path) -> None:
+    """trainable="compressed" (the default) trains only the layers the winner patched; the distill
+    overlay reproduces the distilled export on the base shard, also for layers only training moved
+    (trainable="ff"), and export padding is cut back to the winner's shapes."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    root = tmp_path
+    sh = artifacts["shard"]
+    cfg = AutoConfig.from_pretrained(sh)
+    family = family_for(cfg)
+    sd = load_file(str(sh / layer_file(0)))
+    (ref,) = family.ff_blocks(cfg, sd)
+    ff = family.read_ff(cfg, sd, ref)
+    save_overlay(root / "ov", Overlay(blocks={0: {ref: ff.select(torch.arange(ff.intermediate_size // 2))}}),
+                 family, cfg, lambda i: load_file(str(sh / layer_file(i))))
+    export.run(export.ExportConfig(), {"shard": sh, "overlay": root / "ov"}, root / "student")
+    inputs = {"teacher": artifacts["teacher"], "student": root / "student", "data": artifacts["data"],
+              "overlay": root / "ov"}
+    before = mlpfuse.load(root / "student" / "model")
+    ids = _ids(artifacts)
+    for trainable, layers in (("compressed", [0]), ("ff", [0, 1, 2, 3])):
+        out = root / trainable
+        res = run_stage(_config(trainable=trainable), inputs, out)
+        assert res["trainable"] == trainable and res["overlay"] is True
+        after = mlpfuse.load(out / "model")
+        moved = {int(n.split(".")[2]) for n, p in after.named_parameters()
+                 if not torch.equal(p, before.get_parameter(n))}
+        assert moved == set(layers), (trainable, moved)
+        meta = json.loads((out / "overlay.json").read_text())
+        assert sorted(int(i) for i in meta["layers"]) == layers
+        patch0 = load_file(str(out / meta["layers"]["0"]["patch"]))
+        assert {k: v.shape for k, v in patch0.items()} == {
+            k: v.shape for k, v in load_file(str(root / "ov" / "ff" / "L00000.safetensors")).items()}
+        with torch.no_grad():
+            want = after(ids).logits
+        torch.testing.assert_close(_overlay_logits(artifacts, out, ids), want, rtol=1e-4, atol=1e-5)
+    # trainable="all" moves embeddings: no overlay can hold that, and none is written.
+    res = run_stage(_config(trainable="all"), inputs, root / "all")
+    assert res["overlay"] is False and not (root / "all" / "overlay.json").exists()
 
 
 def test_teacher_must_be_the_original(artifacts: dict[str, Path], tmp_path: Path) -> None:
