@@ -17,10 +17,12 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from safetensors import safe_open
 from torch import Tensor, nn
 
@@ -117,6 +119,30 @@ def _set_tensor(module: nn.Module, name: str, value: Tensor | None) -> None:
         module._buffers[leaf] = value
 
 
+def _upcast_embedding(mod: nn.Module, dtype: torch.dtype, forward: Callable[[Tensor], Tensor], ids: Tensor) -> Tensor:
+    """The embedding module's own forward (scaling included, e.g. Gemma's) on a ``dtype`` table
+    of just the rows ``ids`` look up."""
+    table = mod.weight
+    uniq, inv = torch.unique(ids, return_inverse=True)
+    mod._parameters["weight"] = nn.Parameter(table[uniq].to(dtype), requires_grad=False)
+    try:
+        return forward(inv.reshape(ids.shape))
+    finally:
+        mod._parameters["weight"] = table
+
+
+def _upcast_linear(mod: nn.Linear, dtype: torch.dtype, x: Tensor) -> Tensor:
+    """``mod(x)`` computed in ``dtype`` from a lower-precision weight, cast one chunk of output
+    rows (~64 MB in ``dtype``) at a time."""
+    w, b = mod.weight, mod.bias
+    x = x.to(dtype)
+    out = x.new_empty((*x.shape[:-1], w.shape[0]))
+    step = max(1, (64 << 20) // (w.shape[1] * x.element_size()))
+    for s in range(0, w.shape[0], step):
+        out[..., s : s + step] = F.linear(x, w[s : s + step].to(dtype), None if b is None else b[s : s + step].to(dtype))
+    return out
+
+
 class LayerStreamedModel:
     """A sharded model run layer by layer. ``overrides`` replace (or SKIP) individual layers:
     compressed candidates are expressed this way without rewriting the shards."""
@@ -148,12 +174,24 @@ class LayerStreamedModel:
         self._layer_param_names = [
             [n for n, _ in layer.named_parameters()] for layer in self.layers
         ]
+        # The vocabulary-sized tensors (input embedding, output head) stay in their stored
+        # precision: the embedding's rows are cast as they are looked up, the head's in chunks as
+        # it runs (the same values as casting the whole table first, at a fraction of the memory).
+        emb = self.model.get_input_embeddings()
+        head = self.model.get_output_embeddings() if self.family.causal else None
+        stored = {f"{n}.weight" for n, m in self.model.named_modules() if m is emb or (head is not None and m is head)}
         with safe_open(str(self.shard_dir / "rest.safetensors"), framework="pt") as f:
             for k in f.keys():
-                _set_tensor(self.model, k, f.get_tensor(k).to(device=self.device, dtype=self._cast(f.get_tensor(k))))
+                t = f.get_tensor(k)
+                keep = k in stored and t.is_floating_point() and t.element_size() < torch.empty((), dtype=dtype).element_size()
+                _set_tensor(self.model, k, t.to(device=self.device, dtype=t.dtype if keep else self._cast(t)))
+                del t
         for name in self.meta.get("tied_head", []):
-            emb = self.model.get_input_embeddings().weight
-            _set_tensor(self.model, name, emb.data)
+            _set_tensor(self.model, name, emb.weight.data)
+        if emb.weight.dtype != dtype:
+            emb.forward = partial(_upcast_embedding, emb, dtype, emb.forward)  # type: ignore[method-assign]
+        if isinstance(head, nn.Linear) and head.weight.dtype != dtype:
+            head.forward = partial(_upcast_linear, head, dtype)  # type: ignore[method-assign]
         # Buffers (rotary inv_freq, position ids) were built for real on the CPU.
         for mod in self.model.modules():
             for bname, b in list(mod._buffers.items()):

@@ -33,6 +33,31 @@ def test_streamed_matches_in_memory(model_type: str, tiny_checkpoints: dict[str,
     assert (got - ref).abs().max().item() <= 1e-4
 
 
+@pytest.mark.parametrize("model_type", sorted(TINY_CONFIGS))
+def test_low_precision_vocab_tables_stay_stored(model_type: str, tiny_checkpoints: dict[str, Path],
+                                                tmp_path: Path) -> None:
+    """A bfloat16 checkpoint run in float32: the embedding and head tables stay bfloat16 in memory,
+    and the logits equal the model loaded wholly in float32."""
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    cls = AutoModel if model_type == "bert" else AutoModelForCausalLM
+    bf16 = tmp_path / "bf16"
+    cls.from_pretrained(tiny_checkpoints[model_type], dtype=torch.bfloat16).save_pretrained(bf16)
+    out = tmp_path / "shard"
+    shard.run(shard.ShardConfig(model=str(bf16)), {}, out)
+    ids = torch.randint(0, 128, (2, 11), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        out32 = cls.from_pretrained(bf16, dtype=torch.float32).eval()(ids)
+        ref = out32.last_hidden_state if model_type == "bert" else out32.logits
+    lm = LayerStreamedModel(out)
+    assert lm.model.get_input_embeddings().weight.dtype == torch.bfloat16
+    if model_type != "bert":
+        assert lm.model.get_output_embeddings().weight.dtype == torch.bfloat16
+    got = lm.logits(ids)
+    assert got.dtype == torch.float32 and got.shape == ref.shape
+    assert (got - ref).abs().max().item() <= 1e-4
+
+
 def test_one_layer_resident(tiny_checkpoints: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "shard"
     shard.run(shard.ShardConfig(model=str(tiny_checkpoints["llama"])), {}, out)
