@@ -46,10 +46,10 @@ ranked by their current contribution ``α_b² E_b`` (rank 0 = most important).
 (``ratio`` = sparsity of the least over the most important branch before capping, default 4) and
 ``λ`` is solved (bisection) so that the size-weighted mean ``Σ_r n_r s_r / Σ_r n_r = s``: the cap
 (``max_branch_sparsity``) water-fills the excess onto the other branches. Counts are rounded by
-largest remainder so exactly ``round(s · N)`` neurons go. Within each branch the lowest-energy
-neurons are removed (structured: whole neurons, so the result is a smaller dense MLP). Rationale:
-important branches keep nearly all neurons, unimportant ones absorb most of the pruning — a
-smooth version of "drop the weakest branches".
+largest remainder so exactly ``ceil(s · N)`` neurons go (never fewer than asked, so a size budget
+holds). Within each branch the lowest-energy neurons are removed (structured: whole neurons, so
+the result is a smaller dense MLP). Rationale: important branches keep nearly all neurons,
+unimportant ones absorb most of the pruning — a smooth version of "drop the weakest branches".
 
 **Compensated Pruning (:func:`compensated_prune`).** Remove whole branches, keeping the ``k``
 with the largest ``α_b² E_b``. With branch outputs treated as uncorrelated (zero cross terms),
@@ -414,7 +414,7 @@ def fade_schedule(
     """Neurons to remove per branch, branches given from most to least important.
 
     Implements the Fractal Fade schedule of the module docstring: ``s_r = min(cap, λ p_r)`` with
-    ``Σ_r n_r s_r = s · N``, rounded by largest remainder so exactly ``round(s · N)`` neurons go.
+    ``Σ_r n_r s_r = s · N``, rounded by largest remainder so exactly ``ceil(s · N)`` neurons go.
 
     Args:
         sizes: ``n_r`` neurons of the rank-r branch.
@@ -448,7 +448,7 @@ def fade_schedule(
             f"unknown fade schedule {schedule!r}; expected 'uniform', 'linear' or 'geometric'"
         )
     limit = np.floor(max_branch_sparsity * n + 1e-9).astype(np.int64)
-    target = round(sparsity * total)
+    target = math.ceil(sparsity * total - 1e-9)  # at least the fraction asked: a size budget is never exceeded
     if target > int(limit.sum()):
         raise ValueError(
             f"sparsity {sparsity} removes {target} neurons but "
@@ -491,7 +491,7 @@ def fractal_fade(
     max_branch_sparsity: float = 1.0,
     hidden_second_moment: Tensor | None = None,
 ) -> StaticMoE:
-    """Differential branch sparsity: remove ``round(sparsity · N)`` neurons, more from less
+    """Differential branch sparsity: remove ``ceil(sparsity · N)`` neurons, more from less
     important branches (schedule in the module docstring and :func:`fade_schedule`); within a
     branch the lowest-energy neurons go. Returns a new StaticMoE (α unchanged); branches left
     empty are dropped."""
