@@ -24,11 +24,15 @@ Suites:
   recomputed): layer-forwards and seconds of the candidate evaluation.
 - ``budget``: the planner at 90/80/70 % of parameters, successive halving vs every candidate on the
   full budget: the same winner? how many layer-forwards (tokens x layers) each took?
+- ``distill``: the planner's winner at each target, then layer-wise distillation against the
+  original (ZeRO-2, only the compressed FF sublayers train) for at most ``--minutes``: perplexity
+  before and after, steps, tokens, minutes.
 
 Usage (one suite at a time; each prints its table and writes ``runs/quality/<suite>.json``)::
 
     .venv/bin/python benchmarks/quality.py moefy
     .venv/bin/python benchmarks/quality.py budget --targets 0.9 0.8 0.7
+    .venv/bin/python benchmarks/quality.py distill --targets 0.7 --minutes 30
 """
 
 from __future__ import annotations
@@ -58,10 +62,12 @@ MID = list(range(8, 30))
 
 
 def run(name: str, budget: dict[str, Any], cache: str, out: Path, max_tokens: int | None = None,
-        force: set[str] | None = None) -> dict[str, Any]:
+        force: set[str] | None = None, distill: dict[str, Any] | None = None) -> dict[str, Any]:
     base = dict(BASE_SPEC)
     if max_tokens is not None:  # 0: every held-out token
         base["evaluate"] = {**base["evaluate"], "max_tokens": max_tokens}
+    if distill is not None:
+        base["distill"] = distill
     spec = parse_spec({**base, "name": name, "cache": cache, "output": str(out / name), "budget": budget})
     t0 = time.time()
     report, _ = run_job(spec, ArtifactStore(spec.cache), force)
@@ -211,9 +217,11 @@ def suite_budget(args: argparse.Namespace) -> dict[str, Any]:
     out = {}
     methods = args.methods
     for t in args.targets:
-        budget = {"target": {"params": t}, "methods": methods, "halving": {"min_tokens": args.min_tokens}}
-        halving = run(f"quality-budget-{t}-halving", budget, args.cache, args.out)
+        budget = {"target": {"params": t}, "methods": methods,
+                  "halving": {"min_tokens": args.min_tokens, "factor": args.factor}}
+        halving = run(f"quality-budget-{t}-halving-f{args.factor}", budget, args.cache, args.out)
         full = run(f"quality-budget-{t}-full", {**budget, "halving": {"min_tokens": FULL}}, args.cache, args.out)
+        assert halving["base"]["perplexity"] == full["base"]["perplexity"]
         rows = table(full, f"Budget: {int(round((1 - t) * 100))}% of parameters removed, every candidate on every token")
         hb, fb = halving["budget"], full["budget"]
         summary = {
@@ -231,9 +239,35 @@ def suite_budget(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def suite_distill(args: argparse.Namespace) -> dict[str, Any]:
+    """The planner's winner at each target, then layer-wise distillation (DeepSpeed ZeRO-2, one
+    process, only the compressed FF sublayers train) for at most ``--minutes``."""
+    out = {}
+    for t in args.targets:
+        budget = {"target": {"params": t}, "methods": args.methods,
+                  "halving": {"min_tokens": args.min_tokens, "factor": args.factor}}
+        distill = {"train": {"steps": 100_000, "lr": args.lr, "zero_stage": 2, "micro_batch": 2, "grad_accum": 1,
+                             "checkpoint_every": 20, "seed": 0},
+                   "max_blocks": 40, "minutes": args.minutes}
+        rep = run(f"quality-distill-{t}-{args.minutes}min", budget, args.cache, args.out, distill=distill)
+        base, d = rep["base"]["perplexity"], rep["distill"]
+        row = {"removed": round(1 - t, 6), "winner": rep["winner"]["name"], "params": rep["winner"]["params"],
+               "base": base, "before": d["perplexity_before"], "after": d["perplexity"],
+               "before_x": d["perplexity_before"] / base, "after_x": d["perplexity"] / base,
+               "steps": d["steps"], "tokens": d["tokens"], "minutes": round(d["seconds"] / 60, 1),
+               "kept": d["kept"], "trainable": d["trainable"], "train_layers": d["train_layers"],
+               "loss_first": d["losses"][0], "loss_last": d["losses"][-1]}
+        print(f"\n## Distilled winner at -{row['removed']:.0%} params: {row['winner']} "
+              f"base {base:.3f} | before {row['before']:.3f} ({row['before_x']:.2f}x) | "
+              f"after {row['after']:.3f} ({row['after_x']:.2f}x) | {row['steps']} steps, {row['tokens']:,} tokens, "
+              f"{row['minutes']} min, layer loss {row['loss_first']:.3f} -> {row['loss_last']:.3f}")
+        out[f"params {t}"] = row
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("suite", choices=["moefy", "fusion", "merge", "budget", "prefix"])
+    ap.add_argument("suite", choices=["moefy", "fusion", "merge", "budget", "prefix", "distill"])
     ap.add_argument("--cache", default="~/.cache/mlpfuse")
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "quality")
     ap.add_argument("--removed", type=float, nargs="+", default=[0.1, 0.2, 0.3])
@@ -247,10 +281,13 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=None,
                     help="moefy/fusion/merge: score this many held-out tokens (0: all; default 2,048)")
     ap.add_argument("--min-tokens", type=int, default=128, help="budget suite: first halving round's tokens")
+    ap.add_argument("--factor", type=int, default=2, help="budget/distill: halving keeps 1/factor each round")
+    ap.add_argument("--minutes", type=float, default=30, help="distill suite: training wall-clock cap")
+    ap.add_argument("--lr", type=float, default=3e-4, help="distill suite: learning rate")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     suites = {"moefy": suite_moefy, "fusion": suite_fusion, "merge": suite_merge, "budget": suite_budget,
-              "prefix": suite_prefix}
+              "prefix": suite_prefix, "distill": suite_distill}
     result = suites[args.suite](args)
     path = args.out / f"{args.suite}.json"
     path.write_text(json.dumps(result, indent=1))
