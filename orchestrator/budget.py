@@ -94,6 +94,7 @@ class Candidate:
     rounds: list[dict[str, Any]] = field(default_factory=list)
     result: dict[str, Any] = field(default_factory=dict)
     key: str = ""
+    custom: bool = False  # given by hand in ``budget.candidates``
 
 
 @dataclass
@@ -247,7 +248,9 @@ def plan_candidates(spec: BudgetSpec, facts: ModelFacts) -> tuple[list[Candidate
                         add(f"merge-{start}-{start + size - 1}" + ("" if permute else "-vanilla"), "merge",
                             {"method": "merge", "start": start, "size": size, "permute": permute})
     for j, c in enumerate(spec.candidates):
-        cands.append(Candidate(f"custom-{j}-{c.candidate.method}", c, "custom"))
+        method = c.candidate.method
+        family = "combo" if c.drop and method == "prune" else method  # as the planner names its own
+        cands.append(Candidate(f"custom-{j}-{method}", c, family, custom=True))
     if not cands:
         reasons = "; ".join(f"{s['method']}: {s['why']}" for s in skipped) or "no method selected"
         value = spec.target.params if spec.target.params is not None else spec.target.ff_params

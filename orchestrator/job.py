@@ -50,7 +50,7 @@ def _layer_errors(session: Session, spec: PipelineSpec, cands: list[Candidate]) 
 
     best: dict[str, Candidate] = {}
     for c in cands:
-        group = c.name if c.family == "custom" else c.family
+        group = c.name if c.custom else c.family
         if c.rounds and c.config.candidate.method != "layer_drop" and (
                 group not in best or c.rounds[-1]["perplexity"] < best[group].rounds[-1]["perplexity"]):
             best[group] = c

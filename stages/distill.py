@@ -1167,7 +1167,7 @@ def run_stage(config: DistillStageConfig, inputs: dict[str, Path], out_dir: Path
         "block_size": block,
         "layer_map": layer_map,
         "skipped_layers": sorted(skipped),
-        "path": str(model_dir),
+        "path": MODEL_DIR,  # relative to the artifact
         "form": "tied" if config.tied else "stock",
         "trainable": train.trainable,
         "train_layers": train.train_layers,

@@ -66,6 +66,18 @@ def test_planner_sizes_every_candidate_to_the_budget() -> None:
     assert 600 * (1 - prune.config.candidate.ratio) >= 200  # removes at least the 200 asked for
 
 
+def test_hand_given_candidates_keep_their_method_family() -> None:
+    facts = ModelFacts(num_layers=6, params=1000, ff_params=600, layer_params=[150] * 6, ff_layer_params=[100] * 6,
+                       cos=[0.1, 0.9, 0.5, 0.8, 0.7, 0.2])
+    spec = BudgetSpec(target={"params": 0.8}, methods=[], export="tied", candidates=[
+        {"candidate": {"method": "merge", "start": 1, "size": 3}},
+        {"candidate": {"method": "prune", "ratio": 0.5}, "drop": [2]},
+        {"candidate": {"method": "prune", "ratio": 0.5}}])
+    cands, _ = plan_candidates(spec, facts)
+    assert [(c.name, c.family, c.custom) for c in cands] == [
+        ("custom-0-merge", "merge", True), ("custom-1-prune", "combo", True), ("custom-2-prune", "prune", True)]
+
+
 def test_budget_run_picks_best_and_retargets(tiny_lm: Path, tmp_path: Path, ray_local) -> None:
     cache = tmp_path / "cache"
     assert main(["run", str(_spec(tmp_path, tiny_lm, {"params": 0.9}, cache))]) == 0
@@ -118,6 +130,7 @@ def test_tied_merge_winner_is_distilled_and_scored(tiny_lm: Path, tmp_path: Path
     assert d["perplexity_before"] == winner["perplexity"] and d["perplexity"] > 0
     assert rep["stages"]["evaluate.distilled"]["status"] == "run"
     assert d["kept"] == (d["perplexity"] <= d["perplexity_before"])
+    assert "a baseline beat" not in winner["reason"]
     model = mlpfuse.load(tmp_path / "out" / "export")
     ties = json.loads((tmp_path / "out" / "export" / "mlpfuse_ties.json").read_text())
     assert ties and model.config.num_hidden_layers == 6
