@@ -128,7 +128,7 @@ def perplexity(
     model.run(states, start=start, progress=progress)
     nll, count = 0.0, 0
     for state, (ids, n_target, _) in zip(states, batches, strict=True):
-        logits = model.finish(state)
+        logits = model.finish(state, keep_last=max(n_target) + 1)  # the scored positions' logits only
         a, b = _nll(logits, ids, n_target)
         nll, count = nll + a, count + b
     mean = nll / max(count, 1)

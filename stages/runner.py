@@ -14,6 +14,7 @@ so the model's own final norm and head produce the logits.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -188,6 +189,7 @@ class LayerStreamedModel:
                 del t
         for name in self.meta.get("tied_head", []):
             _set_tensor(self.model, name, emb.weight.data)
+        self._takes_logits_to_keep = "logits_to_keep" in inspect.signature(self.model.forward).parameters
         if emb.weight.dtype != dtype:
             emb.forward = partial(_upcast_embedding, emb, dtype, emb.forward)  # type: ignore[method-assign]
         if isinstance(head, nn.Linear) and head.weight.dtype != dtype:
@@ -238,8 +240,8 @@ class LayerStreamedModel:
                     _set_tensor(module, k, torch.empty(0, device="meta"))
 
     # ----- the two model passes -------------------------------------------------------------
-    def _forward_base(self, input_ids: Tensor, attention_mask: Tensor | None) -> Any:
-        kwargs: dict[str, Any] = {"input_ids": input_ids.to(self.device)}
+    def _forward_base(self, input_ids: Tensor, attention_mask: Tensor | None, **extra: Any) -> Any:
+        kwargs: dict[str, Any] = {"input_ids": input_ids.to(self.device), **extra}
         if attention_mask is not None:
             kwargs["attention_mask"] = attention_mask.to(self.device)
         if self.family.causal:
@@ -266,18 +268,23 @@ class LayerStreamedModel:
         return BatchState(input_ids, attention_mask, hidden, store)
 
     @torch.no_grad()
-    def finish(self, state: BatchState) -> Tensor:
-        """Final norm and head on ``state.hidden``: logits [b, T, V] (encoders: hidden [b, T, H])."""
+    def finish(self, state: BatchState, keep_last: int = 0) -> Tensor:
+        """Final norm and head on ``state.hidden``: logits [b, T, V] (encoders: hidden [b, T, H]).
+        ``keep_last`` > 0: logits of the last ``keep_last`` positions only (the head runs on just
+        those where the model takes ``logits_to_keep``)."""
         originals = list(self.layers)
         self.layers[0] = _Injector(originals[0], state.hidden)
         for i in range(1, len(originals)):
             self.layers[i] = _Identity(originals[i])
+        extra = {"logits_to_keep": keep_last} if keep_last and self._takes_logits_to_keep else {}
         try:
-            out = self._forward_base(state.input_ids, state.attention_mask)
+            out = self._forward_base(state.input_ids, state.attention_mask, **extra)
         finally:
             for i, m in enumerate(originals):
                 self.layers[i] = m
-        return out.logits if self.family.causal else out.last_hidden_state
+        if not self.family.causal:
+            return out.last_hidden_state
+        return out.logits[:, -keep_last:] if keep_last else out.logits
 
     @staticmethod
     def apply(layer: nn.Module, i: int, state: BatchState) -> Tensor:
