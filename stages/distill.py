@@ -1031,7 +1031,6 @@ def _file_rendezvous_torch_config(store_dir: str) -> Any:
 MODEL_DIR = "model"
 CHECKPOINTS_DIR = "checkpoints"
 _OUT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}  # safetensors' names
 
 
 class DistillStageConfig(BaseModel):
@@ -1249,6 +1248,7 @@ def write_overlay(student: nn.Module, trained: set[str], winner_dir: Path, out_d
     from safetensors.torch import save_file
 
     from stages.artifacts import write_atomic, write_json_atomic
+    from stages.export import _ST_DTYPES
     from stages.families import family_for
 
     if any(layer_index(n) is None for n in trained):

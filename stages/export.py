@@ -36,6 +36,7 @@ Rules:
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 from collections.abc import Iterator
@@ -49,6 +50,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from stages.checkpoint import stream_safetensors
 from stages.errors import InputError
 from stages.families import FamilyAdapter, FFBlockRef, FFWeights, family_for
 from stages.shard import DTYPES, TOKENIZER_FILES, build_skeleton, layer_file, load_shard_meta
@@ -60,6 +62,8 @@ TIED_STEM = "mlpfuse-tied"
 EXTRA_TOKENIZER_FILES = ("chat_template.jinja", "chat_template.json", "preprocessor_config.json")
 
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+_ST_SIZES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "BF16": 2, "F16": 2, "I16": 2,
+             "U16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
 
 class ExportError(InputError):
@@ -189,34 +193,56 @@ def _own(t: Tensor) -> Tensor:
 class ShardWriter:
     """Streams tensors into safetensors shards of at most ``max_bytes`` (a tensor larger than that
     gets a shard of its own), then names them as transformers does: ``{stem}.safetensors``, or
-    ``{stem}-00001-of-0000N.safetensors`` plus ``{stem}.safetensors.index.json``."""
+    ``{stem}-00001-of-0000N.safetensors`` plus ``{stem}.safetensors.index.json``.
+
+    ``spill()`` moves the tensors added so far to a temporary file beside the shards (call it after
+    each layer): a shard is then assembled from those files tensor by tensor, in row chunks, so
+    memory holds one layer, not one shard."""
 
     def __init__(self, out_dir: Path, stem: str, max_bytes: int):
         self.out_dir, self.stem, self.max_bytes = out_dir, stem, max_bytes
-        self.buffer: dict[str, Tensor] = {}
+        self.items: list[tuple[str, tuple[int, ...], torch.dtype]] = []  # the open shard's tensors, in order
+        self.where: dict[str, Tensor | Path] = {}  # in memory, or the spill file holding it
+        self.spills: list[Path] = []
         self.size = 0
         self.parts: list[tuple[Path, list[str]]] = []
         self.total_bytes = 0
         self.total_numel = 0
 
     def add(self, name: str, t: Tensor) -> None:
-        if name in self.buffer or any(name in keys for _, keys in self.parts):
+        if name in self.where or any(name in keys for _, keys in self.parts):
             raise ExportError(f"tensor {name!r} written twice")
         nbytes = t.numel() * t.element_size()
-        if self.buffer and self.size + nbytes > self.max_bytes:
+        if self.items and self.size + nbytes > self.max_bytes:
             self.flush()
-        self.buffer[name] = _own(t)
+        self.items.append((name, tuple(t.shape), t.dtype))
+        self.where[name] = _own(t)
         self.size += nbytes
         self.total_bytes += nbytes
         self.total_numel += t.numel()
 
+    def spill(self) -> None:
+        held = {n: v for n, v in self.where.items() if isinstance(v, Tensor)}
+        if not held:
+            return
+        path = self.out_dir / f".{self.stem}-spill{len(self.spills):05d}.safetensors"
+        save_file(held, str(path))
+        self.spills.append(path)
+        self.where.update(dict.fromkeys(held, path))
+
+    def _read(self, name: str) -> Tensor | Iterator[Tensor]:
+        v = self.where[name]
+        return v if isinstance(v, Tensor) else _row_chunks(v, name)
+
     def flush(self) -> None:
-        if not self.buffer:
+        if not self.items:
             return
         path = self.out_dir / f".{self.stem}-part{len(self.parts):05d}.safetensors"
-        save_file(self.buffer, str(path), metadata={"format": "pt"})
-        self.parts.append((path, sorted(self.buffer)))
-        self.buffer, self.size = {}, 0
+        stream_safetensors(path, self.items, self._read)
+        self.parts.append((path, sorted(n for n, _, _ in self.items)))
+        for f in self.spills:  # every spilled tensor belonged to this shard
+            f.unlink()
+        self.items, self.where, self.spills, self.size = [], {}, [], 0
 
     def close(self, total_parameters: int, mode: int = 0o644) -> list[str]:
         """Name the shards (and write the index); ``mode``: their permissions (safetensors
@@ -241,6 +267,18 @@ class ShardWriter:
                  "weight_map": dict(sorted(weight_map.items()))}
         (self.out_dir / f"{self.stem}.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         return names
+
+
+def _row_chunks(path: Path, name: str, max_bytes: int = 32 << 20) -> Iterator[Tensor]:
+    with safe_open(str(path), framework="pt") as f:
+        sl = f.get_slice(name)
+        shape = sl.get_shape()
+        if len(shape) < 2:
+            yield f.get_tensor(name)
+            return
+        step = max(1, max_bytes // max(1, math.prod(shape[1:]) * _ST_SIZES[sl.get_dtype()]))
+        for a in range(0, shape[0], step):
+            yield sl[a : a + step]
 
 
 def _revert_names(skeleton: torch.nn.Module, sd: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -439,6 +477,7 @@ def run(config: ExportConfig, inputs: dict[str, Path], out_dir: Path) -> dict:
             full = _revert_names(skeleton, {prefix.format(j) + k: v for k, v in sd.items()})
         for name in sorted(full):
             writer.add(name, full[name])
+        writer.spill()  # this layer goes to disk: memory holds one layer, not one shard
         del sd, full
         layers_report.append({
             "layer": x.index, "exported_as": j, "patched": bool(x.patch),
@@ -452,7 +491,8 @@ def run(config: ExportConfig, inputs: dict[str, Path], out_dir: Path) -> dict:
     if not config.tied:
         rest = _revert_names(skeleton, rest)
     for name in sorted(rest):
-        writer.add(name, rest[name])
+        writer.add(name, rest.pop(name))
+        writer.spill()
     del rest
     stored = writer.total_numel
     files = writer.close(params, mode=(model_dir / "config.json").stat().st_mode & 0o777)

@@ -179,6 +179,7 @@ def test_non_uniform_sizes_zero_padded(mt: str, exports: dict, monkeypatch: pyte
     path = Path(res["path"])
     index = json.loads((path / "model.safetensors.index.json").read_text())
     assert len(res["files"]) > 1 and set(index["weight_map"].values()) == set(res["files"])
+    assert not [p.name for p in path.iterdir() if p.name.startswith(".")]  # layer spills removed
     assert "hand-made" in (path / "README.md").read_text()
 
 
