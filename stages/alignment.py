@@ -204,8 +204,12 @@ class CorrelationAccumulator:
         live_b = sd_b > _CONSTANT_RTOL * self.mean_b.abs()
         sd_a = torch.where(live_a, sd_a, torch.ones_like(sd_a))
         sd_b = torch.where(live_b, sd_b, torch.ones_like(sd_b))
-        r = (self.c_ab / self.n_rows) / torch.outer(sd_a, sd_b)
-        r = r * torch.outer(live_a.to(r.dtype), live_b.to(r.dtype))
+        # In place and by broadcasting: one [n_a, n_b] temporary besides c_ab (8192² float64 is 0.5 GB).
+        r = self.c_ab / self.n_rows
+        r /= sd_a[:, None]
+        r /= sd_b[None, :]
+        r[~live_a] = 0.0
+        r[:, ~live_b] = 0.0
         # Rounding can push |r| a hair past 1; the LAP does not care but consumers (plots) might.
         return r.clamp_(-1.0, 1.0).cpu().numpy()
 
@@ -573,6 +577,7 @@ def align_window(
             raise ValueError(f"layer {k} covers {acc.n_rows} token rows, earlier layers {n_rows}")
         n_rows, n_neurons = acc.n_rows, acc.n_a
         corr = acc.corr()
+        acc = None  # its [I, I] sums go before the assignment makes its cost copy
         perm = solve_assignment(corr, maximize=True, solver=solver)
         perms.append(perm)
         matched.append(assignment_total(corr, perm) / corr.shape[0])
