@@ -18,6 +18,7 @@ What this adds to ``faiss.Kmeans``:
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -104,8 +105,10 @@ def kmeans(
     assign = assign_u[inverse]
     assign = _fill_empty_clusters(x, w, assign, k)
     centroids = weighted_means(x, assign, w, k)
-    diff = x.astype(np.float64) - centroids[assign]
-    inertia = float(np.einsum("n,nd,nd->", w, diff, diff))
+    inertia = 0.0
+    for a, b in _row_blocks(x):  # float64 in blocks: no float64 copy of the whole point set
+        diff = x[a:b].astype(np.float64) - centroids[assign[a:b]]
+        inertia += float(np.einsum("n,nd,nd->", w[a:b], diff, diff))
     return KMeansResult(centroids.astype(np.float32), assign, inertia, n_iters, seed)
 
 
@@ -116,7 +119,17 @@ def weighted_means(x: np.ndarray, assign: np.ndarray, w: np.ndarray, k: int) -> 
     total = np.asarray(onehot.sum(axis=1)).ravel()
     if (total <= 0).any():
         raise ValueError(f"clusters {np.flatnonzero(total <= 0)[:5].tolist()} have no weight")
-    return np.asarray(onehot @ x.astype(np.float64)) / total[:, None]
+    sums = np.zeros((k, x.shape[1]), dtype=np.float64)
+    for a, b in _row_blocks(x):
+        sums += onehot[:, a:b] @ x[a:b].astype(np.float64)
+    return sums / total[:, None]
+
+
+def _row_blocks(x: np.ndarray, max_bytes: int = 64 << 20) -> Iterator[tuple[int, int]]:
+    """Row ranges of ``x`` whose float64 copy is about ``max_bytes``."""
+    step = max(1, max_bytes // max(1, 8 * int(np.prod(x.shape[1:]))))
+    for a in range(0, len(x), step):
+        yield a, min(a + step, len(x))
 
 
 def check_weights(weights: np.ndarray | None, n: int, name: str = "weights") -> np.ndarray:
