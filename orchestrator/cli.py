@@ -134,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("gc", help="remove artifacts no run can use again (stale stage versions, "
                        "missing inputs), and with --older-than those unused for that long")
     p.add_argument("--cache", default="~/.cache/mlpfuse")
-    p.add_argument("--older-than", type=float, metavar="DAYS", help="also remove artifacts unused for DAYS days")
+    p.add_argument("--older-than", type=float, metavar="DAYS",
+                   help="also remove artifacts unused (not hit) for DAYS days (local stores)")
     p.add_argument("--dry-run", action="store_true", help="list what would go, remove nothing")
     p.set_defaults(func=cmd_gc)
     p = sub.add_parser("demo", help=f"run {DEMO_SPEC.relative_to(PROJECT_ROOT)}")
