@@ -93,8 +93,10 @@ def child(payload: dict) -> dict:
                         overwrite=True)
         result = {"params": count_params(cfg), "shards": meta["shards"]}
     else:
+        from orchestrator.pipeline import bound_malloc_cache
         from stages.registry import STAGES
 
+        bound_malloc_cache()  # as execute_node does in every pipeline task
         sdef = STAGES[kind]
         cfg = sdef.config.model_validate(payload["config"])
         out = Path(payload["out"])

