@@ -1,0 +1,158 @@
+"""collect on real SmolLM2-135M against a plain in-memory transformers forward with hooks, and
+the Parquet read-back speed.
+
+Three phases, each in its own child process (so each peak RSS is its own), on the same
+calibration blocks (bundled Shakespeare, ``--tokens`` tokens in blocks of 256):
+
+- ``collect``: the ``collect_part`` stage (one worker: streamed layer by layer from the shard,
+  FF inputs x and features up / gate / hidden written to Parquet, float16, plus float64 sums and
+  HᵀH), then the ``collect`` merge;
+- ``hooks``: ``AutoModelForCausalLM.from_pretrained`` (float32, the whole model in memory) and a
+  forward over the same batches with hooks that keep the same tensors (x, up, gate, hidden, as
+  float16 numpy) in memory: what a user would write without mlpfuse;
+- ``read``: one middle layer's ``hidden`` features read back with ``stages.collect.read_features``
+  (best of 3; MB/s of float16 feature bytes returned).
+
+Both timed phases include loading the model. Throughput ratio = hooks seconds / collect seconds
+(target >= 0.9); memory ratio = collect peak RSS / hooks peak RSS (target <= 0.5).
+
+    .venv/bin/python benchmarks/bench_collect.py            # ~2 min on 2 cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+MODEL = "smollm2-135m"
+
+
+def _prepare(work: Path, tokens: int) -> dict[str, str]:
+    from stages import data, shard
+    from stages.checkpoint import resolve_source, source_key
+    from stages.data import corpus_key
+
+    sh, dd = work / "shard", work / f"data-{tokens}"
+    if not (sh / "shard.json").exists():
+        shard.run(shard.ShardConfig(model=MODEL, source_key=source_key(resolve_source(MODEL))), {}, sh)
+    if not (dd / "calib.parquet").exists():
+        cfg = data.TokenizeConfig(corpus="shakespeare", corpus_key=corpus_key("shakespeare"), block_size=256,
+                                  calib_tokens=tokens, eval_tokens=512)
+        data.run(cfg, {"shard": sh}, dd)
+    return {"shard": str(sh), "data": str(dd)}
+
+
+def _phase_collect(paths: dict[str, str], out: Path) -> dict:
+    import shutil
+
+    from orchestrator.pipeline import bound_malloc_cache
+    from stages import collect
+
+    bound_malloc_cache()
+    shutil.rmtree(out, ignore_errors=True)
+    t0 = time.perf_counter()
+    cfg = collect.CollectConfig()
+    collect.run_part(collect.CollectPartConfig(**cfg.model_dump(), worker=0),
+                     {"shard": Path(paths["shard"]), "data": Path(paths["data"])}, out / "part0")
+    collect.run_merge(cfg, {"shard": Path(paths["shard"]), "part0": out / "part0"}, out / "merged")
+    seconds = time.perf_counter() - t0
+    size = sum(f.stat().st_size for f in (out / "part0").rglob("*") if f.is_file())
+    return {"seconds": seconds, "bytes": size}
+
+
+def _phase_hooks(paths: dict[str, str]) -> dict:
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from orchestrator.pipeline import bound_malloc_cache
+    from stages.checkpoint import resolve_source
+    from stages.collect import CollectConfig
+    from stages.data import read_calib
+
+    bound_malloc_cache()
+    t0 = time.perf_counter()
+    src = resolve_source(MODEL)
+    model = AutoModelForCausalLM.from_pretrained(src.path, gguf_file=src.gguf_file, dtype=torch.float32).eval()
+    kept: dict[str, list[np.ndarray]] = {}
+
+    def keep(name: str, t: torch.Tensor) -> None:
+        kept.setdefault(name, []).append(t.detach().reshape(-1, t.shape[-1]).to(torch.float16).numpy())
+
+    for i, layer in enumerate(model.model.layers):
+        mlp = layer.mlp
+        mlp.register_forward_pre_hook(lambda _m, args, i=i: keep(f"{i}.x", args[0]))
+        mlp.up_proj.register_forward_hook(lambda _m, _a, out, i=i: keep(f"{i}.up", out))
+        mlp.gate_proj.register_forward_hook(lambda _m, _a, out, i=i: keep(f"{i}.gate", out))
+        mlp.down_proj.register_forward_pre_hook(lambda _m, args, i=i: keep(f"{i}.hidden", args[0]))
+    calib = read_calib(Path(paths["data"]))
+    bs = CollectConfig().batch_size
+    with torch.no_grad():
+        for a in range(0, len(calib), bs):
+            model(torch.from_numpy(calib[a : a + bs]), use_cache=False)
+    seconds = time.perf_counter() - t0
+    return {"seconds": seconds, "bytes": sum(x.nbytes for v in kept.values() for x in v)}
+
+
+def _phase_read(out: Path) -> dict:
+    from stages.collect import read_features
+
+    merged = out / "merged"
+    layer = json.loads((merged / "meta.json").read_text()).get("layers", 30) // 2
+    best, nbytes = float("inf"), 0
+    for _ in range(3):
+        t0 = time.perf_counter()
+        _, feat = read_features(merged, layer, "mlp", "hidden")
+        best = min(best, time.perf_counter() - t0)
+        nbytes = feat.nbytes
+        del feat
+    return {"seconds": best, "bytes": nbytes, "layer": layer, "mb_per_s": nbytes / best / 1e6}
+
+
+def _child(phase: str, paths: dict[str, str], out: Path) -> dict:
+    r = {"collect": lambda: _phase_collect(paths, out), "hooks": lambda: _phase_hooks(paths),
+         "read": lambda: _phase_read(out)}[phase]()
+    r["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return r
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/mlpfuse-bench-collect"))
+    ap.add_argument("--tokens", type=int, default=10240)
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    out = a.work / f"collect-{a.tokens}"
+    if a.child:
+        print(json.dumps(_child(a.child, json.loads((a.work / "paths.json").read_text()), out)))
+        return 0
+    a.work.mkdir(parents=True, exist_ok=True)
+    (a.work / "paths.json").write_text(json.dumps(_prepare(a.work, a.tokens)))
+    res = {}
+    for phase in ("collect", "hooks", "read"):
+        proc = subprocess.run([sys.executable, __file__, "--work", str(a.work), "--tokens", str(a.tokens),
+                               "--child", phase], capture_output=True, text=True, cwd=ROOT)
+        if proc.returncode != 0:
+            print(proc.stderr[-3000:], file=sys.stderr)
+            return 1
+        res[phase] = json.loads(proc.stdout.strip().splitlines()[-1])
+        r = res[phase]
+        print(f"{phase:<8} {r['seconds']:8.1f} s  peak RSS {r['peak_rss'] / 1e9:6.2f} GB  "
+              f"{r['bytes'] / 1e6:9.1f} MB" + (f"  {r['mb_per_s']:.0f} MB/s" if "mb_per_s" in r else ""))
+    c, h = res["collect"], res["hooks"]
+    print(f"throughput collect / in-memory hooks = {h['seconds'] / c['seconds']:.2f}   (target >= 0.9)")
+    print(f"peak RSS collect / in-memory hooks   = {c['peak_rss'] / h['peak_rss']:.2f}   (target <= 0.5)")
+    print(f"Parquet read of layer {res['read']['layer']} features  = {res['read']['mb_per_s']:.0f} MB/s (target >= 500)")
+    (a.work / "result.json").write_text(json.dumps(res, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
