@@ -18,7 +18,7 @@ peak RSS is that stage's alone, wired the way ``orchestrator/pipeline.py`` and
                       un-refit twin, as the job does), fusion (--fusion-iters Lloyd iterations on
                       the first --fusion-layers layers: greedy k-means++ seeding costs minutes per
                       layer at this width on 2 cores), moefy (compensated, importance, 8 branches),
-                      merge (a window of 3 layers, permute; dense only: merge refuses MoE layers)
+                      merge (a window of 3 layers, permute; MoE: whole MoE blocks, experts matched)
                       and layer_drop (2 layers); MoE: every width method works per expert
   evaluate.base       perplexity of the base model (window = stride = block size)
   evaluate.<cand>     the same with the prune-activation+refit candidate as ``overlay``
@@ -208,10 +208,9 @@ def plan(arch: str, n_layers: int, a) -> list[tuple[str, str, dict, dict[str, st
         ("moefy-compensated", {"candidate": {"method": "moefy", "branches": 8, "assignment": "importance",
                                              "op": "compensated", "keep_branches": 0.75}}, sc),
     ]
-    if arch != "mixtral":  # merge ties dense FF sublayers only (compress refuses MoE layers)
-        start = n_layers // 2
-        cands.append((f"merge-{start}-{start + 2}", {"candidate": {"method": "merge", "start": start, "size": 3,
-                                                                   "permute": True}}, sc))
+    start = n_layers // 2  # MoE layers merge as whole MoE blocks (experts matched across layers)
+    cands.append((f"merge-{start}-{start + 2}", {"candidate": {"method": "merge", "start": start, "size": 3,
+                                                               "permute": True}}, sc))
     drop = [n_layers - 3, n_layers - 2]
     cands.append((f"layer-drop-{drop[0]}-{drop[1]}", {"candidate": {"method": "layer_drop", "layers": drop}}, sc))
     nodes: list[tuple[str, str, dict, dict[str, str]]] = [

@@ -591,6 +591,35 @@ def align_window(
     return WindowAlignment(anchor_index, perms, matched, identity, n_rows)
 
 
+def match_experts(
+    anchor_outputs: Sequence[Tensor], other_outputs: Sequence[Tensor], *, solver: Solver = "auto"
+) -> tuple[np.ndarray, float, float]:
+    """One-to-one matching of two MoE layers' experts by the correlation of their outputs.
+
+    ``anchor_outputs[e]`` / ``other_outputs[f]``: expert e's (f's) output [n, H] on its own layer's
+    inputs at the same n calibration tokens. The score of a pair is the Pearson correlation of the
+    two outputs, each centred per output dimension and flattened over tokens and dimensions; the
+    matching maximises the total score (LAP over the [E, E] score matrix).
+
+    Returns ``(perm, matched, identity)``: merged expert ``e`` takes the other layer's expert
+    ``perm[e]``; the mean score of the matched pairs and of the unpermuted pairs.
+    """
+    if len(anchor_outputs) != len(other_outputs) or not anchor_outputs:
+        raise ValueError(f"got {len(anchor_outputs)} anchor experts and {len(other_outputs)} others")
+
+    def unit(y: Tensor) -> Tensor:
+        y = y.to(torch.float32)
+        y = (y - y.mean(0, keepdim=True)).reshape(-1)
+        return y / y.norm().clamp_min(1e-30)
+
+    a = torch.stack([unit(y) for y in anchor_outputs])  # [E, n*H], one layer's experts at a time
+    score = torch.stack([a @ unit(y) for y in other_outputs], dim=1).double().numpy()  # [E_anchor, E_other]
+    _check_square_finite(score)
+    perm = solve_assignment(score, maximize=True, solver=solver)
+    e = score.shape[0]
+    return perm, assignment_total(score, perm) / e, float(np.trace(score)) / e
+
+
 # --------------------------------------------------------------------------------------------
 # Linear CKA (similarity heat-map)
 # --------------------------------------------------------------------------------------------

@@ -104,7 +104,7 @@ class _Stats:
             self.arrays[name] = value.astype(np.float64, copy=True)
 
 
-def _block_features(ff: FFWeights, x: Tensor, kinds: tuple[str, ...]) -> dict[str, Tensor]:
+def block_features(ff: FFWeights, x: Tensor, kinds: tuple[str, ...]) -> dict[str, Tensor]:
     """Features of one FF block for inputs ``x`` [n, H]: each [n, I] float32."""
     from transformers.activations import ACT2FN
 
@@ -276,7 +276,7 @@ def _write_layer(
         if ref.name in cap.features:  # dense blocks: captured from their own modules
             feats = {k: torch.cat(v) for k, v in cap.features[ref.name].items() if v}
         else:
-            feats = _block_features(ff, x[rows], config.features)
+            feats = block_features(ff, x[rows], config.features)
         st = stats.setdefault(ref.name, _Stats())
         st.add("count", np.array([len(rows)], dtype=np.float64))
         for kind, f in feats.items():

@@ -10,7 +10,10 @@ Methods (papers' and baselines', all on equal footing; ``method:`` selects one):
 - ``prune``      structured neuron pruning: ``activation`` (E[h_i²]·‖W_out[:, i]‖², from collect's
                  statistics), ``magnitude`` (‖W_in row‖·‖W_out col‖) or ``random``.
 - ``merge``      FF merging: a window of adjacent layers aligned to an anchor by feature
-                 correlation + LAP (``permute: false`` = vanilla), averaged, and tied.
+                 correlation + LAP (``permute: false`` = vanilla), averaged, and tied. MoE
+                 windows tie whole MoE blocks: experts matched one-to-one across layers by
+                 output correlation (LAP), neurons aligned per matched pair, router rows averaged
+                 in the matched order.
 - ``layer_drop`` whole decoder layers removed; ``ff_drop`` FF sublayers removed.
 - ``moefy``      MLPMoE: static-MoE slicing, then Compensated Pruning of branches or Fractal Fade.
 
@@ -36,7 +39,7 @@ from torch import Tensor
 
 from stages import alignment, fusion, moefy, pruning
 from stages.artifacts import write_atomic, write_json_atomic
-from stages.collect import moments, read_features, read_inputs, read_stats
+from stages.collect import block_features, moments, read_features, read_inputs, read_stats
 from stages.errors import InputError
 from stages.families import FFBlockRef, FFWeights
 from stages.overlay import Overlay, OverlayWriter
@@ -98,6 +101,9 @@ class MergeMethod(_Method):
     anchor: Literal["first", "middle", "last"] = "first"
     permute: bool = True
     feature: Literal["up", "gate", "hidden"] = "up"
+    # MoE windows: calibration tokens (a seeded sample) on which experts are matched across layers
+    # and their neurons aligned (dense windows use every token of collect's features).
+    moe_tokens: int = Field(1024, ge=16)
 
 
 class LayerDropMethod(_Method):
@@ -317,13 +323,17 @@ def _merge(m: MergeMethod, ctx: _Context) -> Overlay:
         raise InputError(f"merge window {window[0]}..{window[-1]} exceeds the model's {ctx.num_layers} layers")
     blocks = [ctx.blocks(i) for i in window]
     refs = list(blocks[0])
-    if any(r.kind != "dense" for r in refs):
-        raise InputError(
-            "merge ties dense FF sublayers; for MoE layers, merging experts across layers is not "
-            "supported (expert identities are not aligned across layers) — use fusion or prune per expert"
-        )
-    ref = refs[0]
+    for i, b in zip(window, blocks):
+        if list(b) != refs:
+            raise InputError(
+                f"merge window {window[0]}..{window[-1]}: layer {i}'s FF blocks ({', '.join(r.name for r in b)}) "
+                f"differ from layer {window[0]}'s ({', '.join(r.name for r in refs)}); a window ties layers of "
+                "one kind (all dense, or all MoE with the same experts)"
+            )
     anchor = {"first": 0, "middle": (m.size - 1) // 2, "last": m.size - 1}[m.anchor]
+    if any(r.kind != "dense" for r in refs):
+        return _merge_moe(m, ctx, window, blocks, anchor)
+    ref = refs[0]
     ffs = [b[ref] for b in blocks]
     if m.permute:
         d = ctx.need_collect("aligned merging")
@@ -336,6 +346,88 @@ def _merge(m: MergeMethod, ctx: _Context) -> Overlay:
     for i in window:
         ov.blocks[i] = {ref: merged}
     ov.tied = [window]
+    return ov
+
+
+def _window_sample(ctx: _Context, window: list[int], n: int) -> list[Tensor]:
+    """Each window layer's FF inputs at the same seeded sample of ``n`` calibration tokens."""
+    d = ctx.need_collect("aligned merging of MoE layers")
+    if not (d / "inputs").is_dir():
+        raise InputError("aligned merging of MoE layers needs collect's FF inputs: set collect.inputs: true")
+    tok, _ = read_inputs(d, window[0])
+    pick = np.sort(np.random.default_rng(0).choice(tok, size=min(n, len(tok)), replace=False))
+    out = []
+    for i in window:
+        t, x = read_inputs(d, i)
+        rows = np.searchsorted(t, pick)
+        if (rows >= len(t)).any() or not np.array_equal(t[np.minimum(rows, len(t) - 1)], pick):
+            raise InputError(f"collect's inputs of layer {i} do not cover the calibration tokens of layer {window[0]}")
+        out.append(torch.from_numpy(np.ascontiguousarray(x[rows], dtype=np.float32)))
+        del x
+    return out
+
+
+def _moe_extra_keys(ctx: _Context, i: int) -> list[str]:
+    """The MoE block's tensors besides its experts and shared expert (router, shared-expert gate)."""
+    moe = ctx.family.moe
+    assert moe is not None
+    sd = ctx.state(i)
+    owned = {f"{moe.path}."}
+    if moe.shared is not None:
+        spec = moe.shared
+        owned |= {n.format(w) for n in (spec.up, spec.gate, spec.down) if n is not None for w in ("weight", "bias")}
+    return sorted(k for k in sd if k.startswith(ctx.family.ff_module + ".")
+                  and not k.startswith(f"{moe.path}.") and k not in owned)
+
+
+def _merge_moe(m: MergeMethod, ctx: _Context, window: list[int], blocks: list[dict[FFBlockRef, FFWeights]],
+               anchor: int) -> Overlay:
+    """Tie whole MoE blocks across a window: every layer's experts are matched one-to-one to the
+    anchor's by output correlation (LAP over experts), each matched pair's neurons aligned by
+    feature correlation (LAP), then experts, shared expert, router rows (in the matched order) and
+    the shared-expert gate are averaged. ``permute: false`` averages experts by index (vanilla)."""
+    moe = ctx.family.moe
+    assert moe is not None
+    w = len(window)
+    experts = [r for r in blocks[0] if r.kind == "expert"]
+    others = [r for r in blocks[0] if r.kind != "expert"]
+    match = [np.arange(len(experts))] * w  # match[k][e]: layer k's expert that merged expert e takes
+    perms: dict[FFBlockRef, list] = {r: [None] * w for r in blocks[0]}
+    if m.permute:
+        xs = _window_sample(ctx, window, m.moe_tokens)
+
+        def feat(k: int, ref: FFBlockRef) -> Tensor:
+            return block_features(blocks[k][ref], xs[k], (m.feature,))[m.feature]
+
+        with torch.no_grad():
+            anchor_out = [blocks[anchor][r].forward(xs[anchor]) for r in experts]
+            for k in range(w):
+                if k == anchor:
+                    continue
+                match[k] = alignment.match_experts(anchor_out, [blocks[k][r].forward(xs[k]) for r in experts])[0]
+                for e, r in enumerate(experts):
+                    perms[r][k] = alignment.align_window([feat(anchor, r), feat(k, experts[match[k][e]])], 0).perms[1]
+                for r in others:
+                    perms[r][k] = alignment.align_window([feat(anchor, r), feat(k, r)], 0).perms[1]
+    merged = {r: alignment.merge_window([blocks[k][experts[match[k][e]]] for k in range(w)], perms[r])
+              for e, r in enumerate(experts)}
+    merged |= {r: alignment.merge_window([blocks[k][r] for k in range(w)], perms[r]) for r in others}
+    extra: dict[str, Tensor] = {}
+    for key in _moe_extra_keys(ctx, window[0]):
+        dtype = ctx.state(window[0])[key].dtype
+        ts = []
+        for k, i in enumerate(window):
+            t = ctx.state(i).get(key)
+            if t is None:
+                raise InputError(f"merge window: layer {i} has no {key} (layer {window[0]} has)")
+            routed = key.startswith(moe.router_module + ".") and t.shape[:1] == (len(experts),)
+            ts.append((t[torch.from_numpy(match[k])] if routed else t).to(torch.float32))
+        extra[key] = torch.stack(ts).mean(0).to(dtype)
+    ov = Overlay(tied=[window])
+    for k, i in enumerate(window):
+        ov.blocks[i] = dict(merged)
+        ov.extra[i] = extra
+        ov.sources[i] = {r: experts[match[k][e]] for e, r in enumerate(experts) if match[k][e] != e}
     return ov
 
 
@@ -354,9 +446,10 @@ def _refit(ov: Overlay, ctx: _Context, cfg: RefitConfig, data_dir: Path | None =
             acc = RefitAccumulator(new.intermediate_size, new.hidden_size, bias=new.b_down is not None)
             pairs = []
             for i in group:
-                orig = ctx.blocks(i)[ref]
-                x = ctx.block_inputs(i, ref)
-                h_in = x if own_inputs is None else ctx.rows_of(i, ref, own_inputs[i])
+                src = ov.sources.get(i, {}).get(ref, ref)  # the original block it stands for
+                orig = ctx.blocks(i)[src]
+                x = ctx.block_inputs(i, src)
+                h_in = x if own_inputs is None else ctx.rows_of(i, src, own_inputs[i])
                 for s in range(0, x.shape[0], cfg.rows):
                     with torch.no_grad():
                         acc.update(new.hidden(h_in[s : s + cfg.rows]), orig.forward(x[s : s + cfg.rows]))
@@ -501,7 +594,9 @@ def run(config: CompressConfig, inputs: dict[str, Path], out_dir: Path) -> dict:
         if errors is not None and not errors["layers"]:
             errors = None
     else:
-        if "unrefit" in inputs:  # the same candidate built without refit: reuse it (no re-clustering)
+        # The same candidate built without refit: reuse it (no re-clustering). Merged MoE windows
+        # are rebuilt (their expert matching is not stored with the overlay; it is cheap).
+        if "unrefit" in inputs and not (isinstance(m, MergeMethod) and ctx.family.is_moe_layer(ctx.config, ctx.state(m.start))):
             ov = _load_overlay(inputs["unrefit"], ctx)
             if (inputs["unrefit"] / COUNTS).exists():
                 ctx.counts = load_file(str(inputs["unrefit"] / COUNTS))
@@ -514,8 +609,10 @@ def run(config: CompressConfig, inputs: dict[str, Path], out_dir: Path) -> dict:
         errors = _refit(ov, ctx, config.refit, inputs.get("data")) if config.refit is not None and ov.blocks else None
         group_of = {i: g for g in ov.tied for i in g}
         for i in sorted(ov.blocks):
-            writer.add(i, ov.blocks[i], group_of.get(i))
+            writer.add(i, ov.blocks[i], group_of.get(i), ov.extra.get(i))
         changed = {i: {ref: _shape_only(ff) for ref, ff in b.items()} for i, b in ov.blocks.items()}
+        # Tied non-FF tensors (a merged MoE router) are stored once too.
+        tied_other = sum((len(g) - 1) * sum(t.numel() for t in ov.extra.get(g[0], {}).values()) for g in ov.tied)
         ov.blocks = {}
     # Sizes of every layer's blocks after compression, for parameter accounting.
     sizes: dict[int, dict[str, int]] = {}
@@ -530,6 +627,8 @@ def run(config: CompressConfig, inputs: dict[str, Path], out_dir: Path) -> dict:
             const[kind] = ff.hidden_size if ff.b_down is not None and kind != "expert" else 0
     shard_meta = json.loads((inputs["shard"] / "shard.json").read_text())
     counts = param_counts(shard_meta, sizes, ov.skip, ov.tied, per_neuron, const)
+    if not streamed and tied_other:
+        counts["unique_params"] -= tied_other
     writer.finish(ov.skip, ov.tied)
     if ctx.counts:
         write_atomic(out_dir / COUNTS, lambda p: save_file(ctx.counts, str(p)))

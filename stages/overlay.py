@@ -28,23 +28,32 @@ OVERLAY = "overlay.json"
 @dataclass
 class Overlay:
     """Per-layer changes. ``blocks[i]`` replaces FF blocks of layer i; layers in one ``tied``
-    group share their (identical) blocks; ``skip`` drops whole layers."""
+    group share their (identical) blocks; ``skip`` drops whole layers. ``extra[i]``: other
+    layer-relative tensors of the FF sublayer that change with it (a merged MoE block's router);
+    ``sources[i][ref]``: the original block of layer i that new block ``ref`` stands for, where
+    it is another one (merged MoE experts matched across layers)."""
 
     blocks: dict[int, dict[FFBlockRef, FFWeights]] = field(default_factory=dict)
     skip: set[int] = field(default_factory=set)
     tied: list[list[int]] = field(default_factory=list)
+    extra: dict[int, dict[str, Tensor]] = field(default_factory=dict)
+    sources: dict[int, dict[FFBlockRef, FFBlockRef]] = field(default_factory=dict)
 
     def changed_layers(self) -> list[int]:
         return sorted(set(self.blocks) | self.skip)
 
 
-def ff_patch(family: FamilyAdapter, config: object, base: dict[str, Tensor], blocks: dict[FFBlockRef, FFWeights]) -> dict[str, Tensor]:
-    """Only the tensors of ``base`` that the new blocks change (layer-relative keys)."""
+def ff_patch(family: FamilyAdapter, config: object, base: dict[str, Tensor], blocks: dict[FFBlockRef, FFWeights],
+             *, every: bool = False) -> dict[str, Tensor]:
+    """The tensors of ``base`` that the new blocks change (layer-relative keys); ``every``: every
+    tensor the blocks write, changed or not (a tied window's patch replaces them in every layer,
+    not only in the one it is compared with)."""
     new = family.write_ff(base, blocks)
     out = {}
     for k, v in new.items():
         b = base.get(k)
-        if b is None or b.shape != v.shape or b.dtype != v.dtype or not torch.equal(b, v):
+        if (b is None or (every and v is not b) or b.shape != v.shape or b.dtype != v.dtype
+                or not torch.equal(b, v)):
             out[k] = v.contiguous()
     return out
 
@@ -59,11 +68,14 @@ class OverlayWriter:
         self.layers: dict[str, dict] = {}
         self.written: dict[tuple[int, ...], str] = {}
 
-    def add(self, i: int, blocks: dict[FFBlockRef, FFWeights], group: list[int] | None = None) -> None:
-        """Layer ``i``'s new blocks (``group``: the tied window it belongs to, stored once)."""
+    def add(self, i: int, blocks: dict[FFBlockRef, FFWeights], group: list[int] | None = None,
+            extra: dict[str, Tensor] | None = None) -> None:
+        """Layer ``i``'s new blocks and ``extra`` tensors (``group``: the tied window it belongs
+        to, stored once)."""
         g = tuple(group or [i])
         if g not in self.written:
-            patch = ff_patch(self.family, self.config, self.base_state(i), blocks)
+            patch = ff_patch(self.family, self.config, self.base_state(i), blocks, every=len(g) > 1)
+            patch.update({k: v.contiguous() for k, v in (extra or {}).items()})
             if self.dtype is not None:
                 patch = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in patch.items()}
             name = f"ff/L{g[0]:05d}" + (f"-{g[-1]:05d}" if len(g) > 1 else "") + ".safetensors"
@@ -84,7 +96,7 @@ def save_overlay(out_dir: Path, overlay: Overlay, family: FamilyAdapter, config:
     writer = OverlayWriter(out_dir, family, config, base_state, dtype)
     group_of = {i: g for g in overlay.tied for i in g}
     for i in sorted(overlay.blocks):
-        writer.add(i, overlay.blocks[i], group_of.get(i))
+        writer.add(i, overlay.blocks[i], group_of.get(i), overlay.extra.get(i))
     return writer.finish(overlay.skip, overlay.tied)
 
 
