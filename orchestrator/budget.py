@@ -243,7 +243,12 @@ def plan_candidates(spec: BudgetSpec, facts: ModelFacts) -> tuple[list[Candidate
             if size > n:
                 skipped.append({"method": "merge", "why": f"would need a window of {size} > {n} layers"})
             else:
-                for start in range(0, n - size + 1):
+                # FF sublayers of different shapes (dense and MoE layers) do not merge.
+                starts = [s for s in range(0, n - size + 1)
+                          if len({facts.ff_layer_params[i] for i in range(s, s + size)}) == 1]
+                if not starts:
+                    skipped.append({"method": "merge", "why": f"no window of {size} layers has FF sublayers of one shape"})
+                for start in starts:
                     for permute in (True, False):
                         add(f"merge-{start}-{start + size - 1}" + ("" if permute else "-vanilla"), "merge",
                             {"method": "merge", "start": start, "size": size, "permute": permute})
@@ -273,10 +278,14 @@ def winner_reason(winner: Candidate, cands: list[Candidate], base_ppl: float) ->
     ratio = final["perplexity"] / base_ppl
     papers = {"fusion": "MLP Fusion", "merge": "FF merging", "moefy": "MLPMoE"}
     best_of: dict[str, Candidate] = {}
+
+    def rank(c: Candidate) -> tuple[int, float]:  # the furthest round first: scores on more tokens
+        return -len(c.rounds), c.rounds[-1]["perplexity"]
+
     for c in cands:
         if c.family in papers and c.rounds:
             prev = best_of.get(c.family)
-            if prev is None or c.rounds[-1]["perplexity"] < prev.rounds[-1]["perplexity"]:
+            if prev is None or rank(c) < rank(prev):
                 best_of[c.family] = c
     parts = [f"{winner.name} won with perplexity {final['perplexity']:.3f} ({ratio:.2f}× the base "
              f"{base_ppl:.3f}) on {final['tokens']} held-out tokens, the lowest of {len(cands)} candidates that "

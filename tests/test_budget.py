@@ -136,6 +136,25 @@ def test_tied_merge_winner_is_distilled_and_scored(tiny_lm: Path, tmp_path: Path
     assert ties and model.config.num_hidden_layers == 6
 
 
+def test_winner_reason_names_each_family_by_its_furthest_round() -> None:
+    """A candidate dropped in the first round (scored on fewer tokens) is not its family's best
+    over one that reached the last round, even with a lower first-round perplexity."""
+    from orchestrator.budget import Candidate, winner_reason
+    from stages.compress import CompressConfig
+
+    def cand(name: str, family: str, ppls: list[tuple[int, float]]) -> Candidate:
+        c = Candidate(name, CompressConfig.model_validate({"candidate": {"method": "layer_drop", "layers": [1]}}), family)
+        c.rounds = [{"tokens": t, "perplexity": p} for t, p in ppls]
+        return c
+
+    early = cand("merge-early", "merge", [(64, 10.0)])
+    late = cand("merge-late", "merge", [(64, 12.0), (128, 11.0)])
+    prune = cand("prune-x", "prune", [(64, 9.0), (128, 9.5)])
+    reason = winner_reason(prune, [early, late, prune], base_ppl=5.0)
+    assert "FF merging best merge-late at 11.000 (on 128 tokens)" in reason
+    assert "merge-early" not in reason and "a baseline beat the papers' methods" in reason
+
+
 @pytest.mark.parametrize("target, methods, message", [
     ({"params": 0.01}, None, "no method can meet target params: 0.01"),
     ({"params": 1.5}, None, "not smaller than the model"),

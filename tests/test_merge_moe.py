@@ -119,3 +119,37 @@ def test_refit_of_a_merged_moe_window_fits_each_layers_matched_experts(moe_copy:
     errs = res["refit_errors"]
     assert errs["layers"] == [0, 1]
     assert max(errs["before"]) < 1e-8 and max(errs["after"]) < 1e-8
+
+
+def test_budget_merges_moe_windows_end_to_end(smollm2_tokenizer: Path, tmp_path: Path, ray_local) -> None:
+    """The planner's merge windows on a Qwen2-MoE model (real tokenizer, Shakespeare): every window
+    is built, scored and exported in the tied form, which loads with its MoE blocks shared."""
+    import yaml
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from orchestrator.cli import main
+
+    torch.manual_seed(0)
+    model_dir = tmp_path / "model"
+    kw = {**TINY_CONFIGS["qwen2_moe"], "num_hidden_layers": 4, "vocab_size": 49152, "tie_word_embeddings": True}
+    AutoModelForCausalLM.from_config(AutoConfig.for_model("qwen2_moe", **kw)).save_pretrained(model_dir)
+    for f in smollm2_tokenizer.iterdir():
+        (model_dir / f.name).write_bytes(f.read_bytes())
+    spec = {
+        "name": "moe-merge", "model": str(model_dir), "cache": str(tmp_path / "cache"), "output": str(tmp_path / "out"),
+        "data": {"corpus": "shakespeare", "block_size": 64, "calib_tokens": 512, "eval_tokens": 256},
+        "evaluate": {"window": 64, "stride": 64},
+        "budget": {"target": {"ff_params": 0.76}, "methods": ["merge"], "export": "tied", "refit": None,
+                   "halving": {"min_tokens": 64}},
+    }
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    assert main(["run", str(tmp_path / "spec.yaml")]) == 0
+    rep = json.loads((tmp_path / "out" / "report.json").read_text())
+    names = {c["name"] for c in rep["candidates"]}
+    assert {"merge-0-1", "merge-0-1-vanilla", "merge-1-2", "merge-2-3"} <= names
+    assert rep["winner"]["name"].startswith("merge")
+    model = mlpfuse.load(tmp_path / "out" / "export")
+    (a, b) = next(w for w in json.loads((tmp_path / "out" / "export" / export.TIES_FILE).read_text())["windows"])
+    la, lb = model.model.layers[a].mlp, model.model.layers[b].mlp
+    assert la.experts.gate_up_proj is lb.experts.gate_up_proj and la.gate.weight is lb.gate.weight
+    assert model.num_parameters() == rep["winner"]["params"]
