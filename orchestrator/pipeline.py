@@ -25,7 +25,6 @@ from stages.collect import CollectPartConfig
 from stages.data import corpus_key
 from stages.errors import InputError
 from stages.registry import STAGES
-from stages.similarity import SimilarityConfig
 
 # Ray listens on loopback only, reports no usage, and needs no auth token for local jobs. Ray reads
 # these when it is imported, so they are set here, before anything in the process imports ray.
@@ -77,7 +76,8 @@ def build_plan(spec: PipelineSpec) -> list[PlanNode]:
         part = CollectPartConfig(**spec.collect.model_dump(), worker=w)
         add(f"collect.part{w}", "collect_part", part, {"shard": "shard", "data": "data"})
     add("collect", "collect", spec.collect, {"shard": "shard", **{f"part{w}": f"collect.part{w}" for w in range(workers)}})
-    add("similarity", "similarity", SimilarityConfig(), {"shard": "shard", "collect": "collect"})
+    sim_inputs = {"shard": "shard", "collect": "collect", **({"data": "data"} if spec.similarity.skip_positions else {})}
+    add("similarity", "similarity", spec.similarity, sim_inputs)
     return nodes
 
 

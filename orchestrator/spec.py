@@ -20,6 +20,7 @@ from stages.errors import InputError
 from stages.evaluate import EvaluateConfig
 from stages.export import ExportConfig
 from stages.shard import ShardConfig
+from stages.similarity import SimilarityConfig
 
 
 class SpecError(InputError):
@@ -71,6 +72,8 @@ class PipelineSpec(BaseModel):
     shard: ShardSpec = ShardSpec()
     collect: CollectConfig = CollectConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    # The CKA heat-map between FF sublayers (report.json similarity, similarity.png).
+    similarity: SimilarityConfig = SimilarityConfig()
     # A size budget: candidates of every method, scored side by side; the winner is exported.
     budget: BudgetSpec | None = None
     # How the winner is written (budget.export chooses stock vs tied).

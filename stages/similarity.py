@@ -17,7 +17,9 @@ Features (``SimilarityConfig.feature``):
 - ``hidden``: collect's recorded input of the down projection [n, I]. Dense layers only (an MoE
   layer's experts see different tokens, so it has no single hidden representation).
 
-Tokens: ``tokens`` calibration rows are drawn once, uniformly without replacement with ``seed``
+Tokens: with ``skip_positions: N`` the first N positions of every calibration block are left out
+(the attention-sink position; token ids are ``block · length + position``). ``tokens`` calibration
+rows are then drawn once, uniformly without replacement with ``seed``
 (:func:`subsample_tokens`), and the same rows are used for every layer; all rows when there are
 fewer. Rows are read in blocks of ``rows`` (only the chosen ones are kept), so memory does not
 grow with the calibration set.
@@ -69,6 +71,11 @@ class SimilarityConfig(BaseModel):
     seed: int = 0
     # Rows read (and FF outputs computed) per block.
     rows: int = Field(4096, ge=1)
+    # Leave out the first N positions of every calibration block (needs the data stage's output).
+    # In models with an attention sink the first position carries a large share of some layers'
+    # FF output energy (a quarter to a half in three of SmolLM2's layers) and dominates their CKA;
+    # 1 compares the layers on the rest of the text.
+    skip_positions: int = Field(0, ge=0)
 
 
 def subsample_tokens(token_ids: np.ndarray, n: int, seed: int) -> np.ndarray:
@@ -148,7 +155,8 @@ def _pair_products(grams: Tensor) -> np.ndarray:
 
 
 def run(config: SimilarityConfig, inputs: dict[str, Path], out_dir: Path) -> dict:
-    """Inputs: ``shard`` (FF weights, for ``output``) and ``collect`` (FF inputs / features)."""
+    """Inputs: ``shard`` (FF weights, for ``output``), ``collect`` (FF inputs / features) and,
+    for ``skip_positions``, ``data`` (the calibration blocks' length)."""
     collect_dir = inputs["collect"]
     meta = json.loads((collect_dir / "meta.json").read_text())
     n_layers = int(meta["num_layers"])
@@ -168,7 +176,15 @@ def run(config: SimilarityConfig, inputs: dict[str, Path], out_dir: Path) -> dic
     def sub(i: int) -> str:
         return f"inputs/L{i:05d}" if config.feature == "output" else f"features/L{i:05d}/mlp"
 
-    chosen = subsample_tokens(_token_ids(collect_dir, sub(0)), config.tokens, config.seed)
+    ids = _token_ids(collect_dir, sub(0))
+    if config.skip_positions:
+        if "data" not in inputs:
+            raise InputError("similarity.skip_positions needs the calibration blocks' length: add the data stage's output")
+        block = int(pq.read_schema(Path(inputs["data"]) / "calib.parquet").field("input_ids").type.list_size)
+        if config.skip_positions >= block:
+            raise InputError(f"similarity.skip_positions={config.skip_positions} leaves nothing of blocks of {block} tokens")
+        ids = ids[np.asarray(ids, dtype=np.int64) % block >= config.skip_positions]  # token id = block * length + position
+    chosen = subsample_tokens(ids, config.tokens, config.seed)
     n = len(chosen)
     if n < 2:
         raise InputError(f"CKA needs at least 2 calibration tokens, collect has {n}")
@@ -190,10 +206,11 @@ def run(config: SimilarityConfig, inputs: dict[str, Path], out_dir: Path) -> dic
     m = ((m + m.T) / 2).clip(0.0, 1.0)  # linear CKA of PSD Grams is in [0, 1]
     matrix = [[round(float(v), 6) for v in row] for row in m]
     doc = {"matrix": matrix, "layers": list(range(n_layers)), "feature": config.feature, "tokens": n,
-           "measure": MEASURE, "seed": config.seed}
+           "measure": MEASURE, "seed": config.seed, "skip_positions": config.skip_positions}
     write_json_atomic(out_dir / "similarity.json", doc)
     adjacent = np.diagonal(m, 1)
-    result: dict = {"layers": n_layers, "tokens": n, "feature": config.feature, "measure": MEASURE}
+    result: dict = {"layers": n_layers, "tokens": n, "feature": config.feature, "measure": MEASURE,
+                    "skip_positions": config.skip_positions}
     if n_layers > 1:
         result["adjacent"] = {"min": round(float(adjacent.min()), 4), "mean": round(float(adjacent.mean()), 4),
                               "max": round(float(adjacent.max()), 4)}

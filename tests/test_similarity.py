@@ -148,3 +148,24 @@ def test_report_carries_the_matrix(llama, tmp_path: Path) -> None:
                          "result": {}}
     report = build_report(spec, res, 0.0, tmp_path)
     assert np.asarray(report["similarity"]["matrix"]).shape == (3, 3) and report["similarity"]["tokens"] == 16
+
+
+def test_skip_positions_leaves_out_the_first_positions_of_every_block(llama, tiny_checkpoints, tmp_path: Path) -> None:
+    """``skip_positions: 1`` compares the layers on every position but each block's first (the
+    attention-sink token): numpy CKA of transformers' own FF outputs on exactly those rows."""
+    sh, c, ids = llama
+    data = tmp_path / "data-ref"
+    data.mkdir()
+    pq.write_table(pa.table({"input_ids": pa.FixedSizeListArray.from_arrays(pa.array(ids.ravel()), BLOCK)}),
+                   data / "calib.parquet")
+    result = similarity.run(SimilarityConfig(skip_positions=1, tokens=1000), {"shard": sh, "collect": c, "data": data},
+                            tmp_path / "out")
+    doc = json.loads((tmp_path / "out" / "similarity.json").read_text())
+    assert doc["tokens"] == result["tokens"] == N_BLOCKS * (BLOCK - 1) and doc["skip_positions"] == 1
+    keep = np.arange(N_BLOCKS * BLOCK) % BLOCK != 0
+    ys = [y[keep] for y in _hf_ff_outputs(tiny_checkpoints["llama"], ids)]
+    np.testing.assert_allclose(np.asarray(doc["matrix"]), [[_np_cka(a, b) for b in ys] for a in ys], atol=2e-6)
+    with pytest.raises(InputError, match="data stage"):
+        similarity.run(SimilarityConfig(skip_positions=1), {"shard": sh, "collect": c}, tmp_path / "o2")
+    with pytest.raises(InputError, match="leaves nothing"):
+        similarity.run(SimilarityConfig(skip_positions=BLOCK), {"shard": sh, "collect": c, "data": data}, tmp_path / "o3")
