@@ -136,6 +136,17 @@ def test_tied_merge_winner_is_distilled_and_scored(tiny_lm: Path, tmp_path: Path
     assert ties and model.config.num_hidden_layers == 6
 
 
+def test_merge_windows_never_mix_ff_shapes() -> None:
+    """A model with dense and MoE layers (FF sublayers of different sizes): no merge window spans both."""
+    facts = ModelFacts(num_layers=6, params=1000, ff_params=600, layer_params=[150] * 6,
+                       ff_layer_params=[100, 100, 100, 80, 80, 80], cos=[0.1] * 6)
+    cands, _ = plan_candidates(BudgetSpec(target={"ff_params": 0.8}, methods=["merge"], export="tied"), facts)
+    windows = {(c.config.candidate.start, c.config.candidate.size) for c in cands}
+    assert windows == {(0, 3), (3, 3)}
+    with pytest.raises(Exception, match="one shape"):
+        plan_candidates(BudgetSpec(target={"ff_params": 0.6}, methods=["merge"], export="tied"), facts)
+
+
 def test_winner_reason_names_each_family_by_its_furthest_round() -> None:
     """A candidate dropped in the first round (scored on fewer tokens) is not its family's best
     over one that reached the last round, even with a lower first-round perplexity."""
