@@ -28,14 +28,17 @@ def _round_nodes(session: Session, spec: PipelineSpec, alive: list[Candidate], r
     ]
 
 
-def _share_prefix(session: Session, spec: PipelineSpec, alive: list[Candidate]) -> dict[str, str]:
+def _share_prefix(session: Session, spec: PipelineSpec, alive: list[Candidate], rounds: list[int]) -> dict[str, str]:
     """Cache the base model's hidden states entering each candidate's first changed layer (one
-    base pass over the evaluation windows); returns the evaluate nodes' extra input."""
+    base pass over the evaluation windows); returns the evaluate nodes' extra input. Skipped unless
+    the first round alone is sure to save more layer-forwards than the pass costs (e.g.
+    when only a few candidates leave the first layers alone)."""
     from stages.evaluate import PrefixConfig
     from stages.overlay import first_changed_layer
 
-    starts = sorted({first_changed_layer(session.path(f"compress.{c.name}")) or 0 for c in alive} - {0})
-    if not starts:
+    first = [first_changed_layer(session.path(f"compress.{c.name}")) or 0 for c in alive]
+    starts = sorted(set(first) - {0})
+    if not starts or sum(first) * rounds[0] <= max(starts) * rounds[-1]:
         return {}
     cfg = PrefixConfig(**spec.evaluate.model_dump(), layers=tuple(starts))
     session.run([make_node(session.keys, "prefix", "prefix", cfg, {"shard": "shard", "data": "data"})])
@@ -101,7 +104,7 @@ def run_budget(session: Session, spec: PipelineSpec) -> dict[str, Any]:
         raise InputError(f"no candidate meets the budget of {budget:,} {kind}")
     full = session.results["evaluate"]["result"]["tokens"]
     rounds = halving_budgets(len(alive), full, spec.budget.halving)
-    prefix = _share_prefix(session, spec, alive) if spec.budget.share_prefix else {}
+    prefix = _share_prefix(session, spec, alive, rounds) if spec.budget.share_prefix else {}
     num_layers = facts.num_layers
     for r, tokens in enumerate(rounds):
         last = r == len(rounds) - 1
