@@ -247,9 +247,10 @@ def suite_distill(args: argparse.Namespace) -> dict[str, Any]:
         budget = {"target": {"params": t}, "methods": args.methods,
                   "halving": {"min_tokens": args.min_tokens, "factor": args.factor}}
         distill = {"train": {"steps": 100_000, "lr": args.lr, "zero_stage": 2, "micro_batch": 2, "grad_accum": 1,
-                             "checkpoint_every": 20, "seed": 0},
+                             "checkpoint_every": 20, "seed": 0, "layer_loss": args.layer_loss},
                    "max_blocks": 40, "minutes": args.minutes}
-        rep = run(f"quality-distill-{t}-{args.minutes}min", budget, args.cache, args.out, distill=distill)
+        rep = run(f"quality-distill-{t}-{args.minutes}min-{args.layer_loss}-lr{args.lr:g}", budget, args.cache, args.out,
+                  distill=distill)
         base, d = rep["base"]["perplexity"], rep["distill"]
         row = {"removed": round(1 - t, 6), "winner": rep["winner"]["name"], "params": rep["winner"]["params"],
                "base": base, "before": d["perplexity_before"], "after": d["perplexity"],
@@ -284,6 +285,7 @@ def main() -> int:
     ap.add_argument("--factor", type=int, default=2, help="budget/distill: halving keeps 1/factor each round")
     ap.add_argument("--minutes", type=float, default=30, help="distill suite: training wall-clock cap")
     ap.add_argument("--lr", type=float, default=3e-4, help="distill suite: learning rate")
+    ap.add_argument("--layer-loss", choices=["mse", "relative"], default="mse", help="distill suite: layer loss")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     suites = {"moefy": suite_moefy, "fusion": suite_fusion, "merge": suite_merge, "budget": suite_budget,

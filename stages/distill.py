@@ -5,6 +5,12 @@ hidden state after every decoder layer::
 
     loss = mean_l MSE(h_student[l], h_teacher[l])  +  lm_loss_weight * LM loss(student)
 
+or, with ``layer_loss: relative``, each token's squared error relative to the teacher's hidden
+state at that token, ``mean_l mean_t ‖h_s[l, t] − h_t[l, t]‖² / ‖h_t[l, t]‖²``: in models with
+massive activations (SmolLM2's attention-sink token carries hidden states hundreds of times the
+norm of the others) plain MSE is dominated by a few tokens and dimensions; the relative form
+weighs every token alike.
+
 where ``h[l]`` for l = 1..L are the ``output_hidden_states`` entries after each decoder layer
 (entry 0, the embeddings, is left out; for Llama-style models the last entry is after the final
 norm). Training runs in a real DeepSpeed engine with ZeRO stage 0, 2 or 3, one process per
@@ -90,7 +96,7 @@ class DistillConfig(BaseModel):
     # The layer loss alone keeps the student close to the teacher layer by layer; an LM term
     # helps when the compressed layers cannot match every hidden state.
     lm_loss_weight: float = Field(default=0.0, ge=0.0)
-    layer_loss: Literal["mse"] = "mse"
+    layer_loss: Literal["mse", "relative"] = "mse"
     # "compressed": only the feed-forward sublayers of ``train_layers`` move (the distill stage
     # fills them with the layers compression changed; None: every FF sublayer); "ff": every FF
     # sublayer; "all": every parameter of the student.
@@ -321,10 +327,12 @@ def layer_mse(
     student_hidden: tuple[Tensor, ...],
     teacher_hidden: tuple[Tensor, ...],
     layer_map: list[int] | None = None,
+    relative: bool = False,
 ) -> Tensor:
     """Mean over decoder layers of the MSE between hidden states, each [b, T, H]; entry 0 (the
     embeddings) is skipped. Computed in float32 whatever the models' dtype. ``layer_map[j]``: the
-    teacher entry student entry j is compared with (None: the same index, equal lengths)."""
+    teacher entry student entry j is compared with (None: the same index, equal lengths).
+    ``relative``: per token, the squared error over the teacher's squared norm, averaged."""
     if student_hidden is None or teacher_hidden is None:
         raise RuntimeError("a model returned no hidden states for output_hidden_states=True")
     if layer_map is not None:
@@ -339,10 +347,16 @@ def layer_mse(
             f"student has {len(student_hidden) - 1} layers, teacher {len(teacher_hidden) - 1}: "
             "layer-wise distillation needs the same number of layers"
         )
-    per_layer = [
-        F.mse_loss(s.float(), t.float())
-        for s, t in zip(student_hidden[1:], teacher_hidden[1:], strict=True)
-    ]
+    if relative:
+        per_layer = [
+            (((s.float() - t.float()) ** 2).sum(-1) / (t.float() ** 2).sum(-1).clamp_min(1e-12)).mean()
+            for s, t in zip(student_hidden[1:], teacher_hidden[1:], strict=True)
+        ]
+    else:
+        per_layer = [
+            F.mse_loss(s.float(), t.float())
+            for s, t in zip(student_hidden[1:], teacher_hidden[1:], strict=True)
+        ]
     return torch.stack(per_layer).mean()
 
 
@@ -467,7 +481,8 @@ def _distill_worker(
                 for micro in range(config.grad_accum):
                     index = ((step * config.grad_accum + micro) * world + rank) % len(batches)
                     ids = batches[index].to(device)
-                    loss = _distill_loss(engine, teacher, ids, config.lm_loss_weight, layer_map)
+                    loss = _distill_loss(engine, teacher, ids, config.lm_loss_weight, layer_map,
+                                         config.layer_loss == "relative")
                     engine.backward(loss)
                     engine.step()
                     step_loss += loss.detach().float()
@@ -534,16 +549,17 @@ def _distill_loss(
     ids: Tensor,
     lm_loss_weight: float,
     layer_map: list[int] | None = None,
+    relative: bool = False,
 ) -> Tensor:
     """The loss of one micro-batch ``ids`` [b, T]."""
     with torch.no_grad():
         teacher_hidden = teacher(input_ids=ids, output_hidden_states=True).hidden_states
     if lm_loss_weight == 0:  # no labels argument: encoder-only models take none
         out = engine(input_ids=ids, output_hidden_states=True)
-        return layer_mse(out.hidden_states, teacher_hidden, layer_map)
+        return layer_mse(out.hidden_states, teacher_hidden, layer_map, relative)
     out = engine(input_ids=ids, labels=ids, output_hidden_states=True)
     return (
-        layer_mse(out.hidden_states, teacher_hidden, layer_map)
+        layer_mse(out.hidden_states, teacher_hidden, layer_map, relative)
         + lm_loss_weight * out.loss.float()
     )
 

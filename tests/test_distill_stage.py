@@ -389,3 +389,19 @@ def test_stage_config_is_strict() -> None:
     assert config.tied is False and config.minutes is None and config.dtype == "auto"
     with pytest.raises(ValidationError):
         config.max_blocks = 3  # frozen
+
+
+def test_relative_layer_loss_weighs_every_token_alike() -> None:
+    """``relative``: mean over layers and tokens of ‖s − t‖² / ‖t‖²; scaling one token's hidden
+    states (teacher and student alike) by 100 changes plain MSE, not the relative loss."""
+    g = torch.Generator().manual_seed(0)
+    teacher = tuple(torch.randn(2, 3, 4, generator=g) for _ in range(3))
+    student = tuple(t + 0.1 * torch.randn(t.shape, generator=g) for t in teacher)
+    want = torch.stack([(((s - t) ** 2).sum(-1) / (t ** 2).sum(-1)).mean()
+                        for s, t in zip(student[1:], teacher[1:])]).mean()
+    torch.testing.assert_close(layer_mse(student, teacher, relative=True), want)
+    scale = torch.ones(2, 3, 1)
+    scale[0, 0] = 100.0  # one massive-activation token
+    big_t, big_s = tuple(t * scale for t in teacher), tuple(s * scale for s in student)
+    torch.testing.assert_close(layer_mse(big_s, big_t, relative=True), want)
+    assert layer_mse(big_s, big_t).item() > 100 * layer_mse(student, teacher).item()
