@@ -354,11 +354,12 @@ def _window_sample(ctx: _Context, window: list[int], n: int) -> list[Tensor]:
     d = ctx.need_collect("aligned merging of MoE layers")
     if not (d / "inputs").is_dir():
         raise InputError("aligned merging of MoE layers needs collect's FF inputs: set collect.inputs: true")
-    tok, _ = read_inputs(d, window[0])
-    pick = np.sort(np.random.default_rng(0).choice(tok, size=min(n, len(tok)), replace=False))
-    out = []
+    out: list[Tensor] = []
+    pick = np.zeros(0, dtype=np.int64)
     for i in window:
         t, x = read_inputs(d, i)
+        if not out:  # the sample: drawn from the first layer's tokens
+            pick = np.sort(np.random.default_rng(0).choice(t, size=min(n, len(t)), replace=False))
         rows = np.searchsorted(t, pick)
         if (rows >= len(t)).any() or not np.array_equal(t[np.minimum(rows, len(t) - 1)], pick):
             raise InputError(f"collect's inputs of layer {i} do not cover the calibration tokens of layer {window[0]}")

@@ -153,3 +153,16 @@ def test_budget_merges_moe_windows_end_to_end(smollm2_tokenizer: Path, tmp_path:
     la, lb = model.model.layers[a].mlp, model.model.layers[b].mlp
     assert la.experts.gate_up_proj is lb.experts.gate_up_proj and la.gate.weight is lb.gate.weight
     assert model.num_parameters() == rep["winner"]["params"]
+
+
+def test_aligned_moe_merge_without_recorded_inputs_is_a_clear_error(moe_copy: dict) -> None:
+    from stages.errors import InputError
+
+    root = moe_copy["root"] / "noinputs"
+    root.mkdir()
+    col = _collect(moe_copy["shard"], _data(root, n_blocks=2, block=16, vocab=128), root / "c", workers=1, inputs=False)
+    out = root / "ov"
+    out.mkdir()
+    cfg = compress.CompressConfig.model_validate({"candidate": {"method": "merge", "start": 0, "size": 2}})
+    with pytest.raises(InputError, match="collect.inputs: true"):
+        compress.run(cfg, {"shard": moe_copy["shard"], "collect": col}, out)
