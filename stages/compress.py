@@ -169,6 +169,8 @@ class _Context:
         self._states: dict[int, dict[str, Tensor]] = {}
         # Fused blocks' count vectors P (training form: y = W_out' (P ⊙ act(W_in' x))).
         self.counts: dict[str, Tensor] = {}
+        # MLPMoE blocks' static-MoE form (branch of every original neuron, -1 pruned; gains α).
+        self.branches: dict[str, Tensor] = {}
 
     def state(self, i: int) -> dict[str, Tensor]:
         if i not in self._states:
@@ -222,6 +224,9 @@ def _shape_only(ff: FFWeights) -> FFWeights:
 
 # Fused blocks' P vectors (keys ``L<layer>/<block>``), read by the layer_errors stage's NTK.
 COUNTS = "counts.safetensors"
+# MLPMoE candidates' static-MoE form, for inspection (keys ``L<layer>/<block>/branch`` and
+# ``.../alpha``; :func:`static_moe` rebuilds the module from the base weights).
+BRANCHES = "moefy_branches.safetensors"
 
 
 def _layers(m: _Method, n: int) -> list[int]:
@@ -313,6 +318,8 @@ def _compress_block(m: BaseModel, ctx: _Context, i: int, ref: FFBlockRef, ff: FF
             moe = moefy.compensated_prune(moe, m.keep_branches, compensate=m.compensate, hidden_second_moment=hsm)
         elif m.op == "fade":
             moe = moefy.fractal_fade(moe, m.sparsity, m.schedule, hidden_second_moment=hsm)
+        branch, alpha = moefy.branch_map(moe)
+        ctx.branches[f"L{i:05d}/{ref.name}/branch"], ctx.branches[f"L{i:05d}/{ref.name}/alpha"] = branch, alpha
         return moefy.to_dense(moe)
     raise InputError(f"unsupported method {type(m).__name__}")
 
@@ -536,6 +543,22 @@ def _load_overlay(overlay_dir: Path, ctx: _Context) -> Overlay:
     return ov
 
 
+def static_moe(candidate_dir: Path, shard_dir: Path, layer: int, block: str = "mlp") -> moefy.StaticMoE:
+    """An MLPMoE candidate's block as the static mixture of experts it was pruned as (branches,
+    gains α), rebuilt from the base shard and the candidate's branch map: for inspection."""
+    path = candidate_dir / BRANCHES
+    if not path.exists():
+        raise InputError(f"{candidate_dir} has no {BRANCHES}: not an MLPMoE candidate, or built before "
+                         "branch maps were recorded (rebuild it with --force compress)")
+    maps = load_file(str(path))
+    key = f"L{layer:05d}/{block}"
+    if f"{key}/branch" not in maps:
+        raise InputError(f"{candidate_dir}: layer {layer} block {block!r} was not transformed by MLPMoE")
+    ctx = _Context(shard_dir, None)
+    ff = next(f for r, f in ctx.blocks(layer).items() if r.name == block)
+    return moefy.from_branch_map(ff, maps[f"{key}/branch"], maps[f"{key}/alpha"])
+
+
 def param_counts(shard_meta: dict, sizes: dict[int, dict[str, int]], skip: set[int], tied: list[list[int]],
                  per_neuron: dict[str, int], const: dict[str, int]) -> dict[str, int]:
     """Parameters of the compressed model: ``stock`` (as plain transformers loads it: one FF size
@@ -633,6 +656,8 @@ def run(config: CompressConfig, inputs: dict[str, Path], out_dir: Path) -> dict:
     writer.finish(ov.skip, ov.tied)
     if ctx.counts:
         write_atomic(out_dir / COUNTS, lambda p: save_file(ctx.counts, str(p)))
+    if ctx.branches:
+        write_atomic(out_dir / BRANCHES, lambda p: save_file(ctx.branches, str(p)))
     method = {"method": m.method, "settings": m.model_dump(mode="json"),
               "refit": None if config.refit is None else config.refit.model_dump()}
     write_json_atomic(out_dir / "method.json", method)

@@ -562,6 +562,27 @@ def compensated_prune(
     return _rebuild(moe, plan, gains.float())
 
 
+def branch_map(moe: StaticMoE) -> tuple[Tensor, Tensor]:
+    """The inspection form of ``moe``: ``(branch [source_size] int32, alpha [B] float32)`` where
+    ``branch[i]`` is the branch of the dense MLP's neuron i, -1 where it was pruned. With the dense
+    block's weights this is the whole StaticMoE (:func:`from_branch_map`); weights it only scales
+    or prunes are not copied."""
+    branch = torch.full((moe.source_size,), -1, dtype=torch.int32)
+    for b in range(moe.num_branches):
+        branch[moe.branch_index(b)] = b
+    return branch, moe.alpha.detach().float().cpu().clone()
+
+
+def from_branch_map(ff: FFWeights, branch: Tensor, alpha: Tensor) -> StaticMoE:
+    """The StaticMoE that :func:`branch_map` describes, rebuilt from the dense block ``ff``."""
+    if branch.shape != (ff.intermediate_size,):
+        raise ValueError(f"branch map has {tuple(branch.shape)} entries for {ff.intermediate_size} neurons")
+    idx = [torch.nonzero(branch == b).reshape(-1) for b in range(alpha.numel())]
+    keep = [(b, i) for b, i in enumerate(idx) if i.numel()]
+    return StaticMoE([_strip_b_down(ff.select(i)) for _, i in keep], [i for _, i in keep], ff.b_down,
+                     ff.intermediate_size, alpha=alpha[[b for b, _ in keep]])
+
+
 def to_dense(moe: StaticMoE) -> FFWeights:
     """A plain MLP with the surviving neurons: ``α_b`` folded into branch b's down columns,
     neurons in the dense MLP's original order, ``b_down`` once. Intermediate size =

@@ -84,3 +84,36 @@ def test_activation_assignment_removes_the_lowest_energy_branches(tiny_checkpoin
         outs[name] = load_file(str(out / meta["layers"]["0"]["patch"]))
     for k, v in outs["prune"].items():
         torch.testing.assert_close(outs["moefy"][k], v)
+
+
+@pytest.mark.parametrize("mt, op", [("llama", "compensated"), ("gpt2", "fade"), ("qwen2_moe", "compensated")])
+def test_static_moe_inspection_form_equals_the_exported_block(mt: str, op: str, tiny_checkpoints: dict[str, Path],
+                                                              tmp_path: Path) -> None:
+    """The candidate's branch map + the base weights rebuild the static MoE (branches, gains α),
+    and its output is the pruned plain block's the candidate exports."""
+    from safetensors.torch import load_file
+
+    from stages.errors import InputError
+
+    sd = tmp_path / "shard"
+    shard.run(shard.ShardConfig(model=str(tiny_checkpoints[mt])), {}, sd)
+    ov = tmp_path / "moefy"
+    ov.mkdir()
+    cand = {"method": "moefy", "branches": 4, "assignment": "importance", "op": op, "keep_branches": 0.5,
+            "sparsity": 0.4, "layers": [1]}
+    compress.run(compress.CompressConfig.model_validate({"candidate": cand}), {"shard": sd}, ov)
+    ctx = compress._Context(sd, None)
+    patched = {**ctx.state(1), **load_overrides(ov)[1].tensors}
+    x = torch.randn(7, ctx.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    for ref in ctx.family.ff_blocks(ctx.config, patched):
+        moe = compress.static_moe(ov, sd, 1, ref.name)
+        assert moe.num_branches >= 1 and moe.intermediate_size < ctx.blocks(1)[ref].intermediate_size
+        if op == "compensated":
+            assert moe.num_branches == 2 and (moe.alpha.detach() != 1).any()  # survivors rescaled
+        exported = ctx.family.read_ff(ctx.config, patched, ref).to(torch.float32)
+        with torch.no_grad():
+            torch.testing.assert_close(moe(x), exported.forward(x), atol=1e-5, rtol=1e-4)
+    with pytest.raises(InputError, match="not transformed"):
+        compress.static_moe(ov, sd, 0)
+    assert set(load_file(str(ov / compress.BRANCHES))) == {
+        f"L00001/{r.name}/{k}" for r in ctx.family.ff_blocks(ctx.config, patched) for k in ("branch", "alpha")}
