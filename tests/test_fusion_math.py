@@ -237,3 +237,24 @@ def test_fuse_rejects_bad_inputs() -> None:
         fuse_ff(ff, 4, mode="average")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="weights"):
         fuse_ff(ff, 4, weights=np.ones(I - 1))
+
+
+@pytest.mark.parametrize("mt", ["llama", "mixtral", "qwen2_moe"])
+def test_k_equals_I_reproduces_every_expert_end_to_end(mt: str, tiny_checkpoints, tmp_path) -> None:
+    """``fusion`` with ratio 1 (k = I in every block: each expert, the shared expert, dense MLPs)
+    through the compress stage and the streamed runner: the model's logits are unchanged."""
+    from stages import compress, shard
+    from stages.overlay import load_overrides
+    from stages.runner import LayerStreamedModel
+
+    sd = tmp_path / "shard"
+    shard.run(shard.ShardConfig(model=str(tiny_checkpoints[mt])), {}, sd)
+    ov = tmp_path / "fused"
+    ov.mkdir()
+    res = compress.run(compress.CompressConfig.model_validate({"candidate": {"method": "fusion", "ratio": 1.0}}),
+                       {"shard": sd}, ov)
+    assert res["changed_layers"]
+    ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(0))
+    base = LayerStreamedModel(sd).logits(ids)
+    fused = LayerStreamedModel(sd, overrides=load_overrides(ov)).logits(ids)
+    assert float((fused - base).abs().max()) <= 1e-5
