@@ -379,13 +379,12 @@ def _moe_extra_keys(ctx: _Context, i: int) -> list[str]:
     """The MoE block's tensors besides its experts and shared expert (router, shared-expert gate)."""
     moe = ctx.family.moe
     assert moe is not None
-    sd = ctx.state(i)
-    owned = {f"{moe.path}."}
+    shared: set[str] = set()
     if moe.shared is not None:
         spec = moe.shared
-        owned |= {n.format(w) for n in (spec.up, spec.gate, spec.down) if n is not None for w in ("weight", "bias")}
-    return sorted(k for k in sd if k.startswith(ctx.family.ff_module + ".")
-                  and not k.startswith(f"{moe.path}.") and k not in owned)
+        shared = {n.format(w) for n in (spec.up, spec.gate, spec.down) if n is not None for w in ("weight", "bias")}
+    return sorted(k for k in ctx.state(i) if k.startswith(ctx.family.ff_module + ".")
+                  and not k.startswith(f"{moe.path}.") and k not in shared)
 
 
 def _merge_moe(m: MergeMethod, ctx: _Context, window: list[int], blocks: list[dict[FFBlockRef, FFWeights]],
@@ -420,17 +419,18 @@ def _merge_moe(m: MergeMethod, ctx: _Context, window: list[int], blocks: list[di
     merged = {r: alignment.merge_window([blocks[k][experts[match[k][e]]] for k in range(w)], perms[r])
               for e, r in enumerate(experts)}
     merged |= {r: alignment.merge_window([blocks[k][r] for k in range(w)], perms[r]) for r in others}
-    extra: dict[str, Tensor] = {}
-    for key in _moe_extra_keys(ctx, window[0]):
-        dtype = ctx.state(window[0])[key].dtype
-        ts = []
-        for k, i in enumerate(window):
-            t = ctx.state(i).get(key)
-            if t is None:
+    keys = _moe_extra_keys(ctx, window[0])
+    dtypes = {key: ctx.state(window[0])[key].dtype for key in keys}
+    sums = {key: torch.zeros(ctx.state(window[0])[key].shape) for key in keys}
+    for k, i in enumerate(window):  # each layer's tensors read once
+        sd = ctx.state(i)
+        for key in keys:
+            if key not in sd:
                 raise InputError(f"merge window: layer {i} has no {key} (layer {window[0]} has)")
+            t = sd[key]
             routed = key.startswith(moe.router_module + ".") and t.shape[:1] == (len(experts),)
-            ts.append((t[torch.from_numpy(match[k])] if routed else t).to(torch.float32))
-        extra[key] = torch.stack(ts).mean(0).to(dtype)
+            sums[key] += (t[torch.from_numpy(match[k])] if routed else t).to(torch.float32)
+    extra = {key: (sums[key] / w).to(dtypes[key]) for key in keys}
     ov = Overlay(tied=[window])
     for k, i in enumerate(window):
         ov.blocks[i] = dict(merged)
@@ -560,10 +560,12 @@ def static_moe(candidate_dir: Path, shard_dir: Path, layer: int, block: str = "m
 
 
 def param_counts(shard_meta: dict, sizes: dict[int, dict[str, int]], skip: set[int], tied: list[list[int]],
-                 per_neuron: dict[str, int], const: dict[str, int]) -> dict[str, int]:
+                 per_neuron: dict[str, int], const: dict[str, int], tied_other: int = 0) -> dict[str, int]:
     """Parameters of the compressed model: ``stock`` (as plain transformers loads it: one FF size
     per block kind, smaller blocks zero-padded, tied windows materialised) and ``unique``
-    (each tied tensor once). ``sizes[i][block kind]`` = total intermediate neurons of that kind."""
+    (each tied tensor once). ``sizes[i][block kind]`` = total intermediate neurons of that kind;
+    ``tied_other``: non-FF parameters that tied windows also share (a merged MoE router), beyond
+    their first layer."""
     p = shard_meta["params"]
     n = len(p["layers"])
     kept = [i for i in range(n) if i not in skip]
@@ -579,7 +581,7 @@ def param_counts(shard_meta: dict, sizes: dict[int, dict[str, int]], skip: set[i
             continue
         seen.add(g[0])
         unique_ff += sum(sizes[i][k] * per_neuron[k] + const[k] for k in sizes[i])
-    return {"params": non_ff + stock_ff, "unique_params": non_ff + unique_ff, "ff_params": stock_ff,
+    return {"params": non_ff + stock_ff, "unique_params": non_ff - tied_other + unique_ff, "ff_params": stock_ff,
             "unique_ff_params": unique_ff, "padding": stock_ff - sum(
                 sizes[i][k] * per_neuron[k] + const[k] for i in kept for k in sizes[i])}
 
@@ -602,6 +604,7 @@ def run(config: CompressConfig, inputs: dict[str, Path], out_dir: Path) -> dict:
     streamed = ("unrefit" not in inputs and not isinstance(m, (MergeMethod, LayerDropMethod))
                 and not (config.refit is not None and config.refit.sequential))
     changed: dict[int, dict[FFBlockRef, FFWeights]] = {}
+    tied_other = 0
     if streamed:
         overlap = sorted(drop & set(_layers(m, ctx.num_layers)))  # type: ignore[arg-type]
         if overlap:
@@ -637,6 +640,7 @@ def run(config: CompressConfig, inputs: dict[str, Path], out_dir: Path) -> dict:
         changed = {i: {ref: _shape_only(ff) for ref, ff in b.items()} for i, b in ov.blocks.items()}
         # Tied non-FF tensors (a merged MoE router) are stored once too.
         tied_other = sum((len(g) - 1) * sum(t.numel() for t in ov.extra.get(g[0], {}).values()) for g in ov.tied)
+        ov.extra = {}
         ov.blocks = {}
     # Sizes of every layer's blocks after compression, for parameter accounting.
     sizes: dict[int, dict[str, int]] = {}
@@ -650,9 +654,7 @@ def run(config: CompressConfig, inputs: dict[str, Path], out_dir: Path) -> dict:
             per_neuron[kind] = ff.hidden_size * (3 if ff.is_glu else 2) + (1 if ff.b_up is not None else 0)
             const[kind] = ff.hidden_size if ff.b_down is not None and kind != "expert" else 0
     shard_meta = json.loads((inputs["shard"] / "shard.json").read_text())
-    counts = param_counts(shard_meta, sizes, ov.skip, ov.tied, per_neuron, const)
-    if not streamed and tied_other:
-        counts["unique_params"] -= tied_other
+    counts = param_counts(shard_meta, sizes, ov.skip, ov.tied, per_neuron, const, tied_other)
     writer.finish(ov.skip, ov.tied)
     if ctx.counts:
         write_atomic(out_dir / COUNTS, lambda p: save_file(ctx.counts, str(p)))

@@ -347,16 +347,13 @@ def layer_mse(
             f"student has {len(student_hidden) - 1} layers, teacher {len(teacher_hidden) - 1}: "
             "layer-wise distillation needs the same number of layers"
         )
-    if relative:
-        per_layer = [
-            (((s.float() - t.float()) ** 2).sum(-1) / (t.float() ** 2).sum(-1).clamp_min(1e-12)).mean()
-            for s, t in zip(student_hidden[1:], teacher_hidden[1:], strict=True)
-        ]
-    else:
-        per_layer = [
-            F.mse_loss(s.float(), t.float())
-            for s, t in zip(student_hidden[1:], teacher_hidden[1:], strict=True)
-        ]
+    def error(s: Tensor, t: Tensor) -> Tensor:
+        s, t = s.float(), t.float()
+        if not relative:
+            return F.mse_loss(s, t)
+        return (((s - t) ** 2).sum(-1) / (t * t).sum(-1).clamp_min(1e-12)).mean()
+
+    per_layer = [error(s, t) for s, t in zip(student_hidden[1:], teacher_hidden[1:], strict=True)]
     return torch.stack(per_layer).mean()
 
 

@@ -52,6 +52,7 @@ from torch import Tensor
 
 from stages.artifacts import write_json_atomic
 from stages.collect import _column_numpy, _files
+from stages.data import read_calib
 from stages.errors import InputError
 from stages.runner import LayerStreamedModel
 
@@ -180,7 +181,7 @@ def run(config: SimilarityConfig, inputs: dict[str, Path], out_dir: Path) -> dic
     if config.skip_positions:
         if "data" not in inputs:
             raise InputError("similarity.skip_positions needs the calibration blocks' length: add the data stage's output")
-        block = int(pq.read_schema(Path(inputs["data"]) / "calib.parquet").field("input_ids").type.list_size)
+        block = int(read_calib(inputs["data"]).shape[1])
         if config.skip_positions >= block:
             raise InputError(f"similarity.skip_positions={config.skip_positions} leaves nothing of blocks of {block} tokens")
         ids = ids[np.asarray(ids, dtype=np.int64) % block >= config.skip_positions]  # token id = block * length + position
