@@ -151,8 +151,10 @@ def source_key(src: ModelSource) -> str:
 class LazyCheckpoint:
     """Tensor-by-tensor reader over a safetensors (single or sharded) or ``.bin`` checkpoint.
 
-    Safetensors files are memory-mapped by ``safe_open``; a tensor is read only when asked for and
-    is not kept, so peak memory is bounded by what the caller holds. ``.bin`` files are read with
+    Safetensors tensors are read with plain file reads at the offsets of the file's header, into
+    memory of their own: a tensor is read only when asked for, is not kept, and its memory goes
+    back when the caller drops it (a memory-mapped view would keep every page it touched resident
+    for as long as any tensor of the same file lives). ``.bin`` files are read with
     ``torch.load(weights_only=True, mmap=True)`` (no arbitrary unpickling).
     """
 
@@ -162,9 +164,11 @@ class LazyCheckpoint:
         self.src = src
         self._where: dict[str, Path] = {}
         self._bins: dict[Path, dict[str, torch.Tensor]] = {}
+        self._headers: dict[Path, tuple[int, dict]] = {}  # file -> (data start, header)
         for p in src.files:
             if src.format == "safetensors":
-                _safetensors_header(p)
+                raw = _safetensors_header(p)
+                self._headers[p] = (8 + len(raw), json.loads(raw))
                 try:
                     with safe_open(str(p), framework="pt") as f:
                         names = list(f.keys())
@@ -189,10 +193,11 @@ class LazyCheckpoint:
         if self.src.format == "bin":
             t = self._bins[p][name]
             return tuple(t.shape), t.dtype
-        with safe_open(str(p), framework="pt") as f:
-            sl = f.get_slice(name)
-            dtype = {v: k for k, v in _ST_DTYPES.items()}[sl.get_dtype()]
-            return tuple(sl.get_shape()), dtype
+        info = self._headers[p][1][name]
+        if info["dtype"] not in _ST_NAMES:  # float8 and the like: ask safetensors (a zero-copy view)
+            with safe_open(str(p), framework="pt") as f:
+                return tuple(info["shape"]), f.get_tensor(name).dtype
+        return tuple(info["shape"]), _ST_NAMES[info["dtype"]]
 
     def row_chunks(self, name: str, max_bytes: int = 32 << 20) -> Iterator[torch.Tensor]:
         """A tensor in row chunks of about ``max_bytes`` (bounded memory for embeddings)."""
@@ -202,20 +207,47 @@ class LazyCheckpoint:
             return
         row = math.prod(shape[1:]) * torch.empty(0, dtype=dtype).element_size()
         step = max(1, max_bytes // max(row, 1))
-        with safe_open(str(self._where[name]), framework="pt") as f:
-            sl = f.get_slice(name)
-            for a in range(0, shape[0], step):
-                yield sl[a : a + step].clone()
+        for a in range(0, shape[0], step):
+            yield self._read(name, (a, min(a + step, shape[0])))
 
     def get(self, name: str) -> torch.Tensor:
         p = self._where[name]
         if self.src.format == "bin":
             return self._bins[p][name]
-        try:
-            with safe_open(str(p), framework="pt") as f:
-                return f.get_tensor(name)
-        except Exception as e:
-            raise CheckpointError(f"corrupt tensor {name!r} in {p}: {e}") from e
+        return self._read(name)
+
+    def _read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """Tensor ``name`` (or its rows ``[a, b)``) read from its file into a fresh buffer."""
+        p = self._where[name]
+        start, header = self._headers[p]
+        info = header[name]
+        dtype = _ST_NAMES.get(info["dtype"])
+        shape = list(info["shape"])
+        a, b = info["data_offsets"]
+        if dtype is None:  # a dtype torch reads only through safetensors (float8 and the like)
+            try:
+                with safe_open(str(p), framework="pt") as f:
+                    t = f.get_tensor(name)
+                    return (t if rows is None else t[rows[0] : rows[1]]).clone()
+            except Exception as e:
+                raise CheckpointError(f"corrupt tensor {name!r} in {p}: {e}") from e
+        if rows is not None:
+            row = (b - a) // max(shape[0], 1)
+            a, b = a + rows[0] * row, a + rows[1] * row
+            shape[0] = rows[1] - rows[0]
+        buf = bytearray(b - a)
+        view = memoryview(buf)
+        with open(p, "rb", buffering=0) as f:
+            f.seek(start + a)
+            done = 0
+            while done < len(buf):
+                n = f.readinto(view[done:])
+                if not n:
+                    raise CheckpointError(f"corrupt tensor {name!r} in {p}: the file ends inside it")
+                done += n
+        if not buf:
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(buf, dtype=dtype).reshape(shape)
 
     def iter(self, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
         for n in names:
@@ -227,6 +259,7 @@ _ST_DTYPES = {
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
     torch.bool: "BOOL",
 }
+_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
 
 
 def stream_safetensors(path: Path, specs: list[tuple[str, tuple[int, ...], torch.dtype]],
@@ -257,5 +290,6 @@ def stream_safetensors(path: Path, specs: list[tuple[str, tuple[int, ...], torch
                 rows += t.shape[0] if t.dim() else 1
                 f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
                 del t
+            del got, chunks  # before the next tensor is read: one tensor alive at a time
             if rows != (shape[0] if shape else 1):
                 raise ValueError(f"{name}: wrote {rows} rows, the header says {shape}")

@@ -9,7 +9,9 @@ the recorded routing *is* the model's. Features are computed from the family-neu
 - ``gate``: ``gate_proj``'s output before the activation (GLU blocks),
 - ``hidden``: the input of the down projection, ``act(gate)*up`` or ``act(up)``.
 
-Layout of a collect artifact (the schema is also in ``meta.json``)::
+Layout of a collect artifact (the schema is also in ``meta.json``; every Parquet file's key-value
+metadata names its ``mlpfuse.layer``, ``.block``, ``.kinds``, ``.dtype``, ``.tokens`` and
+``.worker``, JSON-encoded; columns and list items are non-null)::
 
     features/L00012/<block>/part-000.parquet   token: int64, [router_weight: float32],
                                                up/gate/hidden: fixed_size_list<float16|float32>[I]
@@ -88,7 +90,32 @@ def _dense_spec(family: FamilyAdapter, ref: FFBlockRef) -> DenseFF:
 
 
 def _fsl(arr: np.ndarray) -> pa.FixedSizeListArray:
-    return pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(arr).ravel()), arr.shape[1])
+    """A zero-copy fixed-size-list view of a 2-D array, lists and items declared non-null: Parquet
+    then writes no definition levels for them (writes ~1.5x and reads ~2x faster than nullable)."""
+    flat = np.ascontiguousarray(arr).reshape(-1)
+    item = pa.from_numpy_dtype(flat.dtype)
+    values = pa.Array.from_buffers(item, flat.size, [None, pa.py_buffer(flat)])
+    return pa.FixedSizeListArray.from_arrays(values, type=pa.list_(pa.field("item", item, nullable=False), arr.shape[1]))
+
+
+def _table(cols: dict[str, np.ndarray], **meta: object) -> pa.Table:
+    """Non-null columns, with ``meta`` as the file's key-value metadata (``mlpfuse.<key>``)."""
+    arrays = {k: (_fsl(v) if v.ndim == 2 else pa.array(v)) for k, v in cols.items()}
+    schema = pa.schema([pa.field(k, a.type, nullable=False) for k, a in arrays.items()],
+                       metadata={f"mlpfuse.{k}": json.dumps(v) for k, v in meta.items()})
+    return pa.Table.from_arrays(list(arrays.values()), schema=schema)
+
+
+def _sums(f: Tensor, rows: int = 512) -> tuple[np.ndarray, np.ndarray]:
+    """Column sums and sums of squares of ``f`` [n, I] in float64, a cache-sized row chunk at a
+    time (4x faster than one float64 copy of the whole matrix)."""
+    s = torch.zeros(f.shape[1], dtype=torch.float64)
+    sq = torch.zeros(f.shape[1], dtype=torch.float64)
+    for a in range(0, f.shape[0], rows):
+        c = f[a : a + rows].double()
+        s += c.sum(0)
+        sq += (c * c).sum(0)
+    return s.numpy(), sq.numpy()
 
 
 class _Stats:
@@ -195,7 +222,7 @@ def run_part(config: CollectPartConfig, inputs: dict[str, Path], out_dir: Path) 
     calib = read_calib(inputs["data"])
     mine = np.arange(config.worker, len(calib), config.num_workers)
     block_size = calib.shape[1]
-    np_dtype = np.float16 if config.dtype == "float16" else np.float32
+    torch_dtype = torch.float16 if config.dtype == "float16" else torch.float32
     batches = [mine[i : i + config.batch_size] for i in range(0, len(mine), config.batch_size)]
     states = [model.start(torch.from_numpy(calib[b])) for b in batches]
     tokens = [torch.from_numpy((b[:, None] * block_size + np.arange(block_size)).reshape(-1)) for b in batches]
@@ -231,7 +258,7 @@ def run_part(config: CollectPartConfig, inputs: dict[str, Path], out_dir: Path) 
                     cos += (float(c.sum()), c.numel())
             finally:
                 cap.close()
-        stats = _write_layer(i, sd, cap, all_tokens, model, config, np_dtype, out_dir)
+        stats = _write_layer(i, sd, cap, all_tokens, model, config, torch_dtype, out_dir)
         stats["layer/cos.sum"], stats["layer/count"] = cos[:1].copy(), cos[1:].copy()
         carry_rel = f"carry/L{i:05d}.safetensors"
         carry = {f"b{n}": s.hidden.contiguous() for n, s in enumerate(states)}
@@ -247,7 +274,7 @@ def run_part(config: CollectPartConfig, inputs: dict[str, Path], out_dir: Path) 
 
 def _write_layer(
     i: int, sd: dict[str, Tensor], cap: _LayerCapture, all_tokens: Tensor,
-    model: LayerStreamedModel, config: CollectPartConfig, np_dtype: type, out_dir: Path,
+    model: LayerStreamedModel, config: CollectPartConfig, torch_dtype: torch.dtype, out_dir: Path,
 ) -> dict[str, np.ndarray]:
     """Write layer i's Parquet parts; return its statistics (committed by the caller, last)."""
     family, hf_config = model.family, model.config
@@ -280,20 +307,25 @@ def _write_layer(
         st = stats.setdefault(ref.name, _Stats())
         st.add("count", np.array([len(rows)], dtype=np.float64))
         for kind, f in feats.items():
-            _check_finite(i, ref.name, kind, f)
-            f64 = f.double()
-            st.add(f"{kind}.sum", f64.sum(0).numpy())
-            st.add(f"{kind}.sumsq", (f64 * f64).sum(0).numpy())
+            total, sumsq = _sums(f)
+            # A float64 sum of float32 values is finite iff every value is: no separate pass.
+            if not (np.isfinite(total).all() and np.isfinite(sumsq).all()):
+                _check_finite(i, ref.name, kind, f)
+            st.add(f"{kind}.sum", total)
+            st.add(f"{kind}.sumsq", sumsq)
             if kind == "hidden" and ff.intermediate_size <= config.gram_max:
                 st.add("hidden.gram", _gram(f))
         tables[ref.name] = {"token": all_tokens[rows].numpy(), **extra,
-                            **{k: v.numpy().astype(np_dtype) for k, v in feats.items()}}
+                            **{k: v.to(torch_dtype).numpy() for k, v in feats.items()}}
     for name, cols in tables.items():
-        table = pa.table({k: (_fsl(v) if v.ndim == 2 else pa.array(v)) for k, v in cols.items()})
+        kinds = [k for k in cols if k not in ("token", "router_weight")]
+        table = _table(cols, layer=i, block=name, kinds=kinds, tokens=len(cols["token"]), worker=config.worker,
+                       dtype="float32" if name == "router" else config.dtype)
         rel = f"features/L{i:05d}/{name}/part-{config.worker:03d}.parquet"
         commit_part(out_dir, rel, lambda p, t=table: _write_parquet(t, p))
     if config.inputs:
-        table = pa.table({"token": all_tokens.numpy(), "x": _fsl(x.numpy())})
+        table = _table({"token": all_tokens.numpy(), "x": x.numpy()}, layer=i, block="input", kinds=["x"],
+                       tokens=x.shape[0], worker=config.worker, dtype="float32")
         rel = f"inputs/L{i:05d}/part-{config.worker:03d}.parquet"
         commit_part(out_dir, rel, lambda p, t=table: _write_parquet(t, p))
     return {f"{b}/{k}": v for b, st in stats.items() for k, v in st.arrays.items()}
@@ -361,22 +393,35 @@ def _column_numpy(table: pa.Table, name: str) -> np.ndarray:
     return col.to_numpy(zero_copy_only=False)
 
 
+def _read_sorted(files: list[Path], column: str) -> tuple[np.ndarray, np.ndarray]:
+    """(token ids, ``column``) of worker parts, ordered by token: read-only arrays. The parts are
+    concatenated and reordered only when there are several (one part is already in order), so a
+    single part's features come back as a view of the decoded Parquet pages, with no copy."""
+    tables = [pq.read_table(f, columns=["token", column], memory_map=True) for f in files]
+    tok = [_column_numpy(t, "token") for t in tables]
+    val = [_column_numpy(t, column) for t in tables]
+    if len(tables) == 1 and (len(tok[0]) < 2 or bool((np.diff(tok[0]) > 0).all())):
+        return tok[0], val[0]
+    tok_all = np.concatenate(tok)
+    order = np.argsort(tok_all, kind="stable")
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    out = np.empty((len(order), *val[0].shape[1:]), dtype=val[0].dtype)
+    start = 0
+    for v in val:  # each part scattered into place: no concatenated copy of the features
+        out[rank[start : start + len(v)]] = v
+        start += len(v)
+    return tok_all[order], out
+
+
 def read_features(collect_dir: Path, layer: int, block: str = "mlp", kind: str = "hidden") -> tuple[np.ndarray, np.ndarray]:
     """(token ids [n], features [n, I]) of one layer's block, ordered by token."""
-    tables = [pq.read_table(f, columns=["token", kind]) for f in _files(collect_dir, f"features/L{layer:05d}/{block}")]
-    tok = np.concatenate([_column_numpy(t, "token") for t in tables])
-    feat = np.concatenate([_column_numpy(t, kind) for t in tables])
-    order = np.argsort(tok, kind="stable")
-    return tok[order], feat[order]
+    return _read_sorted(_files(collect_dir, f"features/L{layer:05d}/{block}"), kind)
 
 
 def read_inputs(collect_dir: Path, layer: int) -> tuple[np.ndarray, np.ndarray]:
     """(token ids [n], FF inputs x [n, H]) of one layer, ordered by token."""
-    tables = [pq.read_table(f) for f in _files(collect_dir, f"inputs/L{layer:05d}")]
-    tok = np.concatenate([_column_numpy(t, "token") for t in tables])
-    x = np.concatenate([_column_numpy(t, "x") for t in tables])
-    order = np.argsort(tok, kind="stable")
-    return tok[order], x[order]
+    return _read_sorted(_files(collect_dir, f"inputs/L{layer:05d}"), "x")
 
 
 def iter_feature_rows(collect_dir: Path, layer: int, block: str, kind: str, rows: int = 4096) -> Iterator[tuple[np.ndarray, np.ndarray]]:

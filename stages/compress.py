@@ -199,7 +199,7 @@ class _Context:
         if ref.kind == "expert":
             etok, _ = read_features(d, i, ref.name, "hidden")
             tok = tok[np.searchsorted(tok, etok)]
-        return x_all[torch.from_numpy(np.ascontiguousarray(tok, dtype=np.int64))]
+        return x_all[torch.tensor(tok, dtype=torch.long)]
 
     def block_inputs(self, i: int, ref: FFBlockRef) -> Tensor:
         """The block's calibration inputs x [n, H] (MoE experts: the tokens routed to them)."""
@@ -208,7 +208,7 @@ class _Context:
         if ref.kind == "expert":
             etok, _ = read_features(d, i, ref.name, "hidden")
             x = x[np.searchsorted(tok, etok)]
-        return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+        return torch.tensor(x, dtype=torch.float32)  # a copy: the read is a read-only view
 
 
 def _shape_only(ff: FFWeights) -> FFWeights:

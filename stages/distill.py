@@ -464,8 +464,14 @@ def _distill_worker(
             start = resumed_from = int(saved["steps_done"])
             losses = [float(x) for x in saved["losses"]]
 
+        # Under a wall-clock cap the step count is only a ceiling: the bar counts steps and shows
+        # the minutes used of the cap instead of a misleading total.
         bar = tqdm(
-            total=config.steps, initial=start, desc="distill", disable=not progress or rank != 0
+            total=config.steps if time_limit_s is None else None,
+            initial=start,
+            desc="distill",
+            unit="step",
+            disable=not progress or rank != 0,
         )
         devices = [device] if device.type == "cuda" else []
         # Past the limit already (from the record, so every worker agrees): no step runs.
@@ -487,7 +493,10 @@ def _distill_worker(
                     torch.distributed.all_reduce(step_loss)
                 losses.append(step_loss.item() / (config.grad_accum * world))
                 bar.update(1)
-                bar.set_postfix(loss=f"{losses[-1]:.4g}")
+                if time_limit_s is None:
+                    bar.set_postfix(loss=f"{losses[-1]:.4g}")
+                else:
+                    bar.set_postfix(loss=f"{losses[-1]:.4g}", minutes=f"{elapsed() / 60:.1f}/{time_limit_s / 60:g}")
                 done = step + 1
                 if done % config.checkpoint_every == 0 or done == config.steps:
                     _save_checkpoint(

@@ -15,6 +15,7 @@ import math
 import re
 import shutil
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -99,6 +100,36 @@ def _load_gguf(src: ModelSource) -> tuple[Any, dict[str, torch.Tensor], Any]:
     return config, {k: v.detach() for k, v in model.state_dict().items()}, tokenizer
 
 
+def _check_finite(layer: int, key: str, t: torch.Tensor) -> None:
+    # in 16M-element pieces: a whole-tensor isfinite would allocate a bool per element
+    if t.is_floating_point() and not all(torch.isfinite(c).all() for c in t.reshape(-1).split(1 << 24)):
+        raise CheckpointError(f"layer {layer} tensor {key!r} holds NaN or inf values")
+
+
+def _file_shapes(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors as meta tensors (shapes and dtypes, no data read)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return {k: torch.empty(f.get_slice(k).get_shape(), dtype=f.get_tensor(k).dtype, device="meta")
+                for k in f.keys()}
+
+
+def _layer_plan(family: FamilyAdapter, keys: dict[str, str], lazy: LazyCheckpoint
+                ) -> dict[str, tuple[str, tuple[int, ...], torch.dtype]] | None:
+    """{in-memory key: (checkpoint key, shape, dtype)} when the family's canonical layout only
+    renames this layer's tensors; None when it builds new ones (legacy per-expert MoE stacking)."""
+    metas = {}
+    for rk, fk in keys.items():
+        shape, dt = lazy.meta(fk)
+        metas[rk] = torch.empty(shape, dtype=dt, device="meta")
+    origin = {id(v): keys[rk] for rk, v in metas.items()}
+    canon = family.canonicalize(metas)
+    if not all(id(v) in origin for v in canon.values()):
+        return None
+    return {k: (origin[id(v)], tuple(v.shape), v.dtype) for k, v in canon.items()}
+
+
 def run(config: ShardConfig, inputs: dict[str, Path], out_dir: Path) -> dict:
     """Write ``layers/NNNNN.safetensors``, ``rest.safetensors``, ``config.json``, tokenizer files and
     ``shard.json``. Finished layer files are kept across interrupted attempts."""
@@ -107,6 +138,7 @@ def run(config: ShardConfig, inputs: dict[str, Path], out_dir: Path) -> dict:
     src = resolve_source(config.model)
     dtype = DTYPES.get(config.dtype)
     tokenizer = None
+    lazy: LazyCheckpoint | None = None
     if src.format == "gguf":
         hf_config, tensors, tokenizer = _load_gguf(src)
         get = tensors.__getitem__
@@ -133,29 +165,41 @@ def run(config: ShardConfig, inputs: dict[str, Path], out_dir: Path) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     params = {"total": 0, "ff": 0, "layers": [0] * n_layers, "ff_layers": [0] * n_layers}
     reused = 0
+    def cast(t: torch.Tensor) -> torch.Tensor:
+        return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+
     for i in tqdm(range(n_layers), desc="shard", unit="layer"):
         rel = layer_file(i)
         if part_done(out_dir, rel):
             reused += 1
-            from safetensors import safe_open
-
-            with safe_open(str(out_dir / rel), framework="pt") as f:
-                sd = {k: f.get_tensor(k) for k in f.keys()}
+            shapes = _file_shapes(out_dir / rel)
         else:
-            sd = {rk: get(fk) for rk, fk in layer_keys[i].items()}
-            sd = family.canonicalize(sd)
-            if dtype is not None:
-                sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
-            sd = {k: v.contiguous() for k, v in sd.items()}
-            for k, v in sd.items():
-                # in 16M-element pieces: a whole-tensor isfinite would allocate a bool per element
-                if v.is_floating_point() and not all(torch.isfinite(c).all() for c in v.reshape(-1).split(1 << 24)):
-                    raise CheckpointError(f"layer {i} tensor {k!r} holds NaN or inf values")
-            specs = [(k, tuple(v.shape), v.dtype) for k, v in sorted(sd.items())]
-            commit_part(out_dir, rel, lambda p, sd=sd, specs=specs: stream_safetensors(p, specs, sd.__getitem__))
-        params["layers"][i] = sum(v.numel() for v in sd.values())
-        params["ff_layers"][i] = sum(family.read_ff(hf_config, sd, r).num_params() for r in family.ff_blocks(hf_config, sd))
-        del sd
+            plan = _layer_plan(family, layer_keys[i], lazy) if lazy is not None else None
+            if plan is not None:
+                # Renames only: each tensor is read in row chunks, checked, cast, written and
+                # dropped in turn, so the stage holds one chunk of the layer at a time.
+                specs = [(k, shape, dtype if dtype is not None and dt.is_floating_point else dt)
+                         for k, (_, shape, dt) in sorted(plan.items())]
+
+                def fetch(k: str, plan: dict = plan, i: int = i) -> Iterator[torch.Tensor]:
+                    for chunk in lazy.row_chunks(plan[k][0], max_bytes=8 << 20):
+                        chunk = cast(chunk).contiguous()
+                        _check_finite(i, k, chunk)
+                        yield chunk
+
+                commit_part(out_dir, rel, lambda p, specs=specs, fetch=fetch: stream_safetensors(p, specs, fetch))
+            else:  # GGUF tensors, or legacy per-expert MoE tensors stacked by canonicalize
+                sd = family.canonicalize({rk: get(fk) for rk, fk in layer_keys[i].items()})
+                sd = {k: cast(v).contiguous() for k, v in sd.items()}
+                for k, v in sd.items():
+                    _check_finite(i, k, v)
+                specs = [(k, tuple(v.shape), v.dtype) for k, v in sorted(sd.items())]
+                commit_part(out_dir, rel, lambda p, sd=sd, specs=specs: stream_safetensors(p, specs, sd.__getitem__))
+                del sd
+            shapes = {k: torch.empty(shape, dtype=dt, device="meta") for k, shape, dt in specs}
+        params["layers"][i] = sum(v.numel() for v in shapes.values())
+        params["ff_layers"][i] = sum(family.read_ff(hf_config, shapes, r).num_params()
+                                     for r in family.ff_blocks(hf_config, shapes))
 
     # Non-layer tensors (embeddings, norms, head): name in the skeleton -> checkpoint key, streamed
     # into rest.safetensors one tensor at a time.

@@ -63,6 +63,28 @@ def test_two_workers_equal_one_and_numpy(llama_shard: Path, tmp_path: Path) -> N
         np.testing.assert_allclose(s1["hidden.gram"], h.astype(np.float64).T @ h, rtol=1e-5, atol=1e-6)
 
 
+def test_parquet_reads_the_same_in_pyarrow_pandas_and_datasets(llama_shard: Path, tmp_path: Path) -> None:
+    import datasets
+
+    data = _data(tmp_path, n_blocks=5, block=8, vocab=128)
+    two = _collect(llama_shard, data, tmp_path / "two", workers=2)
+    tok, feats = read_features(two, 1, "mlp", "hidden")
+    part = two / "features/L00001/mlp/part-001.parquet"
+    schema = pq.read_schema(part)
+    meta = {k.decode(): json.loads(v) for k, v in schema.metadata.items() if k.startswith(b"mlpfuse.")}
+    assert meta == {"mlpfuse.layer": 1, "mlpfuse.block": "mlp", "mlpfuse.kinds": ["up", "gate", "hidden"],
+                    "mlpfuse.dtype": "float32", "mlpfuse.tokens": 2 * 8, "mlpfuse.worker": 1}
+    assert pa.types.is_fixed_size_list(schema.field("hidden").type) and not schema.field("hidden").nullable
+    frame = pq.read_table(part).to_pandas()
+    ds = datasets.Dataset.from_parquet(str(part), cache_dir=str(tmp_path / "hf"))
+    rows = np.searchsorted(tok, frame["token"].to_numpy())
+    np.testing.assert_array_equal(np.stack(frame["hidden"].to_numpy()), feats[rows])
+    np.testing.assert_array_equal(np.asarray(ds.with_format("numpy")["hidden"]), feats[rows])
+    # worker 1 holds blocks 1 and 3: the merged read puts every token back in order
+    assert frame["token"].tolist() == [*range(8, 16), *range(24, 32)]
+    assert tok.tolist() == list(range(5 * 8))
+
+
 def test_features_are_the_models_own(llama_shard: Path, tiny_checkpoints: dict[str, Path], tmp_path: Path) -> None:
     """Recorded hidden features equal the input of down_proj in the in-memory model."""
     from transformers import AutoModelForCausalLM

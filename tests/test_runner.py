@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -148,3 +149,41 @@ def test_streamed_perplexity_equals_direct(model_type: str, tiny_checkpoints: di
             count += n
     assert got["tokens"] == count == sum(len(s) - 1 for s in streams)
     assert got["perplexity"] == pytest.approx(math.exp(nll / count), rel=1e-5)
+
+
+def test_shard_files_equal_the_checkpoint_tensors(tiny_checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    """Layer files hold the checkpoint's own tensors, read in row chunks with plain file reads."""
+    from safetensors.torch import load_file
+
+    from stages.checkpoint import LazyCheckpoint, resolve_source
+
+    src = tiny_checkpoints["llama"]
+    shard.run(shard.ShardConfig(model=str(src)), {}, tmp_path / "s")
+    full = load_file(str(src / "model.safetensors"))
+    layer = load_file(str(tmp_path / "s" / shard.layer_file(1)))
+    assert layer.keys() == {k[len("model.layers.1."):] for k in full if k.startswith("model.layers.1.")}
+    for k, v in layer.items():
+        assert torch.equal(v, full[f"model.layers.1.{k}"])
+    lazy = LazyCheckpoint(resolve_source(str(src)))
+    name = "model.embed_tokens.weight"
+    chunks = list(lazy.row_chunks(name, max_bytes=1000))
+    assert len(chunks) > 1 and torch.equal(torch.cat(chunks), full[name])
+
+
+def test_shard_names_a_non_finite_tensor_and_commits_nothing_for_it(tiny_checkpoints: dict[str, Path],
+                                                                   tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    from stages.artifacts import part_done
+    from stages.errors import CheckpointError
+
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_checkpoints["llama"], bad)
+    sd = load_file(str(bad / "model.safetensors"))
+    sd["model.layers.1.mlp.down_proj.weight"][3, 2] = float("nan")
+    save_file(sd, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    out = tmp_path / "s"
+    with pytest.raises(CheckpointError, match=r"layer 1 tensor 'mlp.down_proj.weight' holds NaN"):
+        shard.run(shard.ShardConfig(model=str(bad)), {}, out)
+    assert part_done(out, shard.layer_file(0)) and not part_done(out, shard.layer_file(1))
+    assert not (out / shard.layer_file(1)).exists()
