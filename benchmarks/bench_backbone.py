@@ -19,8 +19,9 @@ Both evaluations score the same random-but-valid token ids (``--tokens``, window
 the load other users put on a shared machine; the ratio is also given per CPU-second of each
 process (less sensitive to that load). Throughput counts every token fed through the model
 (windows x length), excluding model construction/loading (reported separately).
-``--child-env KEY=VALUE`` sets the environment of every phase (e.g. glibc's
-``MALLOC_MMAP_THRESHOLD_=1048576``, which keeps freed activations from staying resident).
+The shard and streamed phases fix glibc's mmap threshold at 1 MiB first, as every pipeline task
+does (``orchestrator.pipeline.bound_malloc_cache``); the in-memory baseline runs as a user would
+run it. ``--child-env KEY=VALUE`` sets the environment of every phase.
 
 Targets: shard peak RSS <= 0.25 x checkpoint size; streamed tokens/s >= 0.8 x in-memory.
 
@@ -117,7 +118,10 @@ def child_import(a) -> dict:
 
 
 def child_shard(a) -> dict:
+    from orchestrator.pipeline import bound_malloc_cache
     from stages import shard
+
+    bound_malloc_cache()  # as execute_node does in every pipeline task
 
     if a.shard.exists():
         shutil.rmtree(a.shard)
@@ -138,8 +142,11 @@ def _windows(a):
 def child_streamed(a) -> dict:
     import torch
 
+    from orchestrator.pipeline import bound_malloc_cache
     from stages.evaluate import perplexity
     from stages.runner import LayerStreamedModel
+
+    bound_malloc_cache()  # as execute_node does in every pipeline task
 
     cfg, streams, batches = _windows(a)
     fed = sum(int(ids.numel()) for ids, *_ in batches)
