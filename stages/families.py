@@ -12,6 +12,7 @@ when the shard stage writes the layer.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -248,30 +249,45 @@ class FamilyAdapter:
                 self.dense.write(sd, ff)
         return sd
 
-    def canonicalize(self, layer_sd: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Checkpoint-layout layer tensors -> the in-memory layout (legacy per-expert MoE keys
-        are stacked into the fused tensors; old names renamed)."""
+    def renamed(self, layer_sd: dict[str, Any]) -> dict[str, Any]:
+        """Old layer key names -> current ones (values untouched)."""
         sd = dict(layer_sd)
         for old, new in self.renames:
             for k in [k for k in sd if k.startswith(old)]:
                 sd[new + k[len(old):]] = sd.pop(k)
+        return sd
+
+    def legacy_experts(self, keys: Iterable[str]) -> dict[str, list[tuple[str, ...]]]:
+        """For a layer in the legacy per-expert MoE layout (keys after :meth:`renamed`): each fused
+        tensor's key -> per expert, the keys whose dim-0 concatenation is that expert's slice
+        (``gate_up_proj[e] = cat(gate_e, up_e)``, ``down_proj[e] = down_e``). Empty otherwise."""
         moe = self.moe
         if moe is None or not moe.legacy:
-            return sd
-        roles: dict[str, dict[int, Tensor]] = {}
-        for k in list(sd):
+            return {}
+        roles: dict[str, dict[int, str]] = {}
+        for k in keys:
             for pattern, role in moe.legacy:
                 m = re.fullmatch(pattern, k)
                 if m:
-                    roles.setdefault(role, {})[int(m.group(1))] = sd.pop(k)
+                    roles.setdefault(role, {})[int(m.group(1))] = k
                     break
-        if roles:
-            n = len(roles["down"])
-            sd[f"{moe.path}.gate_up_proj"] = torch.stack(
-                [torch.cat([roles["gate"][e], roles["up"][e]], 0) for e in range(n)]
-            )
-            sd[f"{moe.path}.down_proj"] = torch.stack([roles["down"][e] for e in range(n)])
-        if moe.legacy_router and moe.legacy_router in sd:
+        if not roles:
+            return {}
+        n = len(roles["down"])
+        return {f"{moe.path}.gate_up_proj": [(roles["gate"][e], roles["up"][e]) for e in range(n)],
+                f"{moe.path}.down_proj": [(roles["down"][e],) for e in range(n)]}
+
+    def canonicalize(self, layer_sd: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Checkpoint-layout layer tensors -> the in-memory layout (legacy per-expert MoE keys
+        are stacked into the fused tensors; old names renamed)."""
+        sd = self.renamed(layer_sd)
+        fused = self.legacy_experts(list(sd))
+        for key, groups in fused.items():
+            sd[key] = torch.stack([torch.cat([sd[k] for k in g], 0) for g in groups])
+        for k in {k for groups in fused.values() for g in groups for k in g}:
+            del sd[k]
+        moe = self.moe
+        if moe is not None and moe.legacy and moe.legacy_router and moe.legacy_router in sd:
             sd[moe.router] = sd.pop(moe.legacy_router)
         return sd
 

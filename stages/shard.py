@@ -116,18 +116,27 @@ def _file_shapes(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _layer_plan(family: FamilyAdapter, keys: dict[str, str], lazy: LazyCheckpoint
-                ) -> dict[str, tuple[str, tuple[int, ...], torch.dtype]] | None:
-    """{in-memory key: (checkpoint key, shape, dtype)} when the family's canonical layout only
-    renames this layer's tensors; None when it builds new ones (legacy per-expert MoE stacking)."""
+                ) -> dict[str, tuple[tuple[int, ...], torch.dtype, list[tuple[str, ...]]]] | None:
+    """How to write each tensor of the layer's in-memory layout without materialising the layer:
+    {key: (shape, dtype, row sources)}. A renamed checkpoint tensor has one source, streamed in row
+    chunks; a fused legacy-MoE tensor has one source group per expert (``cat(gate_e, up_e)``).
+    None when the family builds a tensor some other way (then the layer is materialised)."""
     metas = {}
     for rk, fk in keys.items():
         shape, dt = lazy.meta(fk)
         metas[rk] = torch.empty(shape, dtype=dt, device="meta")
     origin = {id(v): keys[rk] for rk, v in metas.items()}
-    canon = family.canonicalize(metas)
-    if not all(id(v) in origin for v in canon.values()):
-        return None
-    return {k: (origin[id(v)], tuple(v.shape), v.dtype) for k, v in canon.items()}
+    source = {k: origin[id(v)] for k, v in family.renamed(metas).items()}
+    fused = family.legacy_experts(list(source))
+    plan = {}
+    for k, v in family.canonicalize(metas).items():
+        if id(v) in origin:
+            plan[k] = (tuple(v.shape), v.dtype, [(origin[id(v)],)])
+        elif k in fused:
+            plan[k] = (tuple(v.shape), v.dtype, [tuple(source[x] for x in g) for g in fused[k]])
+        else:
+            return None
+    return plan
 
 
 def run(config: ShardConfig, inputs: dict[str, Path], out_dir: Path) -> dict:
@@ -179,16 +188,21 @@ def run(config: ShardConfig, inputs: dict[str, Path], out_dir: Path) -> dict:
                 # Renames only: each tensor is read in row chunks, checked, cast, written and
                 # dropped in turn, so the stage holds one chunk of the layer at a time.
                 specs = [(k, shape, dtype if dtype is not None and dt.is_floating_point else dt)
-                         for k, (_, shape, dt) in sorted(plan.items())]
+                         for k, (shape, dt, _) in sorted(plan.items())]
 
                 def fetch(k: str, plan: dict = plan, i: int = i) -> Iterator[torch.Tensor]:
-                    for chunk in lazy.row_chunks(plan[k][0], max_bytes=8 << 20):
+                    sources = plan[k][2]
+                    if len(sources) == 1 and len(sources[0]) == 1:
+                        chunks: Iterator[torch.Tensor] = lazy.row_chunks(sources[0][0], max_bytes=8 << 20)
+                    else:  # a fused expert tensor, one expert's slice at a time
+                        chunks = (torch.cat([lazy.get(x) for x in g], 0)[None] for g in sources)
+                    for chunk in chunks:
                         chunk = cast(chunk).contiguous()
                         _check_finite(i, k, chunk)
                         yield chunk
 
                 commit_part(out_dir, rel, lambda p, specs=specs, fetch=fetch: stream_safetensors(p, specs, fetch))
-            else:  # GGUF tensors, or legacy per-expert MoE tensors stacked by canonicalize
+            else:  # GGUF tensors (already in memory), or a layout the plan cannot stream
                 sd = family.canonicalize({rk: get(fk) for rk, fk in layer_keys[i].items()})
                 sd = {k: cast(v).contiguous() for k, v in sd.items()}
                 for k, v in sd.items():
