@@ -254,8 +254,8 @@ def run_part(config: CollectPartConfig, inputs: dict[str, Path], out_dir: Path) 
                 for s in states:
                     h_in = s.hidden
                     s.hidden = model.apply(layer, i, s)
-                    c = torch.nn.functional.cosine_similarity(h_in.double(), s.hidden.double(), dim=-1)
-                    cos += (float(c.sum()), c.numel())
+                    c = torch.nn.functional.cosine_similarity(h_in.float(), s.hidden.float(), dim=-1)
+                    cos += (float(c.double().sum()), c.numel())
             finally:
                 cap.close()
         stats = _write_layer(i, sd, cap, all_tokens, model, config, torch_dtype, out_dir)
