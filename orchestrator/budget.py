@@ -6,6 +6,9 @@ methods (MLP Fusion, FF merging, MLPMoE) and the baselines a user would otherwis
 combination), each with and without the least-squares refit — builds them (cached compress
 stages), and scores them by successive halving over held-out tokens: every candidate on a small
 token budget, the better half again on twice the tokens, until one is left at the full budget.
+The windows of a smaller budget are a prefix of a larger one's, so a round scores only the
+windows its survivors have not been scored on and adds their sums to the previous round's: each
+finalist costs one full evaluation in all, and its score is that evaluation's.
 
 Parameters are counted as the user will load the model: with the default stock export, what plain
 ``transformers`` materialises (one FF size for all layers, so smaller layers are zero-padded and

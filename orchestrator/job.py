@@ -18,9 +18,11 @@ from orchestrator.store import ArtifactStore
 from stages.export import ExportConfig
 
 
-def _round_nodes(session: Session, spec: PipelineSpec, alive: list[Candidate], r: int, tokens: int,
+def _round_nodes(session: Session, spec: PipelineSpec, alive: list[Candidate], r: int, tokens: int, after: int,
                  prefix: dict[str, str]) -> list:
-    ev = spec.evaluate.model_copy(update={"max_tokens": tokens})
+    """Round r's evaluation of every surviving candidate: only the windows beyond the ``after``
+    tokens the candidate was already scored on (its earlier rounds' windows are a prefix)."""
+    ev = spec.evaluate.model_copy(update={"max_tokens": tokens, "after_tokens": after})
     return [
         make_node(session.keys, f"evaluate.{c.name}.r{r}", "evaluate", ev,
                   {"shard": "shard", "data": "data", "overlay": f"compress.{c.name}", **prefix})
@@ -106,13 +108,19 @@ def run_budget(session: Session, spec: PipelineSpec) -> dict[str, Any]:
     rounds = halving_budgets(len(alive), full, spec.budget.halving)
     prefix = _share_prefix(session, spec, alive, rounds) if spec.budget.share_prefix else {}
     num_layers = facts.num_layers
-    for r, tokens in enumerate(rounds):
+    budgets = [spec.evaluate.max_tokens if r == len(rounds) - 1 else t for r, t in enumerate(rounds)]
+    for r, tokens in enumerate(budgets):
         last = r == len(rounds) - 1
         # The last round scores the full budget: exactly the tokens the base model was scored on.
-        res = session.run(_round_nodes(session, spec, alive, r, spec.evaluate.max_tokens if last else tokens, prefix))
+        # Each round scores only the windows the previous one did not, and adds the sums up.
+        res = session.run(_round_nodes(session, spec, alive, r, tokens, budgets[r - 1] if r else 0, prefix))
         for c in alive:
             m = res[f"evaluate.{c.name}.r{r}"]["result"]
-            c.rounds.append({"tokens": m["tokens"], "perplexity": m["perplexity"],
+            nll_sum = m.get("nll_sum", m["nll"] * m["tokens"])
+            count = m["tokens"]
+            if c.rounds:
+                nll_sum, count = nll_sum + c.rounds[-1]["nll_sum"], count + c.rounds[-1]["tokens"]
+            c.rounds.append({"tokens": count, "perplexity": math.exp(nll_sum / max(count, 1)), "nll_sum": nll_sum,
                              "seconds": res[f"evaluate.{c.name}.r{r}"]["seconds"],
                              "start_layer": m.get("start_layer", 0), "layer_tokens": m.get("layer_tokens")})
         alive.sort(key=lambda c: c.rounds[-1]["perplexity"])

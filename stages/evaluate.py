@@ -10,8 +10,9 @@ as the base model up to layer s. The ``prefix`` stage runs the base model once o
 evaluation window and keeps the hidden state entering each requested layer; a candidate's
 evaluation then starts at its first changed layer from those states, skipping layers 0..s-1.
 The windows of a smaller token budget are a prefix of the full list, so one prefix artifact serves
-every round of successive halving. Results count ``layer_tokens`` (tokens x layers run), the
-work prefix sharing saves.
+every round of successive halving, and a round can score only the windows beyond the previous
+round's (``after_tokens``) and add its ``nll_sum`` and ``tokens`` to that round's. Results count
+``layer_tokens`` (tokens x layers run), the work prefix sharing and increments save.
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ class EvaluateConfig(BaseModel):
     batch_size: int = Field(8, ge=1)
     # Score at most this many tokens (0: all of the evaluation split).
     max_tokens: int = Field(0, ge=0)
+    # Score only the windows beyond those of a smaller budget (an earlier halving round's): the
+    # result is that increment's (``nll_sum``, ``tokens``), to be added to the earlier round's.
+    after_tokens: int = Field(0, ge=0)
 
 
 def sliding_windows(streams: list[np.ndarray], window: int, stride: int, max_tokens: int = 0) -> list[tuple[np.ndarray, int]]:
@@ -119,22 +123,27 @@ def perplexity(
     if start and (prefix is None or start not in prefix.layers):
         raise ValueError(f"no cached base hidden states entering layer {start}")
     windows = sliding_windows(streams, config.window, config.stride, config.max_tokens)
-    batches = batches_by_length(windows, config.batch_size)
+    # The windows of a smaller budget are a prefix of this list: an increment skips them.
+    skip = min(len(sliding_windows(streams, config.window, config.stride, config.after_tokens)), len(windows)) \
+        if config.after_tokens else 0
+    todo = windows[skip:]
+    batches = batches_by_length(todo, config.batch_size)
     states = [model.start(ids) for ids, _, _ in batches]
     if start:
         assert prefix is not None
         for state, (_, _, idx) in zip(states, batches, strict=True):
-            state.hidden = prefix.hidden(start, idx).to(state.hidden.dtype)
-    model.run(states, start=start, progress=progress)
+            state.hidden = prefix.hidden(start, [skip + j for j in idx]).to(state.hidden.dtype)
+    if states:
+        model.run(states, start=start, progress=progress)
     nll, count = 0.0, 0
     for state, (ids, n_target, _) in zip(states, batches, strict=True):
         logits = model.finish(state, keep_last=max(n_target) + 1)  # the scored positions' logits only
         a, b = _nll(logits, ids, n_target)
         nll, count = nll + a, count + b
     mean = nll / max(count, 1)
-    layer_tokens = sum(len(w[0]) for w in windows) * (model.num_layers - start)
-    return {"perplexity": math.exp(mean), "nll": mean, "tokens": count, "windows": len(windows),
-            "start_layer": start, "layer_tokens": layer_tokens}
+    layer_tokens = sum(len(w[0]) for w in todo) * (model.num_layers - start)
+    return {"perplexity": math.exp(mean), "nll": mean, "nll_sum": nll, "tokens": count, "windows": len(todo),
+            "skipped_windows": skip, "start_layer": start, "layer_tokens": layer_tokens}
 
 
 def evaluate_model(

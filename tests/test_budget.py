@@ -89,6 +89,20 @@ def test_budget_run_picks_best_and_retargets(tiny_lm: Path, tmp_path: Path, ray_
     assert not [s for s in rep["skipped"] if s["method"].startswith("prune") and "over the budget" in s["why"]]
     assert rep["winner"]["perplexity"] == min(c["perplexity"] for c in finals)
     assert "won with perplexity" in rep["winner"]["reason"]
+    # Each round scores only the windows beyond the previous round's and adds its sums: a finalist's
+    # rounds together did one full evaluation's work, and its score is that evaluation's.
+    from stages import evaluate
+
+    base_metrics = json.loads((Path(rep["stages"]["evaluate"]["path"]) / "metrics.json").read_text())
+    for c in finals:
+        assert len(c["rounds"]) > 1 and [x["tokens"] for x in c["rounds"]] == sorted({x["tokens"] for x in c["rounds"]})
+        assert sum(x["layer_tokens"] for x in c["rounds"]) == base_metrics["layer_tokens"]
+    won = next(c for c in rep["candidates"] if c["name"] == rep["winner"]["name"])
+    direct = evaluate.run(evaluate.EvaluateConfig(window=64, stride=64, max_tokens=448),
+                          {"shard": Path(rep["stages"]["shard"]["path"]), "data": Path(rep["stages"]["data"]["path"]),
+                           "overlay": Path(rep["stages"][f"compress.{won['name']}"]["path"])}, tmp_path)
+    assert won["rounds"][-1]["tokens"] == direct["tokens"]
+    assert won["perplexity"] == pytest.approx(direct["perplexity"], rel=1e-5)
     # Prefix sharing is skipped: a few layer-drop candidates would save fewer layer-forwards in the
     # first 64-token round than the base pass over the full 448 tokens costs.
     rounds = [x for c in rep["candidates"] for x in c["rounds"]]

@@ -82,3 +82,28 @@ def test_prefix_rejects_layers_out_of_range(arts: dict[str, Path], tmp_path: Pat
         _prefix(arts, tmp_path, (0,))
     with pytest.raises(ValueError, match="out of range"):
         _prefix(arts, tmp_path, (LAYERS,))
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_increment_adds_up_to_the_larger_budget(arts: dict[str, Path], tmp_path: Path, shared: bool) -> None:
+    """A halving round scores only the windows beyond the previous round's: its sums plus the
+    previous round's give the larger budget's perplexity, for the larger budget's work minus the
+    smaller one's (with or without the prefix start)."""
+    import math
+
+    inputs = {"shard": arts["shard"], "data": arts["data"], "overlay": arts["overlay"]}
+    if shared:
+        inputs["prefix"] = _prefix(arts, tmp_path, (2,))
+    runs = {}
+    for name, upd in {"small": {"max_tokens": 100}, "large": {"max_tokens": 300},
+                      "inc": {"max_tokens": 300, "after_tokens": 100}, "rest": {"max_tokens": 0, "after_tokens": 300}}.items():
+        (tmp_path / name).mkdir()
+        runs[name] = evaluate.run(EV.model_copy(update=upd), inputs, tmp_path / name)
+    small, large, inc = runs["small"], runs["large"], runs["inc"]
+    assert inc["skipped_windows"] == small["windows"] and inc["windows"] == large["windows"] - small["windows"] > 0
+    assert small["tokens"] + inc["tokens"] == large["tokens"]
+    assert small["layer_tokens"] + inc["layer_tokens"] == large["layer_tokens"]
+    ppl = math.exp((small["nll_sum"] + inc["nll_sum"]) / (small["tokens"] + inc["tokens"]))
+    assert ppl == pytest.approx(large["perplexity"], rel=1e-5)
+    assert inc["start_layer"] == (2 if shared else 0)
+    assert runs["rest"]["tokens"] > 0  # the last round (max_tokens 0: everything) scores what is left
