@@ -174,6 +174,7 @@ def run(config: ShardConfig, inputs: dict[str, Path], out_dir: Path) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     params = {"total": 0, "ff": 0, "layers": [0] * n_layers, "ff_layers": [0] * n_layers}
     reused = 0
+
     def cast(t: torch.Tensor) -> torch.Tensor:
         return t.to(dtype) if dtype is not None and t.is_floating_point() else t
 
