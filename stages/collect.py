@@ -241,43 +241,72 @@ def run_part(config: CollectPartConfig, inputs: dict[str, Path], out_dir: Path) 
             s.hidden = carry[f"b{n}"].to(s.hidden.dtype)
     else:
         start = 0  # no hidden state to continue from: recompute (committed parts are rewritten equal)
+    from concurrent.futures import Future, ThreadPoolExecutor
+
     from tqdm import tqdm
 
-    for i in tqdm(range(start, model.num_layers), desc=f"collect[{config.worker}]", unit="layer", initial=start,
-                  total=model.num_layers):
-        sd = model.layer_state(i)
-        dense = {r.name: _dense_spec(family, r) for r in family.ff_blocks(model.config, sd) if r.kind != "expert"}
-        with model.layer(i, sd) as layer:
-            cap = _LayerCapture(layer, family, dense, config.features)
-            cos = np.zeros(2)  # how little the layer changes the hidden state: sum of cos, tokens
-            try:
-                for s in states:
-                    h_in = s.hidden
-                    s.hidden = model.apply(layer, i, s)
-                    c = torch.nn.functional.cosine_similarity(h_in.float(), s.hidden.float(), dim=-1)
-                    cos += (float(c.double().sum()), c.numel())
-            finally:
-                cap.close()
-        stats = _write_layer(i, sd, cap, all_tokens, model, config, torch_dtype, out_dir)
-        stats["layer/cos.sum"], stats["layer/count"] = cos[:1].copy(), cos[1:].copy()
-        carry_rel = f"carry/L{i:05d}.safetensors"
-        carry = {f"b{n}": s.hidden.contiguous() for n, s in enumerate(states)}
-        commit_part(out_dir, carry_rel, lambda p, c=carry: save_file(c, str(p)))
-        # The statistics file is the layer's completion marker: committed last.
-        commit_part(out_dir, _layer_rel(i), lambda p, st=stats: save_np(st, str(p)))
-        if i > 0:  # only the latest carry is ever needed
-            (out_dir / f"carry/L{i - 1:05d}.safetensors").unlink(missing_ok=True)
+    # Layer i's files are written and committed by one writer thread while layer i+1 computes
+    # (Parquet encoding, checksums and fsync release the GIL). One layer is in flight at a time, in
+    # order, so its commits keep their order and an error surfaces at the next layer; leaving the
+    # block (also on an error) waits for the commit in flight, so what was finished is committed.
+    pending: Future | None = None
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="collect-write") as writer:
+        for i in tqdm(range(start, model.num_layers), desc=f"collect[{config.worker}]", unit="layer",
+                      initial=start, total=model.num_layers):
+            stats, writes, carry = _run_layer(i, model, states, all_tokens, config, torch_dtype)
+            if pending is not None:
+                pending.result()
+            pending = writer.submit(_commit_layer, out_dir, i, writes, stats, carry)
+        if pending is not None:
+            pending.result()
     shutil.rmtree(out_dir / "carry", ignore_errors=True)
     return {"worker": config.worker, "blocks": len(mine), "tokens": int(len(mine) * block_size),
             "layers_resumed_from": start}
 
 
+def _run_layer(i: int, model: LayerStreamedModel, states: list, all_tokens: Tensor, config: CollectPartConfig,
+               torch_dtype: torch.dtype) -> tuple[dict[str, np.ndarray], list[tuple[str, pa.Table]], dict[str, Tensor]]:
+    """Carry every batch through layer i, capturing its features: (statistics, Parquet tables to
+    write, the hidden state after the layer)."""
+    family = model.family
+    sd = model.layer_state(i)
+    dense = {r.name: _dense_spec(family, r) for r in family.ff_blocks(model.config, sd) if r.kind != "expert"}
+    with model.layer(i, sd) as layer:
+        cap = _LayerCapture(layer, family, dense, config.features)
+        cos = np.zeros(2)  # how little the layer changes the hidden state: sum of cos, tokens
+        try:
+            for s in states:
+                h_in = s.hidden
+                s.hidden = model.apply(layer, i, s)
+                c = torch.nn.functional.cosine_similarity(h_in.float(), s.hidden.float(), dim=-1)
+                cos += (float(c.double().sum()), c.numel())
+        finally:
+            cap.close()
+    stats, writes = _write_layer(i, sd, cap, all_tokens, model, config, torch_dtype)
+    stats["layer/cos.sum"], stats["layer/count"] = cos[:1].copy(), cos[1:].copy()
+    carry = {f"b{n}": s.hidden.clone() for n, s in enumerate(states)}
+    return stats, writes, carry
+
+
+def _commit_layer(out_dir: Path, i: int, writes: list[tuple[str, pa.Table]], stats: dict[str, np.ndarray],
+                  carry: dict[str, Tensor]) -> None:
+    """Commit layer i: its Parquet parts, the hidden state carried past it, then its statistics,
+    the layer's completion marker (last)."""
+    for rel, table in writes:
+        commit_part(out_dir, rel, lambda p, t=table: _write_parquet(t, p))
+    commit_part(out_dir, f"carry/L{i:05d}.safetensors", lambda p: save_file(carry, str(p)))
+    commit_part(out_dir, _layer_rel(i), lambda p: save_np(stats, str(p)))
+    if i > 0:  # only the latest carry is ever needed
+        (out_dir / f"carry/L{i - 1:05d}.safetensors").unlink(missing_ok=True)
+
+
 def _write_layer(
     i: int, sd: dict[str, Tensor], cap: _LayerCapture, all_tokens: Tensor,
-    model: LayerStreamedModel, config: CollectPartConfig, torch_dtype: torch.dtype, out_dir: Path,
-) -> dict[str, np.ndarray]:
-    """Write layer i's Parquet parts; return its statistics (committed by the caller, last)."""
+    model: LayerStreamedModel, config: CollectPartConfig, torch_dtype: torch.dtype,
+) -> tuple[dict[str, np.ndarray], list[tuple[str, pa.Table]]]:
+    """Layer i's statistics and its Parquet tables, as (relative path, table) to commit."""
     family, hf_config = model.family, model.config
+    writes: list[tuple[str, pa.Table]] = []
     x = torch.cat(cap.x) if cap.x else torch.zeros(0, model.config.hidden_size)
     stats: dict[str, _Stats] = {}
     tables: dict[str, dict[str, np.ndarray]] = {}
@@ -321,14 +350,12 @@ def _write_layer(
         kinds = [k for k in cols if k not in ("token", "router_weight")]
         table = _table(cols, layer=i, block=name, kinds=kinds, tokens=len(cols["token"]), worker=config.worker,
                        dtype="float32" if name == "router" else config.dtype)
-        rel = f"features/L{i:05d}/{name}/part-{config.worker:03d}.parquet"
-        commit_part(out_dir, rel, lambda p, t=table: _write_parquet(t, p))
+        writes.append((f"features/L{i:05d}/{name}/part-{config.worker:03d}.parquet", table))
     if config.inputs:
         table = _table({"token": all_tokens.numpy(), "x": x.numpy()}, layer=i, block="input", kinds=["x"],
                        tokens=x.shape[0], worker=config.worker, dtype="float32")
-        rel = f"inputs/L{i:05d}/part-{config.worker:03d}.parquet"
-        commit_part(out_dir, rel, lambda p, t=table: _write_parquet(t, p))
-    return {f"{b}/{k}": v for b, st in stats.items() for k, v in st.arrays.items()}
+        writes.append((f"inputs/L{i:05d}/part-{config.worker:03d}.parquet", table))
+    return {f"{b}/{k}": v for b, st in stats.items() for k, v in st.arrays.items()}, writes
 
 
 def run_merge(config: CollectConfig, inputs: dict[str, Path], out_dir: Path) -> dict:
