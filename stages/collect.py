@@ -135,11 +135,14 @@ def block_features(ff: FFWeights, x: Tensor, kinds: tuple[str, ...]) -> dict[str
     """Features of one FF block for inputs ``x`` [n, H]: each [n, I] float32."""
     from transformers.activations import ACT2FN
 
-    x = x.to(ff.up.dtype)
-    up = torch.nn.functional.linear(x, ff.up, ff.b_up)
+    # In the model's compute precision (float32 inputs), not the stored one: a bfloat16 expert is
+    # upcast here, one block at a time, as the runner's forward upcasts it.
+    dt = torch.promote_types(x.dtype, ff.up.dtype)
+    x = x.to(dt)
+    up = torch.nn.functional.linear(x, ff.up.to(dt), None if ff.b_up is None else ff.b_up.to(dt))
     out: dict[str, Tensor] = {"up": up}
     if ff.gate is not None:
-        gate = torch.nn.functional.linear(x, ff.gate)
+        gate = torch.nn.functional.linear(x, ff.gate.to(dt))
         out["gate"] = gate
         out["hidden"] = ACT2FN[ff.act](gate) * up
     else:

@@ -120,6 +120,26 @@ def _set_tensor(module: nn.Module, name: str, value: Tensor | None) -> None:
         module._buffers[leaf] = value
 
 
+class _PerExpert:
+    """A fused expert tensor [E, ...] kept in its stored precision while its layer is resident.
+    The experts' eager forward reads it only as ``tensor[expert]``; each such slice comes back in
+    the compute dtype, so one expert's weights are upcast at a time instead of the whole layer
+    (the same values: the cast is exact)."""
+
+    def __init__(self, stored: Tensor, dtype: torch.dtype):
+        self.stored, self.dtype = stored, dtype
+        self.shape, self.device = stored.shape, stored.device
+
+    def __getitem__(self, index: Any) -> Tensor:
+        return self.stored[index].to(self.dtype)
+
+    def dim(self) -> int:
+        return self.stored.dim()
+
+    def size(self, *dim: int) -> Any:
+        return self.stored.size(*dim)
+
+
 def _upcast_embedding(mod: nn.Module, dtype: torch.dtype, forward: Callable[[Tensor], Tensor], ids: Tensor) -> Tensor:
     """The embedding module's own forward (scaling included, e.g. Gemma's) on a ``dtype`` table
     of just the rows ``ids`` look up."""
@@ -203,6 +223,10 @@ class LayerStreamedModel:
     def _cast(self, t: Tensor) -> torch.dtype:
         return self.dtype if t.is_floating_point() else t.dtype
 
+    def _stored(self, t: Tensor) -> bool:
+        """Floating point in a lower precision than the compute dtype."""
+        return t.is_floating_point() and t.element_size() < torch.empty((), dtype=self.dtype).element_size()
+
     # ----- layers -------------------------------------------------------------------------
     def layer_state(self, i: int) -> dict[str, Tensor]:
         """Layer i's tensors (relative keys), from the override or the shard file."""
@@ -227,15 +251,24 @@ class LayerStreamedModel:
         unknown = set(sd) - expected - {n for n, _ in module.named_buffers()}
         if unknown:
             raise ValueError(f"layer {i}: tensors {sorted(unknown)[:5]} have no place in the layer")
-        for k, v in sd.items():
-            _set_tensor(module, k, v.to(device=self.device, dtype=self._cast(v)))
+        experts = f"{self.family.moe.path}." if self.family.moe is not None else None
+        keys = list(sd)
+        for k in keys:
+            # popped: the stored (memory-mapped) tensor that was cast goes, with its pages
+            v = sd.pop(k)
+            if experts and k.startswith(experts) and k.endswith("_proj") and v.dim() == 3 and self._stored(v):
+                module.get_submodule(k.rsplit(".", 1)[0])._parameters[k.rsplit(".", 1)[1]] = \
+                    _PerExpert(v.to(self.device), self.dtype)  # type: ignore[assignment]
+            else:
+                _set_tensor(module, k, v.to(device=self.device, dtype=self._cast(v)))
+        v = None
         for sub in module.modules():  # GPT-2's Conv1D reshapes by the width it was built with
             if type(sub).__name__ == "Conv1D" and sub.weight.device.type != "meta":
                 sub.nf = sub.weight.shape[1]
         try:
             yield module
         finally:
-            for k in sd:
+            for k in keys:
                 if k in expected:
                     _set_tensor(module, k, torch.empty(0, device="meta"))
 

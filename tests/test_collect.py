@@ -137,6 +137,27 @@ def test_moe_routing_recorded_exactly(model_type: str, tiny_checkpoints: dict[st
         assert np.array_equal(stok, np.arange(24))
 
 
+def test_bfloat16_expert_features_are_computed_in_float32(tiny_checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    """A bfloat16 MoE checkpoint: each expert's recorded features are the float32 computation the
+    model's forward does (upcast weights), not a bfloat16 one."""
+    from transformers import AutoModelForCausalLM
+
+    from stages.collect import read_inputs
+
+    bf16 = tmp_path / "bf16"
+    AutoModelForCausalLM.from_pretrained(tiny_checkpoints["mixtral"], dtype=torch.bfloat16).save_pretrained(bf16)
+    out = tmp_path / "shard"
+    shard.run(shard.ShardConfig(model=str(bf16)), {}, out)
+    c = _collect(out, _data(tmp_path, n_blocks=3, block=8, vocab=128), tmp_path / "c", workers=1)
+    experts = AutoModelForCausalLM.from_pretrained(bf16, dtype=torch.float32).model.layers[1].mlp.experts
+    tok, x = read_inputs(c, 1)
+    for e in range(4):
+        etok, h = read_features(c, 1, f"expert{e}", "hidden")
+        gate, up = torch.nn.functional.linear(torch.tensor(x[np.searchsorted(tok, etok)]),
+                                              experts.gate_up_proj[e].detach()).chunk(2, dim=-1)
+        np.testing.assert_allclose(h, (torch.nn.functional.silu(gate) * up).numpy(), rtol=1e-5, atol=1e-6)
+
+
 def test_killed_collect_resumes(llama_shard: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     data = _data(tmp_path, n_blocks=4, block=8, vocab=128)
     cfg = CollectPartConfig(worker=0, num_workers=1, batch_size=2, dtype="float32")

@@ -57,6 +57,11 @@ def test_low_precision_vocab_tables_stay_stored(model_type: str, tiny_checkpoint
     got = lm.logits(ids)
     assert got.dtype == torch.float32 and got.shape == ref.shape
     assert (got - ref).abs().max().item() <= 1e-4
+    if lm.family.moe is not None:  # fused expert tensors stay stored while their layer runs
+        with lm.layer(0) as layer:
+            experts = layer.get_submodule(lm.family.moe.path)
+            assert experts.down_proj.stored.dtype == torch.bfloat16
+            assert experts.down_proj[0].dtype == torch.float32
 
 
 def test_one_layer_resident(tiny_checkpoints: dict[str, Path], tmp_path: Path) -> None:
