@@ -529,17 +529,24 @@ def _compressed_inputs(ov: Overlay, ctx: _Context, data_dir: Path) -> Iterator[t
                 s.hidden = model.apply(layer, i, s)
 
 
+def _iter_overlay(overlay_dir: Path, ctx: _Context) -> Iterator[tuple[int, dict[FFBlockRef, FFWeights]]]:
+    """(layer, its FF blocks) of an overlay written by :func:`save_overlay`, one layer at a time
+    (skipped layers left out)."""
+    meta = json.loads((overlay_dir / "overlay.json").read_text())
+    for i, entry in sorted(meta["layers"].items(), key=lambda kv: int(kv[0])):
+        if entry.get("skip"):
+            continue
+        sd = {**ctx.state(int(i)), **load_file(str(overlay_dir / entry["patch"]))}
+        yield int(i), {r: ctx.family.read_ff(ctx.config, sd, r).to(torch.float32)
+                       for r in ctx.family.ff_blocks(ctx.config, sd)}
+
+
 def _load_overlay(overlay_dir: Path, ctx: _Context) -> Overlay:
     """An overlay written by :func:`save_overlay`, read back as FF blocks."""
     meta = json.loads((overlay_dir / "overlay.json").read_text())
     ov = Overlay(tied=[list(g) for g in meta.get("tied", [])])
-    for i, entry in meta["layers"].items():
-        if entry.get("skip"):
-            ov.skip.add(int(i))
-            continue
-        sd = {**ctx.state(int(i)), **load_file(str(overlay_dir / entry["patch"]))}
-        ov.blocks[int(i)] = {r: ctx.family.read_ff(ctx.config, sd, r).to(torch.float32)
-                             for r in ctx.family.ff_blocks(ctx.config, sd)}
+    ov.skip = {int(i) for i, entry in meta["layers"].items() if entry.get("skip")}
+    ov.blocks = dict(_iter_overlay(overlay_dir, ctx))
     return ov
 
 
@@ -599,9 +606,10 @@ def run(config: CompressConfig, inputs: dict[str, Path], out_dir: Path) -> dict:
     dtype = next(iter(ctx.state(0).values())).dtype
     writer = OverlayWriter(out_dir, ctx.family, ctx.config, ctx.state, dtype=dtype)
     drop = set(_layers(LayerDropMethod(layers=config.drop), ctx.num_layers)) if config.drop else set()
-    # Per-block methods without a cross-layer step stream: each layer is built, refit, written
-    # and released before the next, so one compressed layer is resident at a time.
-    streamed = ("unrefit" not in inputs and not isinstance(m, (MergeMethod, LayerDropMethod))
+    # Per-block methods without a cross-layer step stream: each layer is built (or read back from
+    # the same candidate built without refit), refit, written and released before the next, so
+    # one compressed layer is resident at a time.
+    streamed = (not isinstance(m, (MergeMethod, LayerDropMethod))
                 and not (config.refit is not None and config.refit.sequential))
     changed: dict[int, dict[FFBlockRef, FFWeights]] = {}
     tied_other = 0
@@ -611,7 +619,14 @@ def run(config: CompressConfig, inputs: dict[str, Path], out_dir: Path) -> dict:
             raise InputError(f"layers {overlap} are both dropped and compressed")
         errors: dict[str, list] | None = {"layers": [], "before": [], "after": []} if config.refit else None
         ov = Overlay(skip=drop)
-        for i, blocks in _iter_layers(m, ctx):
+        layers = _iter_layers(m, ctx)
+        if "unrefit" in inputs:  # reuse its blocks: no re-clustering
+            layers = _iter_overlay(inputs["unrefit"], ctx)
+            if (inputs["unrefit"] / COUNTS).exists():
+                ctx.counts = load_file(str(inputs["unrefit"] / COUNTS))
+            if (inputs["unrefit"] / BRANCHES).exists():
+                ctx.branches = load_file(str(inputs["unrefit"] / BRANCHES))
+        for i, blocks in layers:
             one = Overlay(blocks={i: blocks})
             if config.refit is not None and errors is not None:
                 for k, v in _refit(one, ctx, config.refit).items():

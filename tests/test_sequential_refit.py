@@ -64,3 +64,19 @@ def test_sequential_refit_refuses_tied_windows_and_missing_data(arts: dict[str, 
     (tmp_path / "d").mkdir()
     with pytest.raises(InputError, match="calibration tokens"):
         compress.run(cfg, {"shard": arts["shard"], "collect": arts["collect"]}, tmp_path / "d")
+
+
+@pytest.mark.parametrize("method", [{"method": "prune", "criterion": "activation", "ratio": 0.5},
+                                    {"method": "fusion", "ratio": 0.5, "iters": 3}])
+def test_refit_from_the_unrefit_twin_equals_a_fresh_build(arts: dict[str, Path], tmp_path: Path, method: dict) -> None:
+    """A refit candidate built from the same candidate without refit (read back layer by layer)
+    equals the refit candidate built from scratch: same patches, same errors, same counts."""
+    fresh = _build(arts, tmp_path / "fresh", {}, method)
+    _build(arts, tmp_path / "twin", None, method)
+    (tmp_path / "reuse").mkdir()
+    cfg = CompressConfig.model_validate({"candidate": method, "refit": {}})
+    reuse = compress.run(cfg, {"shard": arts["shard"], "collect": arts["collect"], "data": arts["data"],
+                               "unrefit": tmp_path / "twin"}, tmp_path / "reuse")
+    assert reuse == fresh
+    for layer in fresh["changed_layers"]:
+        torch.testing.assert_close(_down(tmp_path / "reuse", layer), _down(tmp_path / "fresh", layer), rtol=0, atol=0)
