@@ -255,7 +255,11 @@ def _iter_layers(m: BaseModel, ctx: _Context) -> Iterator[tuple[int, dict[FFBloc
     """(layer, its compressed FF blocks), one layer at a time (per-block methods)."""
     sizes = _sensitivity_sizes(m, ctx) if isinstance(m, PruneMethod) and m.allocation == "sensitivity" else {}
     for i in _layers(m, ctx.num_layers):  # type: ignore[arg-type]
-        yield i, {ref: _compress_block(m, ctx, i, ref, ff, sizes.get((i, ref))) for ref, ff in ctx.blocks(i).items()}
+        sd = ctx.state(i)
+        # One block in float32 at a time (an MoE layer's experts are not all upcast at once).
+        yield i, {ref: _compress_block(m, ctx, i, ref, ctx.family.read_ff(ctx.config, sd, ref).to(torch.float32),
+                                       sizes.get((i, ref)))
+                  for ref in ctx.family.ff_blocks(ctx.config, sd)}
 
 
 def _prune_scores(m: PruneMethod, ctx: _Context, i: int, ref: FFBlockRef, ff: FFWeights) -> Tensor:

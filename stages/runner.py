@@ -195,6 +195,21 @@ class LayerStreamedModel:
         self._layer_param_names = [
             [n for n, _ in layer.named_parameters()] for layer in self.layers
         ]
+        self._takes_logits_to_keep = "logits_to_keep" in inspect.signature(self.model.forward).parameters
+        # Buffers (rotary inv_freq, position ids) were built for real on the CPU.
+        for mod in self.model.modules():
+            for bname, b in list(mod._buffers.items()):
+                if b is not None and b.device != self.device and b.device.type != "meta":
+                    mod._buffers[bname] = b.to(self.device)
+        # The non-layer weights (embeddings, final norm, head) are loaded when a batch first needs
+        # them: stages that only read layer files (compress) never hold them.
+        self._rest_loaded = False
+
+    def _load_rest(self) -> None:
+        if self._rest_loaded:
+            return
+        self._rest_loaded = True
+        dtype = self.dtype
         # The vocabulary-sized tensors (input embedding, output head) stay in their stored
         # precision: the embedding's rows are cast as they are looked up, the head's in chunks as
         # it runs (the same values as casting the whole table first, at a fraction of the memory).
@@ -209,16 +224,10 @@ class LayerStreamedModel:
                 del t
         for name in self.meta.get("tied_head", []):
             _set_tensor(self.model, name, emb.weight.data)
-        self._takes_logits_to_keep = "logits_to_keep" in inspect.signature(self.model.forward).parameters
         if emb.weight.dtype != dtype:
             emb.forward = partial(_upcast_embedding, emb, dtype, emb.forward)  # type: ignore[method-assign]
         if isinstance(head, nn.Linear) and head.weight.dtype != dtype:
             head.forward = partial(_upcast_linear, head, dtype)  # type: ignore[method-assign]
-        # Buffers (rotary inv_freq, position ids) were built for real on the CPU.
-        for mod in self.model.modules():
-            for bname, b in list(mod._buffers.items()):
-                if b is not None and b.device != self.device and b.device.type != "meta":
-                    mod._buffers[bname] = b.to(self.device)
 
     def _cast(self, t: Tensor) -> torch.dtype:
         return self.dtype if t.is_floating_point() else t.dtype
@@ -284,6 +293,7 @@ class LayerStreamedModel:
     @torch.no_grad()
     def start(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> BatchState:
         """Embed ``input_ids`` [b, T] and capture each layer's arguments."""
+        self._load_rest()
         store: dict[int, tuple[tuple, dict]] = {}
         originals = list(self.layers)
         last = len(originals) - 1
@@ -305,6 +315,7 @@ class LayerStreamedModel:
         """Final norm and head on ``state.hidden``: logits [b, T, V] (encoders: hidden [b, T, H]).
         ``keep_last`` > 0: logits of the last ``keep_last`` positions only (the head runs on just
         those where the model takes ``logits_to_keep``)."""
+        self._load_rest()
         originals = list(self.layers)
         self.layers[0] = _Injector(originals[0], state.hidden)
         for i in range(1, len(originals)):

@@ -51,10 +51,11 @@ def test_low_precision_vocab_tables_stay_stored(model_type: str, tiny_checkpoint
         out32 = cls.from_pretrained(bf16, dtype=torch.float32).eval()(ids)
         ref = out32.last_hidden_state if model_type == "bert" else out32.logits
     lm = LayerStreamedModel(out)
+    assert lm.model.get_input_embeddings().weight.device.type == "meta"  # loaded when a batch needs it
+    got = lm.logits(ids)
     assert lm.model.get_input_embeddings().weight.dtype == torch.bfloat16
     if model_type != "bert":
         assert lm.model.get_output_embeddings().weight.dtype == torch.bfloat16
-    got = lm.logits(ids)
     assert got.dtype == torch.float32 and got.shape == ref.shape
     assert (got - ref).abs().max().item() <= 1e-4
     if lm.family.moe is not None:  # fused expert tensors stay stored while their layer runs
