@@ -86,6 +86,14 @@ class PipelineSpec(BaseModel):
     def _corpus_shorthand(cls, v: Any) -> Any:
         return {"corpus": v} if isinstance(v, str) else v
 
+    @field_validator("evaluate")
+    @classmethod
+    def _whole_evaluations(cls, v: EvaluateConfig) -> EvaluateConfig:
+        if v.after_tokens:
+            raise ValueError("evaluate.after_tokens is set by successive halving for its later rounds; "
+                             "a spec scores whole evaluations (leave it out)")
+        return v
+
     @field_validator("name")
     @classmethod
     def _safe_name(cls, v: str) -> str:

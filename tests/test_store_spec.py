@@ -91,6 +91,11 @@ def test_wrong_type_names_value() -> None:
         parse_spec({"model": "x", "evaluate": {"window": "lots"}})
 
 
+def test_spec_cannot_set_halving_increments() -> None:
+    with pytest.raises(SpecError, match=r"after_tokens is set by successive halving"):
+        parse_spec({"model": "x", "evaluate": {"after_tokens": 100}})
+
+
 def test_spec_cannot_name_code() -> None:
     with pytest.raises(SpecError, match="unknown key"):
         parse_spec({"model": "x", "callback": "os.system"})
