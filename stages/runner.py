@@ -133,12 +133,6 @@ class _PerExpert:
     def __getitem__(self, index: Any) -> Tensor:
         return self.stored[index].to(self.dtype)
 
-    def dim(self) -> int:
-        return self.stored.dim()
-
-    def size(self, *dim: int) -> Any:
-        return self.stored.size(*dim)
-
 
 def _upcast_embedding(mod: nn.Module, dtype: torch.dtype, forward: Callable[[Tensor], Tensor], ids: Tensor) -> Tensor:
     """The embedding module's own forward (scaling included, e.g. Gemma's) on a ``dtype`` table
