@@ -151,6 +151,10 @@ def test_kuberay_rayjob_yaml():
         assert volumes["artifacts"]["persistentVolumeClaim"]["claimName"] == pvc["metadata"]["name"]
         mounts = {m["name"]: m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
         assert mounts["artifacts"] == "/artifacts"
+    # The dashboard binds the head pod's own cluster address (from the downward API), not 0.0.0.0.
+    assert cluster["headGroupSpec"]["rayStartParams"]["dashboard-host"] == "$MY_POD_IP"
+    env = {e["name"]: e for e in head["containers"][0]["env"]}
+    assert env["MY_POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
     head_mounts = {m["name"]: m["mountPath"] for m in head["containers"][0]["volumeMounts"]}
     assert head_mounts["specs"] == "/specs"
     assert {v["name"]: v for v in head["volumes"]}["specs"]["configMap"]["name"] == by_kind[
