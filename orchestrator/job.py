@@ -116,8 +116,7 @@ def run_budget(session: Session, spec: PipelineSpec) -> dict[str, Any]:
         res = session.run(_round_nodes(session, spec, alive, r, tokens, budgets[r - 1] if r else 0, prefix))
         for c in alive:
             m = res[f"evaluate.{c.name}.r{r}"]["result"]
-            nll_sum = m.get("nll_sum", m["nll"] * m["tokens"])
-            count = m["tokens"]
+            nll_sum, count = m["nll_sum"], m["tokens"]
             if c.rounds:
                 nll_sum, count = nll_sum + c.rounds[-1]["nll_sum"], count + c.rounds[-1]["tokens"]
             c.rounds.append({"tokens": count, "perplexity": math.exp(nll_sum / max(count, 1)), "nll_sum": nll_sum,

@@ -221,7 +221,6 @@ def run_part(config: CollectPartConfig, inputs: dict[str, Path], out_dir: Path) 
     if config.worker >= config.num_workers:
         raise ValueError(f"worker={config.worker} must be < num_workers={config.num_workers}")
     model = LayerStreamedModel(inputs["shard"])
-    family = model.family
     calib = read_calib(inputs["data"])
     mine = np.arange(config.worker, len(calib), config.num_workers)
     block_size = calib.shape[1]

@@ -177,9 +177,15 @@ class _Context:
             self._states = {i: self.model.layer_state(i)}  # one layer's tensors cached
         return self._states[i]
 
+    def refs(self, i: int) -> list[FFBlockRef]:
+        return self.family.ff_blocks(self.config, self.state(i))
+
+    def block(self, i: int, ref: FFBlockRef) -> FFWeights:
+        """One FF block of layer i in float32."""
+        return self.family.read_ff(self.config, self.state(i), ref).to(torch.float32)
+
     def blocks(self, i: int) -> dict[FFBlockRef, FFWeights]:
-        sd = self.state(i)
-        return {r: self.family.read_ff(self.config, sd, r).to(torch.float32) for r in self.family.ff_blocks(self.config, sd)}
+        return {r: self.block(i, r) for r in self.refs(i)}
 
     def need_collect(self, what: str) -> Path:
         if self.collect_dir is None:
@@ -255,11 +261,8 @@ def _iter_layers(m: BaseModel, ctx: _Context) -> Iterator[tuple[int, dict[FFBloc
     """(layer, its compressed FF blocks), one layer at a time (per-block methods)."""
     sizes = _sensitivity_sizes(m, ctx) if isinstance(m, PruneMethod) and m.allocation == "sensitivity" else {}
     for i in _layers(m, ctx.num_layers):  # type: ignore[arg-type]
-        sd = ctx.state(i)
         # One block in float32 at a time (an MoE layer's experts are not all upcast at once).
-        yield i, {ref: _compress_block(m, ctx, i, ref, ctx.family.read_ff(ctx.config, sd, ref).to(torch.float32),
-                                       sizes.get((i, ref)))
-                  for ref in ctx.family.ff_blocks(ctx.config, sd)}
+        yield i, {ref: _compress_block(m, ctx, i, ref, ctx.block(i, ref), sizes.get((i, ref))) for ref in ctx.refs(i)}
 
 
 def _prune_scores(m: PruneMethod, ctx: _Context, i: int, ref: FFBlockRef, ff: FFWeights) -> Tensor:

@@ -110,16 +110,6 @@ class BatchState:
     layer_args: dict[int, tuple[tuple, dict]] = field(default_factory=dict)
 
 
-def _set_tensor(module: nn.Module, name: str, value: Tensor | None) -> None:
-    *path, leaf = name.split(".")
-    for p in path:
-        module = getattr(module, p)
-    if leaf in module._parameters:
-        module._parameters[leaf] = None if value is None else nn.Parameter(value, requires_grad=False)
-    else:
-        module._buffers[leaf] = value
-
-
 class _PerExpert:
     """A fused expert tensor [E, ...] kept in its stored precision while its layer is resident.
     The experts' eager forward reads it only as ``tensor[expert]``; each such slice comes back in
@@ -132,6 +122,18 @@ class _PerExpert:
 
     def __getitem__(self, index: Any) -> Tensor:
         return self.stored[index].to(self.dtype)
+
+
+def _set_tensor(module: nn.Module, name: str, value: Tensor | _PerExpert | None) -> None:
+    *path, leaf = name.split(".")
+    for p in path:
+        module = getattr(module, p)
+    if isinstance(value, _PerExpert):  # read by indexing only: stored as it is
+        module._parameters[leaf] = value  # type: ignore[assignment]
+    elif leaf in module._parameters:
+        module._parameters[leaf] = None if value is None else nn.Parameter(value, requires_grad=False)
+    else:
+        module._buffers[leaf] = value
 
 
 def _upcast_embedding(mod: nn.Module, dtype: torch.dtype, forward: Callable[[Tensor], Tensor], ids: Tensor) -> Tensor:
@@ -213,7 +215,7 @@ class LayerStreamedModel:
         with safe_open(str(self.shard_dir / "rest.safetensors"), framework="pt") as f:
             for k in f.keys():
                 t = f.get_tensor(k)
-                keep = k in stored and t.is_floating_point() and t.element_size() < torch.empty((), dtype=dtype).element_size()
+                keep = k in stored and self._stored(t)
                 _set_tensor(self.model, k, t.to(device=self.device, dtype=t.dtype if keep else self._cast(t)))
                 del t
         for name in self.meta.get("tied_head", []):
@@ -260,8 +262,7 @@ class LayerStreamedModel:
             # popped: the stored (memory-mapped) tensor that was cast goes, with its pages
             v = sd.pop(k)
             if experts and k.startswith(experts) and k.endswith("_proj") and v.dim() == 3 and self._stored(v):
-                module.get_submodule(k.rsplit(".", 1)[0])._parameters[k.rsplit(".", 1)[1]] = \
-                    _PerExpert(v.to(self.device), self.dtype)  # type: ignore[assignment]
+                _set_tensor(module, k, _PerExpert(v.to(self.device), self.dtype))
             else:
                 _set_tensor(module, k, v.to(device=self.device, dtype=self._cast(v)))
         v = None
