@@ -88,7 +88,8 @@ def child(payload: dict) -> dict:
         import torch
         from generate import count_params, generate, make_config
 
-        cfg = make_config(payload["arch"], payload["params"])
+        cfg = make_config(payload["arch"], payload["params"], hidden=payload.get("hidden"),
+                          intermediate=payload.get("intermediate"), layers=payload.get("layers"))
         meta = generate(cfg, Path(payload["out"]), torch.bfloat16, shard_bytes=int(payload["shard_bytes"]),
                         overwrite=True)
         result = {"params": count_params(cfg), "shards": meta["shards"]}
@@ -282,6 +283,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arch", choices=("llama", "mixtral"), default="llama")
     p.add_argument("--params", type=float, default=3.2e9)
     p.add_argument("--shard-bytes", type=float, default=2e9, help="checkpoint file size")
+    p.add_argument("--hidden", type=int, help="hidden size (default: by --params, see generate.py)")
+    p.add_argument("--intermediate", type=int, help="FF (per-expert) intermediate size")
+    p.add_argument("--layers", type=int, help="decoder layers (default: as many as --params allows)")
     p.add_argument("--cache", type=Path, default=Path("/tmp/mlpfuse-scale"))
     p.add_argument("--calib-tokens", type=int, default=512)
     p.add_argument("--eval-tokens", type=int, default=512)
@@ -305,7 +309,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     t_start = time.perf_counter()
-    tag = f"{a.arch}-{a.params:.2g}".replace("+", "")
+    tag = f"{a.arch}-{a.params:.2g}".replace("+", "") + "".join(
+        f"-{k[0]}{v}" for k, v in (("hidden", a.hidden), ("intermediate", a.intermediate), ("layers", a.layers)) if v)
     a.ckpt = a.cache / tag
     work = a.cache / f"work-{a.arch}"
     logs = a.cache / f"logs-{tag}"  # kept when the work dir is deleted
@@ -318,7 +323,8 @@ def main(argv: list[str] | None = None) -> int:
     if not (a.ckpt / "generate.json").exists():
         print(f"generating {a.ckpt} ...", flush=True)
         r = run_child("generate", {"stage": "generate", "arch": a.arch, "params": a.params, "out": str(a.ckpt),
-                                   "shard_bytes": a.shard_bytes}, logs, a.child_env, a.stage_timeout)
+                                   "shard_bytes": a.shard_bytes, "hidden": a.hidden, "intermediate": a.intermediate,
+                                   "layers": a.layers}, logs, a.child_env, a.stage_timeout)
         if not r["ok"]:
             print("\n".join(r["error_tail"]), file=sys.stderr)
             return 1

@@ -67,16 +67,17 @@ def _as_tensor(x: Array, name: str, device: torch.device, dtype: torch.dtype) ->
 def _chan_merge(
     n1: int, n2: int, c1: Tensor, c2: Tensor, d_a: Tensor, d_b: Tensor, outer: bool
 ) -> Tensor:
-    """Merge two centred co-moment sums (Chan et al. parallel update).
+    """Merge two centred co-moment sums (Chan et al. parallel update), into ``c1`` in place.
 
     ``c`` = sum over rows of (a - mean_a)(b - mean_b) for each part; ``d_a``/``d_b`` are the
     differences of the parts' means. ``outer`` selects a full [n_a, n_b] co-moment matrix versus
     an elementwise (diagonal, a is b) one. Exact in exact arithmetic; unlike summing raw ``AᵀB``
     and subtracting ``n·μμᵀ`` at the end, it does not cancel catastrophically when |mean| >> std.
     """
-    n = n1 + n2
-    corr_term = (n1 * n2 / n) * (torch.outer(d_a, d_b) if outer else d_a * d_b)
-    return c1 + c2 + corr_term
+    coef = n1 * n2 / (n1 + n2)
+    c1 += c2
+    # A rank-1 update in place: no [n_a, n_b] temporary (8192² float64 is 0.5 GB).
+    return c1.addr_(d_a, d_b, alpha=coef) if outer else c1.add_(d_a * d_b, alpha=coef)
 
 
 class CorrelationAccumulator:
@@ -112,13 +113,18 @@ class CorrelationAccumulator:
         self.n_a, self.n_b = n_a, n_b
         self.compute_dtype = compute_dtype
         self.device = torch.device(device)
+        self._reset()
+
+    def _reset(self) -> None:
+        """No rows seen. The [n_a, n_b] co-moment sums are the first part's own (no zero matrix
+        is allocated beside them)."""
         dev = self.device
         self.n_rows = 0
-        self.mean_a = torch.zeros(n_a, dtype=torch.float64, device=dev)
-        self.mean_b = torch.zeros(n_b, dtype=torch.float64, device=dev)
-        self.m2_a = torch.zeros(n_a, dtype=torch.float64, device=dev)
-        self.m2_b = torch.zeros(n_b, dtype=torch.float64, device=dev)
-        self.c_ab = torch.zeros(n_a, n_b, dtype=torch.float64, device=dev)
+        self.mean_a = torch.zeros(self.n_a, dtype=torch.float64, device=dev)
+        self.mean_b = torch.zeros(self.n_b, dtype=torch.float64, device=dev)
+        self.m2_a = torch.zeros(self.n_a, dtype=torch.float64, device=dev)
+        self.m2_b = torch.zeros(self.n_b, dtype=torch.float64, device=dev)
+        self.c_ab = torch.zeros((0, 0), dtype=torch.float64, device=dev)
 
     def update(self, a: Array, b: Array) -> None:
         """Add a block of rows: ``a`` [rows, n_a] and ``b`` [rows, n_b] for the same tokens."""
@@ -141,7 +147,8 @@ class CorrelationAccumulator:
         ac, bc = a_t - mu_a, b_t - mu_b
         m2_a, m2_b = (ac * ac).sum(0), (bc * bc).sum(0)
         c_ab = (ac.to(self.compute_dtype).T @ bc.to(self.compute_dtype)).to(torch.float64)
-        self._merge_stats(n2, mu_a, mu_b, m2_a, m2_b, c_ab)
+        del ac, bc
+        self._merge_stats(n2, mu_a, mu_b, m2_a, m2_b, c_ab, owned=True)
 
     def merge(self, other: CorrelationAccumulator) -> None:
         """Fold in an accumulator that saw *different* rows of the same two feature sets."""
@@ -163,12 +170,15 @@ class CorrelationAccumulator:
         )
 
     def _merge_stats(
-        self, n2: int, mu_a: Tensor, mu_b: Tensor, m2_a: Tensor, m2_b: Tensor, c_ab: Tensor
+        self, n2: int, mu_a: Tensor, mu_b: Tensor, m2_a: Tensor, m2_b: Tensor, c_ab: Tensor,
+        owned: bool = False,
     ) -> None:
+        """Fold in another part's statistics (``owned``: the tensors are this call's to keep)."""
         n1 = self.n_rows
         if n1 == 0:
-            self.mean_a, self.mean_b = mu_a.clone(), mu_b.clone()
-            self.m2_a, self.m2_b, self.c_ab = m2_a.clone(), m2_b.clone(), c_ab.clone()
+            keep = (lambda t: t) if owned else (lambda t: t.clone())
+            self.mean_a, self.mean_b = keep(mu_a), keep(mu_b)
+            self.m2_a, self.m2_b, self.c_ab = keep(m2_a), keep(m2_b), keep(c_ab)
             self.n_rows = n2
             return
         d_a, d_b = mu_a - self.mean_a, mu_b - self.mean_b
@@ -188,8 +198,11 @@ class CorrelationAccumulator:
         """Population standard deviation of B's features [n_b] (float64)."""
         return (self.m2_b / max(self.n_rows, 1)).sqrt()
 
-    def corr(self) -> np.ndarray:
+    def corr(self, consume: bool = False) -> np.ndarray:
         """Pearson correlation [n_a, n_b] (float64 numpy), rows A's features, columns B's.
+
+        ``consume``: computed in place in the co-moment sums, which the accumulator gives up (it
+        is empty afterwards): no second [n_a, n_b] matrix.
 
         A neuron that is constant over the rows seen (dead, or a float rounding of constant)
         has no defined correlation; it gets 0 everywhere, so the LAP treats it as matching
@@ -204,8 +217,14 @@ class CorrelationAccumulator:
         live_b = sd_b > _CONSTANT_RTOL * self.mean_b.abs()
         sd_a = torch.where(live_a, sd_a, torch.ones_like(sd_a))
         sd_b = torch.where(live_b, sd_b, torch.ones_like(sd_b))
-        # In place and by broadcasting: one [n_a, n_b] temporary besides c_ab (8192² float64 is 0.5 GB).
-        r = self.c_ab / self.n_rows
+        # In place and by broadcasting: one [n_a, n_b] temporary besides c_ab (8192² float64 is
+        # 0.5 GB), none when consumed.
+        if consume:
+            r = self.c_ab
+            r /= self.n_rows
+            self._reset()
+        else:
+            r = self.c_ab / self.n_rows
         r /= sd_a[:, None]
         r /= sd_b[None, :]
         r[~live_a] = 0.0
@@ -221,7 +240,7 @@ class CorrelationAccumulator:
             "mean_b": self.mean_b.cpu().numpy(),
             "m2_a": self.m2_a.cpu().numpy(),
             "m2_b": self.m2_b.cpu().numpy(),
-            "c_ab": self.c_ab.cpu().numpy(),
+            "c_ab": (self.c_ab if self.n_rows else torch.zeros(self.n_a, self.n_b, dtype=torch.float64)).cpu().numpy(),
         }
 
     @classmethod
@@ -262,12 +281,21 @@ def _is_permutation(perm: np.ndarray, n: int) -> bool:
     return bool((np.bincount(perm, minlength=n) == 1).all())
 
 
-def _solve_lap(corr: np.ndarray, maximize: bool) -> np.ndarray:
+def _solve_lap(corr: np.ndarray, maximize: bool, overwrite: bool = False) -> np.ndarray:
     import lap
 
     # lapjv minimises; it is documented to misbehave on negative costs, so shift to >= 0 (a
     # constant shift does not change the optimal permutation of a square problem).
-    cost = (corr.max() - corr) if maximize else (corr - corr.min())
+    shift = float(corr.max() if maximize else corr.min())
+    if overwrite and corr.flags.c_contiguous and corr.flags.writeable:
+        # The cost in corr's own memory, turned back into corr afterwards (to float rounding).
+        cost = np.subtract(shift, corr, out=corr) if maximize else np.subtract(corr, shift, out=corr)
+        try:
+            _, x, _ = lap.lapjv(cost, extend_cost=False)
+        finally:
+            np.subtract(shift, cost, out=cost) if maximize else np.add(cost, shift, out=cost)
+        return np.asarray(x, dtype=np.int64)
+    cost = (shift - corr) if maximize else (corr - shift)
     _, x, _ = lap.lapjv(np.ascontiguousarray(cost, dtype=np.float64), extend_cost=False)
     return np.asarray(x, dtype=np.int64)
 
@@ -281,7 +309,8 @@ def _solve_scipy(corr: np.ndarray, maximize: bool) -> np.ndarray:
     return perm
 
 
-def solve_assignment(corr: Array, maximize: bool = True, solver: Solver = "auto") -> np.ndarray:
+def solve_assignment(corr: Array, maximize: bool = True, solver: Solver = "auto",
+                     overwrite: bool = False) -> np.ndarray:
     """Optimal neuron matching for a square score matrix.
 
     Args:
@@ -290,6 +319,9 @@ def solve_assignment(corr: Array, maximize: bool = True, solver: Solver = "auto"
         solver: "lap" (``lap.lapjv``, Jonker-Volgenant, exact; 3-5x faster than scipy at n in the
             thousands), "scipy" (``scipy.optimize.linear_sum_assignment``, also exact), or "auto":
             lap, falling back to scipy when lap is not installed or returns no valid permutation.
+
+        overwrite: a float64 numpy ``corr`` may serve as the solver's cost matrix (no second
+            [n, n] copy) and is restored afterwards to float rounding.
 
     Returns:
         perm [n] int64: the other layer's neuron ``perm[j]`` matches anchor neuron ``j``.
@@ -305,7 +337,7 @@ def solve_assignment(corr: Array, maximize: bool = True, solver: Solver = "auto"
     if solver == "scipy":
         return _solve_scipy(c, maximize)
     if solver == "lap":
-        perm = _solve_lap(c, maximize)
+        perm = _solve_lap(c, maximize, overwrite)
         if not _is_permutation(perm, n):
             raise RuntimeError(
                 f"lap.lapjv returned no valid permutation for an n={n} problem; use solver='scipy'"
@@ -314,7 +346,7 @@ def solve_assignment(corr: Array, maximize: bool = True, solver: Solver = "auto"
     if solver != "auto":
         raise ValueError(f"unknown solver {solver!r}; expected 'auto', 'lap' or 'scipy'")
     try:
-        perm = _solve_lap(c, maximize)
+        perm = _solve_lap(c, maximize, overwrite)
     except ImportError:
         log.info("lap is not installed; solving the assignment with scipy")
         return _solve_scipy(c, maximize)
@@ -362,84 +394,84 @@ def permute_ff(ff: FFWeights, perm: Array | Sequence[int]) -> FFWeights:
     return ff.select(_perm_tensor(perm, ff.intermediate_size, ff.up.device))
 
 
-def _check_compatible(ffs: Sequence[FFWeights]) -> None:
-    ref = ffs[0]
-    for k, ff in enumerate(ffs[1:], start=1):
-        if ff.up.shape != ref.up.shape or ff.down.shape != ref.down.shape:
+def _check_compatible(ref: FFWeights, ff: FFWeights, k: int) -> None:
+    """Block ``k`` of a window can be averaged with block 0 (``ref``)."""
+    if ff.up.shape != ref.up.shape or ff.down.shape != ref.down.shape:
+        raise ValueError(
+            f"FF block {k} has up {tuple(ff.up.shape)}/down {tuple(ff.down.shape)}, "
+            f"block 0 has up {tuple(ref.up.shape)}/down {tuple(ref.down.shape)}; "
+            "merged blocks need equal shapes"
+        )
+    if ff.act != ref.act:
+        raise ValueError(
+            f"FF block {k} uses activation {ff.act!r}, block 0 {ref.act!r}; cannot merge them"
+        )
+    for name in ("gate", "b_up", "b_down"):
+        if (getattr(ff, name) is None) != (getattr(ref, name) is None):
             raise ValueError(
-                f"FF block {k} has up {tuple(ff.up.shape)}/down {tuple(ff.down.shape)}, "
-                f"block 0 has up {tuple(ref.up.shape)}/down {tuple(ref.down.shape)}; "
-                "merged blocks need equal shapes"
+                f"FF block {k} and block 0 disagree on having {name}; cannot merge them"
             )
-        if ff.act != ref.act:
-            raise ValueError(
-                f"FF block {k} uses activation {ff.act!r}, block 0 {ref.act!r}; cannot merge them"
-            )
-        for name in ("gate", "b_up", "b_down"):
-            if (getattr(ff, name) is None) != (getattr(ref, name) is None):
-                raise ValueError(
-                    f"FF block {k} and block 0 disagree on having {name}; cannot merge them"
-                )
 
 
 def merge_window(
-    ffs: Sequence[FFWeights],
+    ffs: Iterable[FFWeights],
     perms: Sequence[Array | Sequence[int] | None],
     weights: Sequence[float] | None = None,
 ) -> FFWeights:
     """Permute each FF block, then average every tensor (biases too) across the window.
 
     Args:
-        ffs: the window's blocks, all the same shape and activation.
+        ffs: the window's blocks, all the same shape and activation; any iterable, consumed one
+            block at a time (a generator reading each layer as it is needed holds one block).
         perms: one per block; ``None`` leaves that block unpermuted ("vanilla" merging, the
             paper's no-alignment baseline). The anchor's entry is the identity or ``None``.
         weights: non-negative averaging weights, normalised to sum 1; uniform when omitted.
 
     Returns:
-        The merged block, in the dtype of ``ffs[0]`` (the average is taken in at least float32, so
-        bf16 inputs are not averaged in bf16).
+        The merged block, in the dtype of the first block (the average is taken in at least
+        float32, so bf16 inputs are not averaged in bf16).
     """
-    if not ffs:
-        raise ValueError("merge_window needs at least one FF block")
-    if len(perms) != len(ffs):
-        raise ValueError(
-            f"got {len(perms)} perms for {len(ffs)} FF blocks; pass one (or None) per block"
-        )
-    _check_compatible(ffs)
+    n = len(perms)
+    if isinstance(ffs, Sequence) and len(ffs) != n:
+        raise ValueError(f"got {n} perms for {len(ffs)} FF blocks; pass one (or None) per block")
     if weights is None:
-        w = [1.0 / len(ffs)] * len(ffs)
+        w = [1.0 / max(n, 1)] * n
     else:
-        if len(weights) != len(ffs):
-            raise ValueError(f"got {len(weights)} weights for {len(ffs)} FF blocks")
+        if len(weights) != n:
+            raise ValueError(f"got {len(weights)} weights for {n} perms")
         if any(not math.isfinite(x) or x < 0 for x in weights) or sum(weights) <= 0:
             raise ValueError(
                 f"weights must be finite, non-negative and not all zero, got {list(weights)}"
             )
         total = float(sum(weights))
         w = [float(x) / total for x in weights]
-    aligned = [ff if p is None else permute_ff(ff, p) for ff, p in zip(ffs, perms)]
-    out_dtype = ffs[0].up.dtype
-    acc_dtype = torch.promote_types(out_dtype, torch.float32)
-
-    def avg(name: str) -> Tensor | None:
-        ts = [getattr(ff, name) for ff in aligned]
-        if ts[0] is None:
-            return None
-        total = torch.zeros_like(ts[0], dtype=acc_dtype)
-        for wk, t in zip(w, ts):
-            total.add_(t.to(acc_dtype), alpha=wk)
-        return total.to(out_dtype)
-
-    up, down = avg("up"), avg("down")
-    assert up is not None and down is not None  # required fields of FFWeights
-    return replace(
-        aligned[0],
-        up=up,
-        down=down,
-        gate=avg("gate"),
-        b_up=avg("b_up"),
-        b_down=avg("b_down"),
-    )
+    names = ("up", "down", "gate", "b_up", "b_down")
+    first: FFWeights | None = None
+    sums: dict[str, Tensor | None] = {}
+    seen = 0
+    for k, ff in enumerate(ffs):
+        if k >= n:
+            raise ValueError(f"got more FF blocks than the {n} perms; pass one (or None) per block")
+        if first is None:
+            first = ff
+            acc_dtype = torch.promote_types(ff.up.dtype, torch.float32)
+            sums = {name: None if getattr(ff, name) is None
+                    else torch.zeros(getattr(ff, name).shape, dtype=acc_dtype) for name in names}
+        else:
+            _check_compatible(first, ff, k)
+        aligned = ff if perms[k] is None else permute_ff(ff, perms[k])  # type: ignore[arg-type]
+        for name, total_t in sums.items():
+            if total_t is not None:
+                total_t.add_(getattr(aligned, name).to(total_t.dtype), alpha=w[k])
+        del aligned
+        seen += 1
+    if first is None:
+        raise ValueError("merge_window needs at least one FF block")
+    if seen != n:
+        raise ValueError(f"got {n} perms for {seen} FF blocks; pass one (or None) per block")
+    out_dtype = first.up.dtype
+    out = {name: None if t is None else t.to(out_dtype) for name, t in sums.items()}
+    return replace(first, **out)  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------------------------
@@ -529,7 +561,8 @@ def align_window(
         block_rows: rows per block when slicing matrix sources (bounds the float64 temporaries).
         compute_dtype, device: passed to :class:`CorrelationAccumulator`.
 
-    Memory: one [I, I] float64 accumulator at a time (pairs are processed one after another).
+    Memory: one [I, I] float64 matrix at a time (pairs are processed one after another): the
+    co-moment sums become the correlation, then the LAP cost, in place.
     """
     w = len(features)
     if w == 0:
@@ -576,9 +609,9 @@ def align_window(
         if n_rows and acc.n_rows != n_rows:
             raise ValueError(f"layer {k} covers {acc.n_rows} token rows, earlier layers {n_rows}")
         n_rows, n_neurons = acc.n_rows, acc.n_a
-        corr = acc.corr()
-        acc = None  # its [I, I] sums go before the assignment makes its cost copy
-        perm = solve_assignment(corr, maximize=True, solver=solver)
+        corr = acc.corr(consume=True)  # in the accumulator's own [I, I] sums
+        acc = None
+        perm = solve_assignment(corr, maximize=True, solver=solver, overwrite=True)
         perms.append(perm)
         matched.append(assignment_total(corr, perm) / corr.shape[0])
         identity.append(float(np.trace(corr)) / corr.shape[0])

@@ -194,10 +194,10 @@ class LazyCheckpoint:
             t = self._bins[p][name]
             return tuple(t.shape), t.dtype
         info = self._headers[p][1][name]
-        if info["dtype"] not in _ST_NAMES:  # float8 and the like: ask safetensors (a zero-copy view)
+        if info["dtype"] not in SAFETENSORS_DTYPES:  # float8 and the like: ask safetensors (a zero-copy view)
             with safe_open(str(p), framework="pt") as f:
                 return tuple(info["shape"]), f.get_tensor(name).dtype
-        return tuple(info["shape"]), _ST_NAMES[info["dtype"]]
+        return tuple(info["shape"]), SAFETENSORS_DTYPES[info["dtype"]]
 
     def row_chunks(self, name: str, max_bytes: int = 32 << 20) -> Iterator[torch.Tensor]:
         """A tensor in row chunks of about ``max_bytes`` (bounded memory for embeddings)."""
@@ -221,7 +221,7 @@ class LazyCheckpoint:
         p = self._where[name]
         start, header = self._headers[p]
         info = header[name]
-        dtype = _ST_NAMES.get(info["dtype"])
+        dtype = SAFETENSORS_DTYPES.get(info["dtype"])
         shape = list(info["shape"])
         a, b = info["data_offsets"]
         if dtype is None:  # a dtype torch reads only through safetensors (float8 and the like)
@@ -259,7 +259,8 @@ _ST_DTYPES = {
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
     torch.bool: "BOOL",
 }
-_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+#: safetensors dtype names (``F32``, ``BF16``, ...) -> torch dtypes.
+SAFETENSORS_DTYPES = {v: k for k, v in _ST_DTYPES.items()}
 
 
 def stream_safetensors(path: Path, specs: list[tuple[str, tuple[int, ...], torch.dtype]],

@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -166,6 +167,10 @@ class _Context:
         self.family, self.config = self.model.family, self.model.config
         self.num_layers = self.model.num_layers
         self.collect_dir = collect_dir
+        # The checkpoint's stored floating-point precision: compressed blocks are kept in it
+        # (upcast one block at a time where a method computes), as they will be written.
+        self.dtype = next((t.dtype for t in self.model.layer_shapes(0).values() if t.is_floating_point()),
+                          torch.float32)
         self._states: dict[int, dict[str, Tensor]] = {}
         # Fused blocks' count vectors P (training form: y = W_out' (P ⊙ act(W_in' x))).
         self.counts: dict[str, Tensor] = {}
@@ -180,12 +185,21 @@ class _Context:
     def refs(self, i: int) -> list[FFBlockRef]:
         return self.family.ff_blocks(self.config, self.state(i))
 
+    def stored(self, i: int, ref: FFBlockRef) -> FFWeights:
+        """One FF block of layer i in its stored precision (views of the layer's tensors)."""
+        return self.family.read_ff(self.config, self.state(i), ref)
+
     def block(self, i: int, ref: FFBlockRef) -> FFWeights:
         """One FF block of layer i in float32."""
-        return self.family.read_ff(self.config, self.state(i), ref).to(torch.float32)
+        return self.stored(i, ref).to(torch.float32)
 
     def blocks(self, i: int) -> dict[FFBlockRef, FFWeights]:
         return {r: self.block(i, r) for r in self.refs(i)}
+
+    def shapes(self, i: int) -> dict[FFBlockRef, FFWeights]:
+        """Layer i's base FF blocks on the meta device (sizes only; nothing is read)."""
+        sd = self.model.layer_shapes(i)
+        return {r: self.family.read_ff(self.config, sd, r) for r in self.family.ff_blocks(self.config, sd)}
 
     def need_collect(self, what: str) -> Path:
         if self.collect_dir is None:
@@ -261,8 +275,10 @@ def _iter_layers(m: BaseModel, ctx: _Context) -> Iterator[tuple[int, dict[FFBloc
     """(layer, its compressed FF blocks), one layer at a time (per-block methods)."""
     sizes = _sensitivity_sizes(m, ctx) if isinstance(m, PruneMethod) and m.allocation == "sensitivity" else {}
     for i in _layers(m, ctx.num_layers):  # type: ignore[arg-type]
-        # One block in float32 at a time (an MoE layer's experts are not all upcast at once).
-        yield i, {ref: _compress_block(m, ctx, i, ref, ctx.block(i, ref), sizes.get((i, ref))) for ref in ctx.refs(i)}
+        # One block in float32 at a time (an MoE layer's experts are not all upcast at once); each
+        # result is kept in the stored precision it will be written in.
+        yield i, {ref: _compress_block(m, ctx, i, ref, ctx.block(i, ref), sizes.get((i, ref))).to(ctx.dtype)
+                  for ref in ctx.refs(i)}
 
 
 def _prune_scores(m: PruneMethod, ctx: _Context, i: int, ref: FFBlockRef, ff: FFWeights) -> Tensor:
@@ -279,7 +295,8 @@ def _sensitivity_sizes(m: PruneMethod, ctx: _Context) -> dict[tuple[int, FFBlock
     block's output; every block keeps at least ``min_ratio``, the total kept equals uniform's."""
     shares, floors, total = [], {}, 0
     for i in _layers(m, ctx.num_layers):
-        for ref, ff in ctx.blocks(i).items():
+        for ref in ctx.refs(i):
+            ff = ctx.block(i, ref)
             sc = _prune_scores(m, ctx, i, ref, ff).double()
             n = ff.intermediate_size
             total += m.k(n)
@@ -335,10 +352,9 @@ def _merge(m: MergeMethod, ctx: _Context) -> Overlay:
     window = list(range(m.start, m.start + m.size))
     if window[-1] >= ctx.num_layers:
         raise InputError(f"merge window {window[0]}..{window[-1]} exceeds the model's {ctx.num_layers} layers")
-    blocks = [ctx.blocks(i) for i in window]
-    refs = list(blocks[0])
-    for i, b in zip(window, blocks):
-        if list(b) != refs:
+    refs = ctx.refs(window[0])
+    for i in window:
+        if (b := ctx.refs(i)) != refs:
             raise InputError(
                 f"merge window {window[0]}..{window[-1]}: layer {i}'s FF blocks ({', '.join(r.name for r in b)}) "
                 f"differ from layer {window[0]}'s ({', '.join(r.name for r in refs)}); a window ties layers of "
@@ -346,16 +362,17 @@ def _merge(m: MergeMethod, ctx: _Context) -> Overlay:
             )
     anchor = {"first": 0, "middle": (m.size - 1) // 2, "last": m.size - 1}[m.anchor]
     if any(r.kind != "dense" for r in refs):
-        return _merge_moe(m, ctx, window, blocks, anchor)
+        return _merge_moe(m, ctx, window, refs, anchor)
     ref = refs[0]
-    ffs = [b[ref] for b in blocks]
-    if m.permute:
+    if m.permute:  # from collect's features alone: no weights are held while the LAPs run
         d = ctx.need_collect("aligned merging")
         feats = [read_features(d, i, ref.name, m.feature)[1].astype(np.float32) for i in window]
         perms = alignment.align_window(feats, anchor).perms
+        del feats
     else:
         perms = [None] * m.size
-    merged = alignment.merge_window(ffs, list(perms))
+    # Averaged one layer at a time from the stored weights (one layer's tensors resident).
+    merged = alignment.merge_window((ctx.stored(i, ref) for i in window), list(perms))
     ov = Overlay()
     for i in window:
         ov.blocks[i] = {ref: merged}
@@ -394,8 +411,7 @@ def _moe_extra_keys(ctx: _Context, i: int) -> list[str]:
                   and not k.startswith(f"{moe.path}.") and k not in shared)
 
 
-def _merge_moe(m: MergeMethod, ctx: _Context, window: list[int], blocks: list[dict[FFBlockRef, FFWeights]],
-               anchor: int) -> Overlay:
+def _merge_moe(m: MergeMethod, ctx: _Context, window: list[int], refs: list[FFBlockRef], anchor: int) -> Overlay:
     """Tie whole MoE blocks across a window: every layer's experts are matched one-to-one to the
     anchor's by output correlation (LAP over experts), each matched pair's neurons aligned by
     feature correlation (LAP), then experts, shared expert, router rows (in the matched order) and
@@ -403,29 +419,35 @@ def _merge_moe(m: MergeMethod, ctx: _Context, window: list[int], blocks: list[di
     moe = ctx.family.moe
     assert moe is not None
     w = len(window)
-    experts = [r for r in blocks[0] if r.kind == "expert"]
-    others = [r for r in blocks[0] if r.kind != "expert"]
+    experts = [r for r in refs if r.kind == "expert"]
+    others = [r for r in refs if r.kind != "expert"]
     match = [np.arange(len(experts))] * w  # match[k][e]: layer k's expert that merged expert e takes
-    perms: dict[FFBlockRef, list] = {r: [None] * w for r in blocks[0]}
+    perms: dict[FFBlockRef, list] = {r: [None] * w for r in refs}
+    # The window's blocks in their stored precision; each is upcast only while it computes.
+    blocks = [{r: ctx.stored(i, r) for r in refs} for i in window]
     if m.permute:
         xs = _window_sample(ctx, window, m.moe_tokens)
 
         def feat(k: int, ref: FFBlockRef) -> Tensor:
-            return block_features(blocks[k][ref], xs[k], (m.feature,))[m.feature]
+            return block_features(blocks[k][ref].to(torch.float32), xs[k], (m.feature,))[m.feature]
+
+        def out(k: int, ref: FFBlockRef) -> Tensor:
+            return blocks[k][ref].to(torch.float32).forward(xs[k])
 
         with torch.no_grad():
-            anchor_out = [blocks[anchor][r].forward(xs[anchor]) for r in experts]
+            anchor_out = [out(anchor, r) for r in experts]
             for k in range(w):
                 if k == anchor:
                     continue
-                match[k] = alignment.match_experts(anchor_out, [blocks[k][r].forward(xs[k]) for r in experts])[0]
+                match[k] = alignment.match_experts(anchor_out, [out(k, r) for r in experts])[0]
                 for e, r in enumerate(experts):
                     perms[r][k] = alignment.align_window([feat(anchor, r), feat(k, experts[match[k][e]])], 0).perms[1]
                 for r in others:
                     perms[r][k] = alignment.align_window([feat(anchor, r), feat(k, r)], 0).perms[1]
-    merged = {r: alignment.merge_window([blocks[k][experts[match[k][e]]] for k in range(w)], perms[r])
+    merged = {r: alignment.merge_window((blocks[k][experts[match[k][e]]] for k in range(w)), perms[r])
               for e, r in enumerate(experts)}
-    merged |= {r: alignment.merge_window([blocks[k][r] for k in range(w)], perms[r]) for r in others}
+    merged |= {r: alignment.merge_window((blocks[k][r] for k in range(w)), perms[r]) for r in others}
+    del blocks
     keys = _moe_extra_keys(ctx, window[0])
     dtypes = {key: ctx.state(window[0])[key].dtype for key in keys}
     sums = {key: torch.zeros(ctx.state(window[0])[key].shape) for key in keys}
@@ -455,29 +477,47 @@ def _refit(ov: Overlay, ctx: _Context, cfg: RefitConfig, data_dir: Path | None =
 
     def fit_group(group: list[int], own_inputs: dict[int, Tensor] | None = None) -> None:
         for ref in list(ov.blocks[group[0]]):
-            new = ov.blocks[group[0]][ref]
-            if new.intermediate_size == 0:
+            stored = ov.blocks[group[0]][ref]
+            if stored.intermediate_size == 0:
                 continue
+            new = stored.to(torch.float32)
             acc = RefitAccumulator(new.intermediate_size, new.hidden_size, bias=new.b_down is not None)
-            pairs = []
+            # The original blocks are upcast one at a time, and not held while the solve runs.
+            norms: dict[int, float] = {}
             for i in group:
                 src = ov.sources.get(i, {}).get(ref, ref)  # the original block it stands for
-                orig = ctx.blocks(i)[src]
+                orig = ctx.block(i, src)
                 x = ctx.block_inputs(i, src)
                 h_in = x if own_inputs is None else ctx.rows_of(i, src, own_inputs[i])
+                norm = err = 0.0
                 for s in range(0, x.shape[0], cfg.rows):
                     with torch.no_grad():
-                        acc.update(new.hidden(h_in[s : s + cfg.rows]), orig.forward(x[s : s + cfg.rows]))
-                pairs.append((i, orig, x))
-            fitted = refit_down(new, acc, cfg.lam)
-            for i, orig, x in pairs:
-                with torch.no_grad():
-                    y = orig.forward(x)
-                    norm = float((y * y).sum()) or 1.0
-                    before[i] = before.get(i, 0.0) + float(((new.forward(x) - y) ** 2).sum()) / norm
-                    after[i] = after.get(i, 0.0) + float(((fitted.forward(x) - y) ** 2).sum()) / norm
+                        y, h = orig.forward(x[s : s + cfg.rows]), new.hidden(h_in[s : s + cfg.rows])
+                        acc.update(h, y)
+                        norm += float((y * y).sum())
+                        err += float(((new.forward(x[s : s + cfg.rows]) - y) ** 2).sum())
+                norms[i] = norm or 1.0
+                before[i] = before.get(i, 0.0) + err / norms[i]
+                del orig, x, h_in
+            # Kept, and its error measured, in the precision it is written in.
+            solved = refit_down(new, acc, cfg.lam)
+            dtype = stored.down.dtype
+            kept = replace(stored, down=solved.down.to(dtype),
+                           b_down=None if solved.b_down is None else solved.b_down.to(dtype))
+            del solved, acc, new
+            fitted = kept.to(torch.float32)
             for i in group:
-                ov.blocks[i][ref] = fitted
+                src = ov.sources.get(i, {}).get(ref, ref)
+                orig, x = ctx.block(i, src), ctx.block_inputs(i, src)
+                err = 0.0
+                for s in range(0, x.shape[0], cfg.rows):
+                    with torch.no_grad():
+                        err += float(((fitted.forward(x[s : s + cfg.rows]) - orig.forward(x[s : s + cfg.rows])) ** 2).sum())
+                after[i] = after.get(i, 0.0) + err / norms[i]
+                del orig, x
+            del fitted
+            for i in group:
+                ov.blocks[i][ref] = kept
 
     if not cfg.sequential:
         for group in groups:
@@ -544,8 +584,7 @@ def _iter_overlay(overlay_dir: Path, ctx: _Context) -> Iterator[tuple[int, dict[
         if entry.get("skip"):
             continue
         sd = {**ctx.state(int(i)), **load_file(str(overlay_dir / entry["patch"]))}
-        yield int(i), {r: ctx.family.read_ff(ctx.config, sd, r).to(torch.float32)
-                       for r in ctx.family.ff_blocks(ctx.config, sd)}
+        yield int(i), {r: ctx.family.read_ff(ctx.config, sd, r) for r in ctx.family.ff_blocks(ctx.config, sd)}
 
 
 def _load_overlay(overlay_dir: Path, ctx: _Context) -> Overlay:
@@ -610,8 +649,7 @@ def run(config: CompressConfig, inputs: dict[str, Path], out_dir: Path) -> dict:
     whose blocks are reused."""
     ctx = _Context(inputs["shard"], inputs.get("collect"))
     m = config.candidate
-    dtype = next(iter(ctx.state(0).values())).dtype
-    writer = OverlayWriter(out_dir, ctx.family, ctx.config, ctx.state, dtype=dtype)
+    writer = OverlayWriter(out_dir, ctx.family, ctx.config, ctx.state, dtype=ctx.dtype)
     drop = set(_layers(LayerDropMethod(layers=config.drop), ctx.num_layers)) if config.drop else set()
     # Per-block methods without a cross-layer step stream: each layer is built (or read back from
     # the same candidate built without refit), refit, written and released before the next, so
@@ -670,7 +708,7 @@ def run(config: CompressConfig, inputs: dict[str, Path], out_dir: Path) -> dict:
     const: dict[str, int] = {}
     for i in range(ctx.num_layers):
         sizes[i] = {}
-        for ref, ff in {**ctx.blocks(i), **changed.get(i, {})}.items():
+        for ref, ff in {**ctx.shapes(i), **changed.get(i, {})}.items():
             kind = _block_kind(ref)
             sizes[i][kind] = sizes[i].get(kind, 0) + ff.intermediate_size
             per_neuron[kind] = ff.hidden_size * (3 if ff.is_glu else 2) + (1 if ff.b_up is not None else 0)

@@ -1270,7 +1270,7 @@ def write_overlay(student: nn.Module, trained: set[str], winner_dir: Path, out_d
     from safetensors.torch import save_file
 
     from stages.artifacts import write_atomic, write_json_atomic
-    from stages.export import _ST_DTYPES
+    from stages.checkpoint import SAFETENSORS_DTYPES
     from stages.families import family_for
 
     if any(layer_index(n) is None for n in trained):
@@ -1315,7 +1315,7 @@ def write_overlay(student: nn.Module, trained: set[str], winner_dir: Path, out_d
                     if len(want) != t.dim() or any(d > e for d, e in zip(want, t.shape)) or rest.any():
                         raise RuntimeError(f"layer {i} {key}: trained {tuple(t.shape)} does not cut back to {want}")
                     t = t[cut]
-                out_dtype = _ST_DTYPES.get(ref[key].get_dtype(), dtype) if key in ref else dtype
+                out_dtype = SAFETENSORS_DTYPES.get(ref[key].get_dtype(), dtype) if key in ref else dtype
                 patch[key] = t.to(out_dtype).contiguous().cpu()
             name = f"ff/L{g[0]:05d}" + (f"-{g[-1]:05d}" if len(g) > 1 else "") + ".safetensors"
             write_atomic(out_dir / name, lambda p, t=patch: save_file(t, str(p)))

@@ -50,7 +50,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from stages.checkpoint import stream_safetensors
+from stages.checkpoint import SAFETENSORS_DTYPES, stream_safetensors
 from stages.errors import InputError
 from stages.families import FamilyAdapter, FFBlockRef, FFWeights, family_for
 from stages.shard import DTYPES, TOKENIZER_FILES, build_skeleton, layer_file, load_shard_meta
@@ -61,7 +61,6 @@ STOCK_STEM = "model"
 TIED_STEM = "mlpfuse-tied"
 EXTRA_TOKENIZER_FILES = ("chat_template.jinja", "chat_template.json", "preprocessor_config.json")
 
-_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 _ST_SIZES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "BF16": 2, "F16": 2, "I16": 2,
              "U16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
@@ -119,7 +118,7 @@ def _header(path: Path) -> dict[str, Tensor]:
     with safe_open(str(path), framework="pt") as f:
         for k in f.keys():
             sl = f.get_slice(k)
-            dt = _ST_DTYPES.get(sl.get_dtype(), torch.float32)
+            dt = SAFETENSORS_DTYPES.get(sl.get_dtype(), torch.float32)
             out[k] = torch.empty(sl.get_shape(), dtype=dt, device="meta")
     return out
 

@@ -170,8 +170,16 @@ class FusedExperts:
         sizes = {ff.intermediate_size for ff in experts}
         if len(sizes) != 1:
             raise ValueError(f"fused expert tensors need one intermediate size for all experts, got {sorted(sizes)}")
-        sd[f"{self.path}.gate_up_proj"] = torch.stack([torch.cat([ff.gate, ff.up], 0) for ff in experts])  # type: ignore[list-item]
-        sd[f"{self.path}.down_proj"] = torch.stack([ff.down for ff in experts])
+        # Filled expert by expert: no per-expert concatenations beside the fused tensor.
+        n, h = sizes.pop(), experts[0].hidden_size
+        dtype = torch.promote_types(experts[0].up.dtype, experts[0].down.dtype)
+        dev = experts[0].up.device
+        gate_up = torch.empty((len(experts), 2 * n, h), dtype=dtype, device=dev)
+        down = torch.empty((len(experts), h, n), dtype=dtype, device=dev)
+        for e, ff in enumerate(experts):
+            assert ff.gate is not None
+            gate_up[e, :n], gate_up[e, n:], down[e] = ff.gate, ff.up, ff.down
+        sd[f"{self.path}.gate_up_proj"], sd[f"{self.path}.down_proj"] = gate_up, down
 
 
 @dataclass(frozen=True)

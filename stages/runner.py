@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from torch import Tensor, nn
 
+from stages.checkpoint import SAFETENSORS_DTYPES
 from stages.families import FamilyAdapter, family_for
 from stages.shard import build_skeleton, layer_file, load_shard_meta
 
@@ -243,6 +244,13 @@ class LayerStreamedModel:
         if isinstance(ov, Patch):
             sd.update(ov.tensors)
         return sd
+
+    def layer_shapes(self, i: int) -> dict[str, Tensor]:
+        """Layer i's base tensors on the meta device (shapes and dtypes from the shard file's
+        header; nothing is read)."""
+        with safe_open(str(self.shard_dir / layer_file(i)), framework="pt") as f:
+            return {k: torch.empty(f.get_slice(k).get_shape(), dtype=SAFETENSORS_DTYPES[f.get_slice(k).get_dtype()], device="meta")
+                    for k in f.keys()}
 
     @contextmanager
     def layer(self, i: int, state: Mapping[str, Tensor] | None = None) -> Iterator[nn.Module]:

@@ -231,7 +231,7 @@ def test_refit_rejects_mismatches() -> None:
 
 
 class _Ctx:
-    """The two things sensitivity allocation reads from the compress context."""
+    """What sensitivity allocation reads from the compress context."""
 
     def __init__(self, blocks: list[FFWeights]):
         from stages.families import FFBlockRef
@@ -239,8 +239,11 @@ class _Ctx:
         self.num_layers = len(blocks)
         self._blocks = [{FFBlockRef("dense"): ff} for ff in blocks]
 
-    def blocks(self, i: int) -> dict:
-        return self._blocks[i]
+    def refs(self, i: int) -> list:
+        return list(self._blocks[i])
+
+    def block(self, i: int, ref) -> FFWeights:  # noqa: ANN001
+        return self._blocks[i][ref]
 
 
 def test_sensitivity_allocation_keeps_the_uniform_total_and_spares_spread_out_blocks() -> None:
