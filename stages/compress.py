@@ -176,6 +176,8 @@ class _Context:
         self.counts: dict[str, Tensor] = {}
         # MLPMoE blocks' static-MoE form (branch of every original neuron, -1 pruned; gains α).
         self.branches: dict[str, Tensor] = {}
+        # Pruned blocks' kept neuron indices: their refit is solved from collect's HᵀH alone.
+        self.kept: dict[str, Tensor] = {}
 
     def state(self, i: int) -> dict[str, Tensor]:
         if i not in self._states:
@@ -244,6 +246,8 @@ def _shape_only(ff: FFWeights) -> FFWeights:
 
 # Fused blocks' P vectors (keys ``L<layer>/<block>``), read by the layer_errors stage's NTK.
 COUNTS = "counts.safetensors"
+# Pruned candidates' kept neuron indices (keys ``L<layer>/<block>``, int64, ascending).
+KEPT = "kept.safetensors"
 # MLPMoE candidates' static-MoE form, for inspection (keys ``L<layer>/<block>/branch`` and
 # ``.../alpha``; :func:`static_moe` rebuilds the module from the base weights).
 BRANCHES = "moefy_branches.safetensors"
@@ -320,7 +324,9 @@ def _compress_block(m: BaseModel, ctx: _Context, i: int, ref: FFBlockRef, ff: FF
         return ff.select(torch.zeros(0, dtype=torch.long))
     if isinstance(m, PruneMethod):
         k = size if size is not None else m.k(ff.intermediate_size)
-        return pruning.prune_ff(ff, k, _prune_scores(m, ctx, i, ref, ff))
+        kept = pruning.kept_neurons(_prune_scores(m, ctx, i, ref, ff), k)
+        ctx.kept[f"L{i:05d}/{ref.name}"] = kept
+        return ff.select(kept)
     if isinstance(m, FusionMethod):
         k = m.k(ff.intermediate_size)
         energy = None
@@ -444,6 +450,7 @@ def _merge_moe(m: MergeMethod, ctx: _Context, window: list[int], refs: list[FFBl
                     perms[r][k] = alignment.align_window([feat(anchor, r), feat(k, experts[match[k][e]])], 0).perms[1]
                 for r in others:
                     perms[r][k] = alignment.align_window([feat(anchor, r), feat(k, r)], 0).perms[1]
+        del xs, anchor_out  # not held while the window is averaged and written
     merged = {r: alignment.merge_window((blocks[k][experts[match[k][e]]] for k in range(w)), perms[r])
               for e, r in enumerate(experts)}
     merged |= {r: alignment.merge_window((blocks[k][r] for k in range(w)), perms[r]) for r in others}
@@ -475,45 +482,60 @@ def _refit(ov: Overlay, ctx: _Context, cfg: RefitConfig, data_dir: Path | None =
     before: dict[int, float] = {}
     after: dict[int, float] = {}
 
+    def solved(stored: FFWeights, new: FFWeights, acc: RefitAccumulator) -> FFWeights:
+        """The refit block, kept (and its error measured) in the precision it is written in."""
+        fit = refit_down(new, acc, cfg.lam)
+        dtype = stored.down.dtype
+        return replace(stored, down=fit.down.to(dtype), b_down=None if fit.b_down is None else fit.b_down.to(dtype))
+
     def fit_group(group: list[int], own_inputs: dict[int, Tensor] | None = None) -> None:
         for ref in list(ov.blocks[group[0]]):
             stored = ov.blocks[group[0]][ref]
             if stored.intermediate_size == 0:
                 continue
             new = stored.to(torch.float32)
+            acc = None if own_inputs is not None else _gram_statistics(ctx, group, ref, new)
+            if acc is not None:  # a pruned block: solved from collect's HᵀH, no tokens read
+                i = group[0]
+                norm = acc.yty or 1.0
+                kept = solved(stored, new, acc)
+                before[i] = before.get(i, 0.0) + acc.sse(new.down, new.b_down) / norm
+                after[i] = after.get(i, 0.0) + acc.sse(kept.down, kept.b_down) / norm
+                ov.blocks[i][ref] = kept
+                continue
             acc = RefitAccumulator(new.intermediate_size, new.hidden_size, bias=new.b_down is not None)
             # The original blocks are upcast one at a time, and not held while the solve runs.
             norms: dict[int, float] = {}
+            errs: dict[int, float] = {}
             for i in group:
                 src = ov.sources.get(i, {}).get(ref, ref)  # the original block it stands for
                 orig = ctx.block(i, src)
                 x = ctx.block_inputs(i, src)
+                if not len(x):  # an expert no calibration token was routed to
+                    continue
                 h_in = x if own_inputs is None else ctx.rows_of(i, src, own_inputs[i])
-                norm = err = 0.0
+                norms[i] = errs[i] = 0.0
                 for s in range(0, x.shape[0], cfg.rows):
                     with torch.no_grad():
                         y, h = orig.forward(x[s : s + cfg.rows]), new.hidden(h_in[s : s + cfg.rows])
                         acc.update(h, y)
-                        norm += float((y * y).sum())
-                        err += float(((new.forward(x[s : s + cfg.rows]) - y) ** 2).sum())
-                norms[i] = norm or 1.0
-                before[i] = before.get(i, 0.0) + err / norms[i]
+                        norms[i] += float((y * y).sum())
+                        errs[i] += float(((new.forward(x[s : s + cfg.rows]) - y) ** 2).sum())
                 del orig, x, h_in
-            # Kept, and its error measured, in the precision it is written in.
-            solved = refit_down(new, acc, cfg.lam)
-            dtype = stored.down.dtype
-            kept = replace(stored, down=solved.down.to(dtype),
-                           b_down=None if solved.b_down is None else solved.b_down.to(dtype))
-            del solved, acc, new
+            if acc.n == 0:  # nothing to fit: the block stays as it is
+                continue
+            kept = solved(stored, new, acc)
+            del acc, new
             fitted = kept.to(torch.float32)
-            for i in group:
+            for i in norms:
                 src = ov.sources.get(i, {}).get(ref, ref)
                 orig, x = ctx.block(i, src), ctx.block_inputs(i, src)
                 err = 0.0
                 for s in range(0, x.shape[0], cfg.rows):
                     with torch.no_grad():
                         err += float(((fitted.forward(x[s : s + cfg.rows]) - orig.forward(x[s : s + cfg.rows])) ** 2).sum())
-                after[i] = after.get(i, 0.0) + err / norms[i]
+                before[i] = before.get(i, 0.0) + errs[i] / (norms[i] or 1.0)
+                after[i] = after.get(i, 0.0) + err / (norms[i] or 1.0)
                 del orig, x
             del fitted
             for i in group:
@@ -532,6 +554,21 @@ def _refit(ov: Overlay, ctx: _Context, cfg: RefitConfig, data_dir: Path | None =
             fit_group([i], {i: x_own})
     layers = sorted(before)
     return {"layers": layers, "before": [before[i] for i in layers], "after": [after[i] for i in layers]}
+
+
+def _gram_statistics(ctx: _Context, group: list[int], ref: FFBlockRef, new: FFWeights) -> RefitAccumulator | None:
+    """The refit statistics of a pruned block from collect's HᵀH of the original block, where
+    that exists (``gram_max`` at least the block's width) and the block is one layer's own."""
+    key = f"L{group[0]:05d}/{ref.name}"
+    if len(group) != 1 or key not in ctx.kept or ctx.collect_dir is None:
+        return None
+    stats = read_stats(ctx.collect_dir, group[0]).get(ref.name, {})
+    if "hidden.gram" not in stats or not int(stats["count"][0]):
+        return None
+    orig = ctx.stored(group[0], ref)
+    return RefitAccumulator.from_gram(
+        torch.from_numpy(stats["hidden.gram"]), torch.from_numpy(stats["hidden.sum"]), int(stats["count"][0]),
+        ctx.kept[key], orig.down, orig.b_down, bias=new.b_down is not None)
 
 
 def _compressed_inputs(ov: Overlay, ctx: _Context, data_dir: Path) -> Iterator[tuple[int, Tensor]]:
@@ -667,10 +704,9 @@ def run(config: CompressConfig, inputs: dict[str, Path], out_dir: Path) -> dict:
         layers = _iter_layers(m, ctx)
         if "unrefit" in inputs:  # reuse its blocks: no re-clustering
             layers = _iter_overlay(inputs["unrefit"], ctx)
-            if (inputs["unrefit"] / COUNTS).exists():
-                ctx.counts = load_file(str(inputs["unrefit"] / COUNTS))
-            if (inputs["unrefit"] / BRANCHES).exists():
-                ctx.branches = load_file(str(inputs["unrefit"] / BRANCHES))
+            for name, attr in ((COUNTS, "counts"), (BRANCHES, "branches"), (KEPT, "kept")):
+                if (inputs["unrefit"] / name).exists():
+                    setattr(ctx, attr, load_file(str(inputs["unrefit"] / name)))
         for i, blocks in layers:
             one = Overlay(blocks={i: blocks})
             if config.refit is not None and errors is not None:
@@ -685,8 +721,9 @@ def run(config: CompressConfig, inputs: dict[str, Path], out_dir: Path) -> dict:
         # are rebuilt (their expert matching is not stored with the overlay; it is cheap).
         if "unrefit" in inputs and not (isinstance(m, MergeMethod) and ctx.family.is_moe_layer(ctx.config, ctx.state(m.start))):
             ov = _load_overlay(inputs["unrefit"], ctx)
-            if (inputs["unrefit"] / COUNTS).exists():
-                ctx.counts = load_file(str(inputs["unrefit"] / COUNTS))
+            for name, attr in ((COUNTS, "counts"), (KEPT, "kept")):
+                if (inputs["unrefit"] / name).exists():
+                    setattr(ctx, attr, load_file(str(inputs["unrefit"] / name)))
         else:
             ov = _build(m, ctx)
         overlap = sorted(drop & set(ov.blocks))
@@ -720,6 +757,8 @@ def run(config: CompressConfig, inputs: dict[str, Path], out_dir: Path) -> dict:
         write_atomic(out_dir / COUNTS, lambda p: save_file(ctx.counts, str(p)))
     if ctx.branches:
         write_atomic(out_dir / BRANCHES, lambda p: save_file(ctx.branches, str(p)))
+    if ctx.kept:
+        write_atomic(out_dir / KEPT, lambda p: save_file(ctx.kept, str(p)))
     method = {"method": m.method, "settings": m.model_dump(mode="json"),
               "refit": None if config.refit is None else config.refit.model_dump()}
     write_json_atomic(out_dir / "method.json", method)

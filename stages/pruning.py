@@ -50,5 +50,9 @@ def prune_ff(ff: FFWeights, k: int, scores: Tensor) -> FFWeights:
         raise ValueError(f"scores must have shape [I] = [{n}], got {tuple(s.shape)}")
     if not torch.isfinite(s).all():
         raise ValueError("scores must be finite (NaN/inf would make the kept set arbitrary)")
-    keep = torch.argsort(s, descending=True, stable=True)[:k].sort().values
-    return ff.select(keep.to(ff.up.device))
+    return ff.select(kept_neurons(s, k).to(ff.up.device))
+
+
+def kept_neurons(scores: Tensor, k: int) -> Tensor:
+    """The indices [k] (ascending) :func:`prune_ff` keeps for ``scores``."""
+    return torch.argsort(torch.as_tensor(scores).cpu(), descending=True, stable=True)[:k].sort().values

@@ -68,6 +68,41 @@ class RefitAccumulator:
         self.yty += float(yf.double().square().sum())
         self.n += len(h)
 
+    @classmethod
+    def from_gram(
+        cls, gram: Tensor, hidden_sum: Tensor, n: int, kept: Tensor, down: Tensor,
+        b_down: Tensor | None = None, bias: bool = False,
+    ) -> RefitAccumulator:
+        """The statistics of a *pruned* block, without its tokens: from the original block's
+        ``gram`` = HᵀH [I, I] and ``hidden_sum`` = Σh [I] over ``n`` tokens (collect's
+        ``hidden.gram``/``hidden.sum``), the ``kept`` neuron indices [k] and its original
+        ``down`` [out, I] (and ``b_down``). The pruned block's hidden is H[:, kept] and the
+        original output is ``Y = H Wᵀ + b``, so ``H_kᵀH_k = G[kept, kept]``,
+        ``H_kᵀY = G[kept, :] Wᵀ + s_k bᵀ`` and ``‖Y‖² = tr(W G Wᵀ) + 2 bᵀW s + n‖b‖²``: the same
+        sums :meth:`update` accumulates from the tokens, at O(k·I·out) instead of O(n·I·out)."""
+        g = torch.as_tensor(gram, dtype=torch.float64)
+        hs = torch.as_tensor(hidden_sum, dtype=torch.float64)
+        w = down.detach().to(torch.float64)
+        idx = torch.as_tensor(kept, dtype=torch.long)
+        if g.shape != (w.shape[1], w.shape[1]) or hs.shape != (w.shape[1],):
+            raise ValueError(f"gram {tuple(g.shape)} / sum {tuple(hs.shape)} do not match down {tuple(w.shape)}")
+        acc = cls(len(idx), int(w.shape[0]), bias, device="cpu")
+        g_k = g[idx]  # [k, I]
+        wg = g @ w.T  # [I, out]: G Wᵀ
+        acc.hth[: len(idx), : len(idx)] = g_k[:, idx]
+        acc.hty[: len(idx)] = wg[idx]
+        acc.yty = float((w.T * wg).sum())
+        b = None if b_down is None else b_down.detach().to(torch.float64)
+        if b is not None:
+            acc.hty[: len(idx)] += hs[idx, None] * b[None, :]
+            acc.yty += 2.0 * float(b @ (w @ hs)) + n * float(b @ b)
+        if bias:
+            acc.hth[-1, : len(idx)] = acc.hth[: len(idx), -1] = hs[idx]
+            acc.hth[-1, -1] = float(n)
+            acc.hty[-1] = w @ hs + (n * b if b is not None else 0.0)
+        acc.n = int(n)
+        return acc
+
     def merge(self, other: RefitAccumulator) -> None:
         """Add another accumulator's statistics (same shapes) to this one."""
         if (other.k_hidden, other.out_dim, other.bias) != (self.k_hidden, self.out_dim, self.bias):
