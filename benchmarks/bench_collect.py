@@ -11,10 +11,15 @@ calibration blocks (bundled Shakespeare, ``--tokens`` tokens in blocks of 256):
   forward over the same batches with hooks that keep the same tensors (x, up, gate, hidden, as
   float16 numpy) in memory: what a user would write without mlpfuse;
 - ``read``: one middle layer's ``hidden`` features read back with ``stages.collect.read_features``
-  (best of 3; MB/s of float16 feature bytes returned).
+  (best of 3; MB/s of float16 feature bytes returned);
+- ``encode``: every Parquet file collect wrote, read back (untimed) and written again with the
+  stage's writer settings: the CPU time the Parquet encoding alone costs.
 
 Both timed phases include loading the model. Throughput ratio = hooks seconds / collect seconds
-(target >= 0.9); memory ratio = collect peak RSS / hooks peak RSS (target <= 0.5).
+(target >= 0.9); memory ratio = collect peak RSS / hooks peak RSS (target <= 0.5). Each phase also
+reports its CPU seconds (user + system): with every core busy in both runs, collect's extra CPU
+time over the hooks run is what its wall time pays, and the ``encode`` phase says how much of it
+the Parquet encoding of what the stage must write is.
 
     .venv/bin/python benchmarks/bench_collect.py            # ~2 min on 2 cores
 """
@@ -116,10 +121,30 @@ def _phase_read(out: Path) -> dict:
     return {"seconds": best, "bytes": nbytes, "layer": layer, "mb_per_s": nbytes / best / 1e6}
 
 
+def _phase_encode(out: Path) -> dict:
+    import pyarrow.parquet as pq
+
+    from stages.collect import _write_parquet
+
+    seconds, nbytes = 0.0, 0
+    target = out / "encode.parquet"
+    for f in sorted((out / "part0").rglob("*.parquet")):
+        table = pq.read_table(f)
+        t0 = time.perf_counter()
+        _write_parquet(table, target)
+        seconds += time.perf_counter() - t0
+        nbytes += target.stat().st_size
+        del table
+    target.unlink(missing_ok=True)
+    return {"seconds": seconds, "bytes": nbytes, "mb_per_s": nbytes / seconds / 1e6}
+
+
 def _child(phase: str, paths: dict[str, str], out: Path) -> dict:
+    t0 = time.process_time()
     r = {"collect": lambda: _phase_collect(paths, out), "hooks": lambda: _phase_hooks(paths),
-         "read": lambda: _phase_read(out)}[phase]()
+         "read": lambda: _phase_read(out), "encode": lambda: _phase_encode(out)}[phase]()
     r["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    r["cpu"] = time.process_time() - t0  # this process's threads, user + system
     return r
 
 
@@ -136,7 +161,7 @@ def main() -> int:
     a.work.mkdir(parents=True, exist_ok=True)
     (a.work / "paths.json").write_text(json.dumps(_prepare(a.work, a.tokens)))
     res = {}
-    for phase in ("collect", "hooks", "read"):
+    for phase in ("collect", "hooks", "read", "encode"):
         proc = subprocess.run([sys.executable, __file__, "--work", str(a.work), "--tokens", str(a.tokens),
                                "--child", phase], capture_output=True, text=True, cwd=ROOT)
         if proc.returncode != 0:
@@ -144,12 +169,17 @@ def main() -> int:
             return 1
         res[phase] = json.loads(proc.stdout.strip().splitlines()[-1])
         r = res[phase]
-        print(f"{phase:<8} {r['seconds']:8.1f} s  peak RSS {r['peak_rss'] / 1e9:6.2f} GB  "
+        print(f"{phase:<8} {r['seconds']:8.1f} s  cpu {r['cpu']:7.1f} s  peak RSS {r['peak_rss'] / 1e9:6.2f} GB  "
               f"{r['bytes'] / 1e6:9.1f} MB" + (f"  {r['mb_per_s']:.0f} MB/s" if "mb_per_s" in r else ""))
     c, h = res["collect"], res["hooks"]
     print(f"throughput collect / in-memory hooks = {h['seconds'] / c['seconds']:.2f}   (target >= 0.9)")
     print(f"peak RSS collect / in-memory hooks   = {c['peak_rss'] / h['peak_rss']:.2f}   (target <= 0.5)")
     print(f"Parquet read of layer {res['read']['layer']} features  = {res['read']['mb_per_s']:.0f} MB/s (target >= 500)")
+    e = res["encode"]
+    print(f"CPU seconds: collect {c['cpu']:.1f}, hooks {h['cpu']:.1f}; extra {c['cpu'] - h['cpu']:.1f}, of which "
+          f"Parquet encoding alone {e['cpu']:.1f} ({e['bytes'] / 1e9:.2f} GB at {e['mb_per_s']:.0f} MB/s on one core)")
+    print(f"throughput bound if the hooks run's CPU time plus the encoding alone kept both runs' cores "
+          f"as busy: {h['cpu'] / (h['cpu'] + e['cpu']):.2f}")
     (a.work / "result.json").write_text(json.dumps(res, indent=1))
     return 0
 

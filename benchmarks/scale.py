@@ -34,22 +34,20 @@ measured, and the work dir at the end, unless ``--keep``.
 
 ``--gram-max`` (default 0) is passed to collect: with the stage's default (8192) every dense
 layer of the 3 B model (FF 8192) would store HᵀH as an 8192² float64 matrix (0.54 GB/layer,
-26 GB for 49 layers, written twice: the part and the merge), which this disk cannot hold; nothing
-in the pipeline reads ``hidden.gram`` yet.
+26 GB for 49 layers, written twice: the part and the merge), which this disk cannot hold; the
+pruned refit then accumulates its statistics from the tokens, as it does wherever no gram exists.
 
 A stage that fails or runs past ``--stage-timeout`` is reported with the tail of its log (in
 <cache>/logs-<arch>-<params>/); stages that need its output are skipped.
 
-    .venv/bin/python benchmarks/scale.py --arch llama --params 3.2e9   # ~30 min on 2 busy cores
-    .venv/bin/python benchmarks/scale.py --arch mixtral --params 2.4e9 --fusion-ratio 0.0625  # ~12
+    .venv/bin/python benchmarks/scale.py --arch llama --params 3.2e9   # ~14 min on 2 cores
+    .venv/bin/python benchmarks/scale.py --arch mixtral --params 2.4e9 --hidden 2048 --intermediate 1408 \
+        --fusion-ratio 0.0625    # 28 layers of 8 experts (each layer 3.3 % of the model), ~8 min
+    .venv/bin/python benchmarks/scale.py --arch mixtral --params 2.4e9 --fusion-ratio 0.0625  # 10 layers
     .venv/bin/python benchmarks/scale.py --arch llama --params 3.2e9 --only shard,data --keep
 
 Results (the table) go to stdout and to <cache>/scale-<arch>-<params>.json. Measured tables and
-what dominates each stage's memory: benchmarks/README.md, section scale.py. In short (2026-11-25),
-every stage completes on both models. Only shard (dense 0.13), data and the collect merge stay
-within 0.25 x the checkpoint. The largest peaks come from compress, which holds the whole overlay in
-float32 until it saves it (prune 1.04 x, moefy 1.54 x on Llama-3.2B; 1.40 x and 1.95 x on
-Mixtral-2.3B). Every stage built on the runner carries its float32 embeddings and head (0.81 GB).
+what dominates each stage's memory: benchmarks/README.md, section scale.py.
 """
 
 from __future__ import annotations

@@ -615,6 +615,7 @@ def align_window(
         perms.append(perm)
         matched.append(assignment_total(corr, perm) / corr.shape[0])
         identity.append(float(np.trace(corr)) / corr.shape[0])
+        del corr  # gone before the next pair's sums are made
     if n_neurons is None:  # a window of one layer: nothing to align, only its width to read
         first = next(iter(_iter_blocks(features[0], block_rows)), None)
         if first is None:

@@ -20,7 +20,11 @@ Methods (papers' and baselines', all on equal footing; ``method:`` selects one):
 ``refit`` (any method that removes or fuses neurons): the down projection (and bias) of every
 changed block is re-solved by ridge least squares so the block's output matches the original
 block's on the calibration tokens (``W' = (HᵀH + λI)⁻¹ HᵀY``, HᵀH/HᵀY streamed in float64 row
-chunks; a tied window fits one shared projection over all its layers).
+chunks; a tied window fits one shared projection over all its layers). A pruned block's
+statistics come from collect's HᵀH of the original block where it exists (its kept neurons'
+rows and columns, and ``HᵀY = G[kept, :] W_downᵀ``), so no token is read. Compressed blocks
+are kept in the checkpoint's stored precision, as they are written; each is upcast to float32
+only while it computes.
 """
 
 from __future__ import annotations
