@@ -55,6 +55,7 @@ from stages.artifacts import commit_part, part_done, write_json_atomic
 from stages.data import read_calib
 from stages.errors import NumericalError
 from stages.families import DenseFF, FamilyAdapter, FFBlockRef, FFWeights
+from stages.refit import self_product
 from stages.runner import LayerStreamedModel
 
 FeatureKind = Literal["up", "gate", "hidden"]
@@ -199,8 +200,7 @@ def _gram(f: Tensor, rows: int = 2048) -> np.ndarray:
     """FᵀF [I, I] in float64, from float32 products of row chunks (exact enough, far cheaper)."""
     g = np.zeros((f.shape[1], f.shape[1]), dtype=np.float64)
     for i in range(0, f.shape[0], rows):
-        c = f[i : i + rows]
-        g += (c.T @ c).double().numpy()
+        g += self_product(f[i : i + rows]).numpy()
     return g
 
 
