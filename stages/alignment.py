@@ -233,14 +233,13 @@ class CorrelationAccumulator:
         return r.clamp_(-1.0, 1.0).cpu().numpy()
 
     def state_dict(self) -> dict[str, np.ndarray | int]:
-        """Plain numpy state, to write beside collected features (``collect``) and reload."""
+        """Plain numpy state (copies: the sums are updated in place), to write beside collected
+        features (``collect``) and reload."""
+        c_ab = self.c_ab if self.n_rows else torch.zeros(self.n_a, self.n_b, dtype=torch.float64)
         return {
             "n_rows": self.n_rows,
-            "mean_a": self.mean_a.cpu().numpy(),
-            "mean_b": self.mean_b.cpu().numpy(),
-            "m2_a": self.m2_a.cpu().numpy(),
-            "m2_b": self.m2_b.cpu().numpy(),
-            "c_ab": (self.c_ab if self.n_rows else torch.zeros(self.n_a, self.n_b, dtype=torch.float64)).cpu().numpy(),
+            **{k: getattr(self, k).cpu().numpy().copy() for k in ("mean_a", "mean_b", "m2_a", "m2_b")},
+            "c_ab": c_ab.cpu().numpy().copy(),
         }
 
     @classmethod
@@ -254,7 +253,8 @@ class CorrelationAccumulator:
             setattr(
                 acc,
                 key,
-                torch.as_tensor(np.asarray(state[key]), dtype=torch.float64, device=acc.device),
+                # A copy: merges update the sums in place, never the caller's arrays.
+                torch.tensor(np.asarray(state[key]), dtype=torch.float64, device=acc.device),
             )
         return acc
 
@@ -456,7 +456,7 @@ def merge_window(
             first = ff
             acc_dtype = torch.promote_types(ff.up.dtype, torch.float32)
             sums = {name: None if getattr(ff, name) is None
-                    else torch.zeros(getattr(ff, name).shape, dtype=acc_dtype) for name in names}
+                    else torch.zeros_like(getattr(ff, name), dtype=acc_dtype) for name in names}
         else:
             _check_compatible(first, ff, k)
         aligned = ff if perms[k] is None else permute_ff(ff, perms[k])  # type: ignore[arg-type]

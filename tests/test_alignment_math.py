@@ -86,6 +86,14 @@ def test_streamed_correlation_equals_corrcoef() -> None:
 
     restored = CorrelationAccumulator.from_state_dict(acc.state_dict())
     np.testing.assert_array_equal(restored.corr(), acc.corr())
+    # The sums are updated in place: a state taken earlier is a snapshot, and an accumulator
+    # restored from it does not write into it.
+    state = acc.state_dict()
+    snapshot = {k: np.copy(v) for k, v in state.items()}
+    acc.update(a[:100], b[:100])
+    CorrelationAccumulator.from_state_dict(state).update(a[:100], b[:100])
+    for k, v in state.items():
+        np.testing.assert_array_equal(v, snapshot[k])
 
 
 def test_constant_neurons_get_zero_correlation() -> None:
