@@ -20,8 +20,8 @@ Methods (papers' and baselines', all on equal footing; ``method:`` selects one):
 ``refit`` (any method that removes or fuses neurons): the down projection (and bias) of every
 changed block is re-solved by ridge least squares so the block's output matches the original
 block's on the calibration tokens (``W' = (HᵀH + λI)⁻¹ HᵀY``, HᵀH/HᵀY streamed in float64 row
-chunks; a tied window fits one shared projection over all its layers). A pruned block's
-statistics come from collect's HᵀH of the original block where it exists (its kept neurons'
+chunks; a tied window fits one shared projection over all its layers). A pruned or MLPMoE
+block's statistics come from collect's HᵀH of the original block where it exists (its kept neurons'
 rows and columns, and ``HᵀY = G[kept, :] W_downᵀ``), so no token is read. Compressed blocks
 are kept in the checkpoint's stored precision, as they are written; each is upcast to float32
 only while it computes.
@@ -180,7 +180,8 @@ class _Context:
         self.counts: dict[str, Tensor] = {}
         # MLPMoE blocks' static-MoE form (branch of every original neuron, -1 pruned; gains α).
         self.branches: dict[str, Tensor] = {}
-        # Pruned blocks' kept neuron indices: their refit is solved from collect's HᵀH alone.
+        # Kept neuron indices of blocks whose hidden is a subset of the original's (pruned, and
+        # MLPMoE's dense form): their refit is solved from collect's HᵀH alone.
         self.kept: dict[str, Tensor] = {}
 
     def state(self, i: int) -> dict[str, Tensor]:
@@ -250,7 +251,7 @@ def _shape_only(ff: FFWeights) -> FFWeights:
 
 # Fused blocks' P vectors (keys ``L<layer>/<block>``), read by the layer_errors stage's NTK.
 COUNTS = "counts.safetensors"
-# Pruned candidates' kept neuron indices (keys ``L<layer>/<block>``, int64, ascending).
+# Pruned and MLPMoE candidates' kept neuron indices (keys ``L<layer>/<block>``, int64, ascending).
 KEPT = "kept.safetensors"
 # MLPMoE candidates' static-MoE form, for inspection (keys ``L<layer>/<block>/branch`` and
 # ``.../alpha``; :func:`static_moe` rebuilds the module from the base weights).
@@ -354,6 +355,8 @@ def _compress_block(m: BaseModel, ctx: _Context, i: int, ref: FFBlockRef, ff: FF
             moe = moefy.fractal_fade(moe, m.sparsity, m.schedule, hidden_second_moment=hsm)
         branch, alpha = moefy.branch_map(moe)
         ctx.branches[f"L{i:05d}/{ref.name}/branch"], ctx.branches[f"L{i:05d}/{ref.name}/alpha"] = branch, alpha
+        # The dense form keeps the surviving neurons unchanged, in their order (α scales down).
+        ctx.kept[f"L{i:05d}/{ref.name}"] = torch.nonzero(branch >= 0).reshape(-1).long()
         return moefy.to_dense(moe)
     raise InputError(f"unsupported method {type(m).__name__}")
 
@@ -499,7 +502,7 @@ def _refit(ov: Overlay, ctx: _Context, cfg: RefitConfig, data_dir: Path | None =
                 continue
             new = stored.to(torch.float32)
             acc = None if own_inputs is not None else _gram_statistics(ctx, group, ref, new)
-            if acc is not None:  # a pruned block: solved from collect's HᵀH, no tokens read
+            if acc is not None:  # kept neurons of the original: solved from collect's HᵀH, no tokens read
                 i = group[0]
                 norm = acc.yty or 1.0
                 kept = solved(stored, new, acc)
@@ -561,8 +564,9 @@ def _refit(ov: Overlay, ctx: _Context, cfg: RefitConfig, data_dir: Path | None =
 
 
 def _gram_statistics(ctx: _Context, group: list[int], ref: FFBlockRef, new: FFWeights) -> RefitAccumulator | None:
-    """The refit statistics of a pruned block from collect's HᵀH of the original block, where
-    that exists (``gram_max`` at least the block's width) and the block is one layer's own."""
+    """The refit statistics of a block that keeps a subset of the original's neurons unchanged
+    (pruned, MLPMoE) from collect's HᵀH of the original block, where that exists (``gram_max`` at
+    least the block's width) and the block is one layer's own."""
     key = f"L{group[0]:05d}/{ref.name}"
     if len(group) != 1 or key not in ctx.kept or ctx.collect_dir is None:
         return None

@@ -129,11 +129,17 @@ def test_correlation_and_assignment_in_place_equal_the_copying_forms() -> None:
     np.testing.assert_allclose(consumed, kept, rtol=0, atol=1e-15)  # turned back into the correlation
 
 
+MOEFY = {"method": "moefy", "branches": 4, "assignment": "activation", "op": "compensated", "keep_branches": 0.5}
+
+
+@pytest.mark.parametrize("method", [PRUNE, MOEFY], ids=["prune", "moefy"])
 @pytest.mark.parametrize("model_type", ["llama", "gpt2", "mixtral"])
 def test_pruned_refit_from_the_gram_equals_the_refit_from_tokens(
-        model_type: str, tiny_checkpoints: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A pruned block's refit solved from collect's HᵀH (no tokens read) equals the one
-    accumulated from the tokens: GLU and biased blocks, experts."""
+        model_type: str, method: dict, tiny_checkpoints: dict[str, Path], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The refit of a block that keeps some original neurons (pruned; MLPMoE's compensated
+    branches), solved from collect's HᵀH with no token read, equals the one accumulated from the
+    tokens: GLU and biased blocks, experts."""
     from safetensors.torch import save_file
 
     ckpt = tmp_path / "ckpt"
@@ -151,13 +157,13 @@ def test_pruned_refit_from_the_gram_equals_the_refit_from_tokens(
     data = _data(tmp_path, n_blocks=6, block=16, vocab=vocab)
     with_gram = {"shard": sd, "data": data, "collect": _collect(sd, data, tmp_path / "g", workers=2)}
     tokens = {"shard": sd, "data": data, "collect": _collect(sd, data, tmp_path / "t", workers=1, gram_max=0)}
-    ref = _run(tokens, tmp_path / "tokens", PRUNE, {})
+    ref = _run(tokens, tmp_path / "tokens", method, {})
 
     def no_tokens(*_a: object, **_k: object) -> None:
         raise AssertionError("the gram refit read calibration tokens")
 
     monkeypatch.setattr(compress._Context, "block_inputs", no_tokens)
-    got = _run(with_gram, tmp_path / "gram", PRUNE, {})
+    got = _run(with_gram, tmp_path / "gram", method, {})
     for key in ("before", "after"):
         np.testing.assert_allclose(got["refit_errors"][key], ref["refit_errors"][key], rtol=1e-4, atol=1e-7)
     a, b = _patches(tmp_path / "gram"), _patches(tmp_path / "tokens")
