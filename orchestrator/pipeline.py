@@ -24,7 +24,7 @@ from stages.checkpoint import resolve_source, source_key
 from stages.collect import CollectPartConfig
 from stages.data import corpus_key
 from stages.errors import InputError
-from stages.registry import STAGES
+from stages.registry import STAGES, StageDef
 
 # Ray listens on loopback only, reports no usage, and needs no auth token for local jobs. Ray reads
 # these when it is imported, so they are set here, before anything in the process imports ray.
@@ -99,6 +99,15 @@ def bound_malloc_cache() -> None:
         ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
     except (OSError, AttributeError):
         pass
+
+
+def task_options(sdef: StageDef, max_cpus: float, max_retries: int) -> dict[str, Any]:
+    """Ray options of a stage's task: its CPUs (at most one node's), retries of dead workers, and
+    the stage's own environment variables (merged by Ray into the job's runtime environment)."""
+    opts: dict[str, Any] = {"num_cpus": min(sdef.num_cpus, max_cpus), "max_retries": max_retries}
+    if sdef.env:
+        opts["runtime_env"] = {"env_vars": dict(sdef.env)}
+    return opts
 
 
 def execute_node(store_root: str, node: dict[str, Any], *upstream: dict[str, Any]) -> dict[str, Any]:
@@ -214,7 +223,7 @@ class Session:
         names = {n.name for n in todo}
         for node in todo:
             sdef = STAGES[node.stage]
-            opts = {"num_cpus": min(sdef.num_cpus, cpus), "max_retries": self.spec.ray.max_retries}
+            opts = task_options(sdef, cpus, self.spec.ray.max_retries)
             upstream = [bound[n] if n in names else self.results[n] for n in node.inputs.values()]
             bound[node.name] = task.options(**opts).bind(str(self.store.root), asdict(node), *upstream)
         dag = MultiOutputNode([bound[n.name] for n in todo])

@@ -201,3 +201,19 @@ def test_nan_features_name_the_layer(llama_shard: Path, tmp_path: Path) -> None:
     data = _data(tmp_path, n_blocks=2, block=8, vocab=128)
     with pytest.raises(NumericalError, match=r"layer 1, block mlp: \d+ of 16 tokens"):
         collect.run_part(CollectPartConfig(dtype="float32"), {"shard": bad, "data": data}, tmp_path / "p")
+
+
+def test_collect_tasks_run_with_passive_openmp_waiting(ray_local) -> None:
+    """collect's writer thread shares the cores with torch's OpenMP pool: its tasks' processes
+    get OMP_WAIT_POLICY=PASSIVE through Ray (other stages keep the default)."""
+    from orchestrator.pipeline import task_options
+    from stages.registry import STAGES
+
+    @ray_local.remote
+    def seen() -> str | None:
+        import os
+
+        return os.environ.get("OMP_WAIT_POLICY")
+
+    assert ray_local.get(seen.options(**task_options(STAGES["collect_part"], 2, 0)).remote()) == "PASSIVE"
+    assert ray_local.get(seen.options(**task_options(STAGES["evaluate"], 2, 0)).remote()) is None
