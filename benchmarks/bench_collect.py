@@ -28,7 +28,7 @@ reports its CPU seconds (user + system): with every core busy in both runs, coll
 time over the hooks run is what its wall time pays, and the ``encode`` phase says how much of it
 the Parquet encoding of what the stage must write is.
 
-    .venv/bin/python benchmarks/bench_collect.py            # ~2 min on 2 cores
+    .venv/bin/python benchmarks/bench_collect.py            # ~7 min on 2 cores (2 repeats)
 """
 
 from __future__ import annotations
@@ -211,6 +211,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=Path("/tmp/mlpfuse-bench-collect"))
     ap.add_argument("--tokens", type=int, default=10240)
+    ap.add_argument("--repeats", type=int, default=2,
+                    help="alternating collect / hooks / hooks-env runs; each keeps its fastest")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args()
     out = a.work / f"collect-{a.tokens}"
@@ -223,15 +225,17 @@ def main() -> int:
     from stages.registry import STAGES
 
     stage_env = {**os.environ, **dict(STAGES["collect_part"].env)}
-    for phase in ("collect", "hooks", "hooks-env", "read", "encode", "parts"):
+    timed = ("collect", "hooks", "hooks-env")
+    for phase in [*timed * max(1, a.repeats), "read", "encode", "parts"]:
         env = stage_env if phase in ("collect", "hooks-env") else dict(os.environ)
         proc = subprocess.run([sys.executable, __file__, "--work", str(a.work), "--tokens", str(a.tokens),
                                "--child", phase], capture_output=True, text=True, cwd=ROOT, env=env)
         if proc.returncode != 0:
             print(proc.stderr[-3000:], file=sys.stderr)
             return 1
-        res[phase] = json.loads(proc.stdout.strip().splitlines()[-1])
-        r = res[phase]
+        r = json.loads(proc.stdout.strip().splitlines()[-1])
+        if phase not in res or r["seconds"] < res[phase]["seconds"]:  # this machine is shared: the fastest
+            res[phase] = r
         print(f"{phase:<8} {r['seconds']:8.1f} s  cpu {r['cpu']:7.1f} s  peak RSS {r['peak_rss'] / 1e9:6.2f} GB  "
               f"{r['bytes'] / 1e6:9.1f} MB" + (f"  {r['mb_per_s']:.0f} MB/s" if "mb_per_s" in r else ""))
     c, h = res["collect"], res["hooks"]
