@@ -20,7 +20,7 @@ calibration blocks (bundled Shakespeare, ``--tokens`` tokens in blocks of 256):
   tables, and checksumming the written files.
 
 Both timed phases include loading the model. ``collect`` runs with the environment the pipeline
-gives collect's tasks (``StageDef.env``: OpenMP threads wait passively); ``hooks`` runs as a user
+gives its task processes (``cluster.runtime_env.TASK_ENV``: OpenMP threads wait passively); ``hooks`` runs as a user
 would run it, and ``hooks-env`` runs it again with collect's environment, for the ratio at equal
 settings. Throughput ratio = hooks seconds / collect seconds
 (target >= 0.9); memory ratio = collect peak RSS / hooks peak RSS (target <= 0.5). Each phase also
@@ -222,9 +222,9 @@ def main() -> int:
     a.work.mkdir(parents=True, exist_ok=True)
     (a.work / "paths.json").write_text(json.dumps(_prepare(a.work, a.tokens)))
     res = {}
-    from stages.registry import STAGES
+    from cluster.runtime_env import TASK_ENV
 
-    stage_env = {**os.environ, **dict(STAGES["collect_part"].env)}
+    stage_env = {**os.environ, **TASK_ENV}
     timed = ("collect", "hooks", "hooks-env")
     for phase in [*timed * max(1, a.repeats), "read", "encode", "parts"]:
         env = stage_env if phase in ("collect", "hooks-env") else dict(os.environ)

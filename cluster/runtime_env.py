@@ -23,6 +23,13 @@ WORKING_DIR_EXCLUDES: tuple[str, ...] = (
     ".ci/",
 )
 
+# Environment of every stage task's process (read before torch loads). GNU OpenMP's pool threads
+# spin while they wait for work, taking the cores from the threads a stage runs beside torch's
+# pool (collect's Parquet writer): on 2 cores collect took 60.9 s with passive waiting against
+# 74.9 s spinning, while the streamed evaluation stayed within noise (33.0 vs 32.1 s, 2 runs each;
+# benchmarks/bench_collect.py, bench_backbone.py --child-env).
+TASK_ENV: dict[str, str] = {"OMP_WAIT_POLICY": "PASSIVE"}
+
 # Environment of every job process.
 JOB_ENV_VARS: dict[str, str] = {
     "RAY_USAGE_STATS_ENABLED": "0",
@@ -30,6 +37,7 @@ JOB_ENV_VARS: dict[str, str] = {
     "TOKENIZERS_PARALLELISM": "false",
     # Logs reach the driver (and `mlpfuse submit --wait`) as they are written.
     "PYTHONUNBUFFERED": "1",
+    **TASK_ENV,
 }
 
 

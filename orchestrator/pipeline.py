@@ -18,13 +18,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cluster.runtime_env import TASK_ENV
 from orchestrator.spec import PipelineSpec
 from orchestrator.store import ArtifactStore, cache_key
 from stages.checkpoint import resolve_source, source_key
 from stages.collect import CollectPartConfig
 from stages.data import corpus_key
 from stages.errors import InputError
-from stages.registry import STAGES, StageDef
+from stages.registry import STAGES
 
 # Ray listens on loopback only, reports no usage, and needs no auth token for local jobs. Ray reads
 # these when it is imported, so they are set here, before anything in the process imports ray.
@@ -101,15 +102,6 @@ def bound_malloc_cache() -> None:
         pass
 
 
-def task_options(sdef: StageDef, max_cpus: float, max_retries: int) -> dict[str, Any]:
-    """Ray options of a stage's task: its CPUs (at most one node's), retries of dead workers, and
-    the stage's own environment variables (merged by Ray into the job's runtime environment)."""
-    opts: dict[str, Any] = {"num_cpus": min(sdef.num_cpus, max_cpus), "max_retries": max_retries}
-    if sdef.env:
-        opts["runtime_env"] = {"env_vars": dict(sdef.env)}
-    return opts
-
-
 def execute_node(store_root: str, node: dict[str, Any], *upstream: dict[str, Any]) -> dict[str, Any]:
     """Run one node as a plain function: cache hit, or compute under the key's lock and commit.
     Inside a Ray task this is the whole task body."""
@@ -159,7 +151,7 @@ def ray_session(address: str | None, num_cpus: int | None) -> Iterator[None]:
         ray.init(  # address="local": never join a cluster found through RAY_ADDRESS or a stale file
             address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
             _node_ip_address="127.0.0.1", log_to_driver=True,
-            runtime_env={"env_vars": dict(RAY_ENV)},
+            runtime_env={"env_vars": {**RAY_ENV, **TASK_ENV}},  # every task process of the run
         )
     try:
         yield
@@ -223,7 +215,7 @@ class Session:
         names = {n.name for n in todo}
         for node in todo:
             sdef = STAGES[node.stage]
-            opts = task_options(sdef, cpus, self.spec.ray.max_retries)
+            opts = {"num_cpus": min(sdef.num_cpus, cpus), "max_retries": self.spec.ray.max_retries}
             upstream = [bound[n] if n in names else self.results[n] for n in node.inputs.values()]
             bound[node.name] = task.options(**opts).bind(str(self.store.root), asdict(node), *upstream)
         dag = MultiOutputNode([bound[n.name] for n in todo])

@@ -27,14 +27,6 @@ class StageDef:
     # Input roles, each the name of the upstream stage that fills it.
     inputs: tuple[str, ...] = ()
     num_cpus: float = 1
-    # Environment of the processes that run the stage's tasks (read before torch loads).
-    env: tuple[tuple[str, str], ...] = ()
-
-
-# For a stage that runs a writer thread beside torch's OpenMP pool: pool threads that spin while
-# they wait for work take the cores the writer needs. Measured with benchmarks/bench_collect.py on
-# 2 cores: collect took 60.9 s with passive waiting, 74.9 s spinning (GNU OpenMP's default).
-_WRITER_ENV = (("OMP_WAIT_POLICY", "PASSIVE"),)
 
 
 STAGES: dict[str, StageDef] = {
@@ -42,8 +34,7 @@ STAGES: dict[str, StageDef] = {
     for s in (
         StageDef("shard", 2, shard.ShardConfig, shard.run, num_cpus=2),
         StageDef("data", 1, data.TokenizeConfig, data.run, inputs=("shard",)),
-        StageDef("collect_part", 2, collect.CollectPartConfig, collect.run_part, inputs=("shard", "data"), num_cpus=2,
-                 env=_WRITER_ENV),
+        StageDef("collect_part", 2, collect.CollectPartConfig, collect.run_part, inputs=("shard", "data"), num_cpus=2),
         # Inputs: shard, part0..part{n-1} (one per collect_part worker).
         StageDef("collect", 2, collect.CollectConfig, collect.run_merge, inputs=("shard",)),
         StageDef("similarity", 1, similarity.SimilarityConfig, similarity.run, inputs=("shard", "collect")),

@@ -203,17 +203,26 @@ def test_nan_features_name_the_layer(llama_shard: Path, tmp_path: Path) -> None:
         collect.run_part(CollectPartConfig(dtype="float32"), {"shard": bad, "data": data}, tmp_path / "p")
 
 
-def test_collect_tasks_run_with_passive_openmp_waiting(ray_local) -> None:
-    """collect's writer thread shares the cores with torch's OpenMP pool: its tasks' processes
-    get OMP_WAIT_POLICY=PASSIVE through Ray (other stages keep the default)."""
-    from orchestrator.pipeline import task_options
-    from stages.registry import STAGES
+def test_stage_tasks_run_with_passive_openmp_waiting(tmp_path: Path) -> None:
+    """collect's writer thread shares the cores with torch's OpenMP pool: every task process of a
+    run (the embedded Ray, and jobs submitted to a cluster) gets OMP_WAIT_POLICY=PASSIVE."""
+    import subprocess
+    import sys
 
-    @ray_local.remote
-    def seen() -> str | None:
-        import os
+    from cluster.runtime_env import TASK_ENV, runtime_env
 
-        return os.environ.get("OMP_WAIT_POLICY")
-
-    assert ray_local.get(seen.options(**task_options(STAGES["collect_part"], 2, 0)).remote()) == "PASSIVE"
-    assert ray_local.get(seen.options(**task_options(STAGES["evaluate"], 2, 0)).remote()) is None
+    root = Path(__file__).resolve().parents[1]
+    assert TASK_ENV["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert TASK_ENV.items() <= runtime_env(root)["env_vars"].items()
+    code = (
+        "import os, ray\n"
+        "from orchestrator.pipeline import ray_session\n"
+        "with ray_session(None, 1):\n"
+        "    seen = ray.get(ray.remote(lambda: os.environ.get('OMP_WAIT_POLICY')).remote())\n"
+        "print('seen', seen)\n"
+    )
+    env = {k: v for k, v in __import__("os").environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, env=env,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "seen PASSIVE" in out.stdout
