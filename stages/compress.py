@@ -176,6 +176,9 @@ class _Context:
         self.dtype = next((t.dtype for t in self.model.layer_shapes(0).values() if t.is_floating_point()),
                           torch.float32)
         self._states: dict[int, dict[str, Tensor]] = {}
+        # One layer's collect statistics and FF inputs, read once for all of its blocks.
+        self._stats: dict[int, dict[str, dict[str, np.ndarray]]] = {}
+        self._inputs: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         # Fused blocks' count vectors P (training form: y = W_out' (P ⊙ act(W_in' x))).
         self.counts: dict[str, Tensor] = {}
         # MLPMoE blocks' static-MoE form (branch of every original neuron, -1 pruned; gains α).
@@ -190,7 +193,8 @@ class _Context:
         return self._states[i]
 
     def refs(self, i: int) -> list[FFBlockRef]:
-        return self.family.ff_blocks(self.config, self.state(i))
+        """Layer i's FF blocks (from the layer file's header: nothing is read)."""
+        return self.family.ff_blocks(self.config, self.model.layer_shapes(i))
 
     def stored(self, i: int, ref: FFBlockRef) -> FFWeights:
         """One FF block of layer i in its stored precision (views of the layer's tensors)."""
@@ -215,25 +219,34 @@ class _Context:
 
     def energy(self, i: int, ref: FFBlockRef) -> np.ndarray:
         """E[h_i²] of block ``ref``'s neurons from collect's sums."""
-        stats = read_stats(self.need_collect("activation-aware scoring"), i)[ref.name]
-        return moments(stats, "hidden")[2]
+        return moments(self.stats(i, "activation-aware scoring")[ref.name], "hidden")[2]
+
+    def stats(self, i: int, what: str) -> dict[str, dict[str, np.ndarray]]:
+        """collect's statistics of layer i, per block (one layer cached)."""
+        if i not in self._stats:
+            self._stats = {i: read_stats(self.need_collect(what), i)}
+        return self._stats[i]
+
+    def _layer_inputs(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """(token ids, FF inputs x) of layer i from collect (one layer cached, read-only)."""
+        if i not in self._inputs:
+            self._inputs = {i: read_inputs(self.need_collect("refit"), i)}
+        return self._inputs[i]
 
     def rows_of(self, i: int, ref: FFBlockRef, x_all: Tensor) -> Tensor:
         """The rows of ``x_all`` (every calibration token, in token order) that match
         :meth:`block_inputs`'s rows."""
-        d = self.need_collect("refit")
-        tok, _ = read_inputs(d, i)
+        tok, _ = self._layer_inputs(i)
         if ref.kind == "expert":
-            etok, _ = read_features(d, i, ref.name, "hidden")
+            etok, _ = read_features(self.need_collect("refit"), i, ref.name, "hidden")
             tok = tok[np.searchsorted(tok, etok)]
         return x_all[torch.tensor(tok, dtype=torch.long)]
 
     def block_inputs(self, i: int, ref: FFBlockRef) -> Tensor:
         """The block's calibration inputs x [n, H] (MoE experts: the tokens routed to them)."""
-        d = self.need_collect("refit")
-        tok, x = read_inputs(d, i)
+        tok, x = self._layer_inputs(i)
         if ref.kind == "expert":
-            etok, _ = read_features(d, i, ref.name, "hidden")
+            etok, _ = read_features(self.need_collect("refit"), i, ref.name, "hidden")
             x = x[np.searchsorted(tok, etok)]
         return torch.tensor(x, dtype=torch.float32)  # a copy: the read is a read-only view
 
@@ -436,8 +449,17 @@ def _merge_moe(m: MergeMethod, ctx: _Context, window: list[int], refs: list[FFBl
     others = [r for r in refs if r.kind != "expert"]
     match = [np.arange(len(experts))] * w  # match[k][e]: layer k's expert that merged expert e takes
     perms: dict[FFBlockRef, list] = {r: [None] * w for r in refs}
-    # The window's blocks in their stored precision; each is upcast only while it computes.
-    blocks = [{r: ctx.stored(i, r) for r in refs} for i in window]
+    # The window's blocks in their stored precision (each upcast only while it computes), and its
+    # other MoE tensors (router, shared-expert gate), each layer read once.
+    keys = _moe_extra_keys(ctx, window[0])
+    blocks, extras = [], []
+    for i in window:
+        blocks.append({r: ctx.stored(i, r) for r in refs})
+        sd = ctx.state(i)
+        missing = [key for key in keys if key not in sd]
+        if missing:
+            raise InputError(f"merge window: layer {i} has no {missing[0]} (layer {window[0]} has)")
+        extras.append({key: sd[key] for key in keys})
     if m.permute:
         xs = _window_sample(ctx, window, m.moe_tokens)
 
@@ -462,18 +484,13 @@ def _merge_moe(m: MergeMethod, ctx: _Context, window: list[int], refs: list[FFBl
               for e, r in enumerate(experts)}
     merged |= {r: alignment.merge_window((blocks[k][r] for k in range(w)), perms[r]) for r in others}
     del blocks
-    keys = _moe_extra_keys(ctx, window[0])
-    dtypes = {key: ctx.state(window[0])[key].dtype for key in keys}
-    sums = {key: torch.zeros(ctx.state(window[0])[key].shape) for key in keys}
-    for k, i in enumerate(window):  # each layer's tensors read once
-        sd = ctx.state(i)
-        for key in keys:
-            if key not in sd:
-                raise InputError(f"merge window: layer {i} has no {key} (layer {window[0]} has)")
-            t = sd[key]
+    sums = {key: torch.zeros(t.shape) for key, t in extras[0].items()}
+    for k, tensors in enumerate(extras):
+        for key, t in tensors.items():
             routed = key.startswith(moe.router_module + ".") and t.shape[:1] == (len(experts),)
             sums[key] += (t[torch.from_numpy(match[k])] if routed else t).to(torch.float32)
-    extra = {key: (sums[key] / w).to(dtypes[key]) for key in keys}
+    extra = {key: (sums[key] / w).to(extras[0][key].dtype) for key in keys}
+    del extras
     ov = Overlay(tied=[window])
     for k, i in enumerate(window):
         ov.blocks[i] = dict(merged)
@@ -514,6 +531,7 @@ def _refit(ov: Overlay, ctx: _Context, cfg: RefitConfig, data_dir: Path | None =
             # The original blocks are upcast one at a time, and not held while the solve runs.
             norms: dict[int, float] = {}
             errs: dict[int, float] = {}
+            inputs: dict[int, Tensor] = {}
             for i in group:
                 src = ov.sources.get(i, {}).get(ref, ref)  # the original block it stands for
                 orig = ctx.block(i, src)
@@ -522,29 +540,29 @@ def _refit(ov: Overlay, ctx: _Context, cfg: RefitConfig, data_dir: Path | None =
                     continue
                 h_in = x if own_inputs is None else ctx.rows_of(i, src, own_inputs[i])
                 norms[i] = errs[i] = 0.0
+                inputs[i] = x
                 for s in range(0, x.shape[0], cfg.rows):
                     with torch.no_grad():
                         y, h = orig.forward(x[s : s + cfg.rows]), new.hidden(h_in[s : s + cfg.rows])
                         acc.update(h, y)
                         norms[i] += float((y * y).sum())
                         errs[i] += float(((new.forward(x[s : s + cfg.rows]) - y) ** 2).sum())
-                del orig, x, h_in
+                del orig, h_in
             if acc.n == 0:  # nothing to fit: the block stays as it is
                 continue
             kept = solved(stored, new, acc)
             del acc, new
             fitted = kept.to(torch.float32)
-            for i in norms:
-                src = ov.sources.get(i, {}).get(ref, ref)
-                orig, x = ctx.block(i, src), ctx.block_inputs(i, src)
+            for i, x in inputs.items():
+                orig = ctx.block(i, ov.sources.get(i, {}).get(ref, ref))
                 err = 0.0
                 for s in range(0, x.shape[0], cfg.rows):
                     with torch.no_grad():
                         err += float(((fitted.forward(x[s : s + cfg.rows]) - orig.forward(x[s : s + cfg.rows])) ** 2).sum())
                 before[i] = before.get(i, 0.0) + errs[i] / (norms[i] or 1.0)
                 after[i] = after.get(i, 0.0) + err / (norms[i] or 1.0)
-                del orig, x
-            del fitted
+                del orig
+            del fitted, inputs
             for i in group:
                 ov.blocks[i][ref] = kept
 
@@ -570,7 +588,7 @@ def _gram_statistics(ctx: _Context, group: list[int], ref: FFBlockRef, new: FFWe
     key = f"L{group[0]:05d}/{ref.name}"
     if len(group) != 1 or key not in ctx.kept or ctx.collect_dir is None:
         return None
-    stats = read_stats(ctx.collect_dir, group[0]).get(ref.name, {})
+    stats = ctx.stats(group[0], "refit").get(ref.name, {})
     if "hidden.gram" not in stats or not int(stats["count"][0]):
         return None
     orig = ctx.stored(group[0], ref)

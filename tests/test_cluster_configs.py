@@ -140,7 +140,9 @@ def test_kuberay_rayjob_yaml():
     job = by_kind["RayJob"]
     assert job["apiVersion"] == "ray.io/v1"
     assert job["spec"]["entrypoint"] == "mlpfuse run /specs/pipeline.yaml --address auto"
-    assert "env_vars" in yaml.safe_load(job["spec"]["runtimeEnvYAML"])
+    from cluster.runtime_env import JOB_ENV_VARS
+
+    assert yaml.safe_load(job["spec"]["runtimeEnvYAML"])["env_vars"] == JOB_ENV_VARS
     cluster = job["spec"]["rayClusterSpec"]
     head = cluster["headGroupSpec"]["template"]["spec"]
     (gpu_group,) = cluster["workerGroupSpecs"]
