@@ -20,7 +20,7 @@ the load other users put on a shared machine; the ratio is also given per CPU-se
 process (less sensitive to that load). Throughput counts every token fed through the model
 (windows x length), excluding model construction/loading (reported separately).
 The shard and streamed phases fix glibc's mmap threshold at 1 MiB first, as every pipeline task
-does (``orchestrator.pipeline.bound_malloc_cache``); the in-memory baseline runs as a user would
+does (``stages.heap.bound_malloc_cache``); the in-memory baseline runs as a user would
 run it. ``--child-env KEY=VALUE`` sets the environment of every phase.
 
 Targets: shard peak RSS <= 0.25 x checkpoint size; streamed tokens/s >= 0.8 x in-memory.
@@ -118,7 +118,7 @@ def child_import(a) -> dict:
 
 
 def child_shard(a) -> dict:
-    from orchestrator.pipeline import bound_malloc_cache
+    from stages.heap import bound_malloc_cache
     from stages import shard
 
     bound_malloc_cache()  # as execute_node does in every pipeline task
@@ -142,7 +142,7 @@ def _windows(a):
 def child_streamed(a) -> dict:
     import torch
 
-    from orchestrator.pipeline import bound_malloc_cache
+    from stages.heap import bound_malloc_cache
     from stages.evaluate import perplexity
     from stages.runner import LayerStreamedModel
 

@@ -65,8 +65,8 @@ def _prepare(work: Path, tokens: int) -> dict[str, str]:
 def _phase_collect(paths: dict[str, str], out: Path) -> dict:
     import shutil
 
-    from orchestrator.pipeline import bound_malloc_cache
     from stages import collect
+    from stages.heap import bound_malloc_cache
 
     bound_malloc_cache()
     shutil.rmtree(out, ignore_errors=True)
@@ -80,17 +80,28 @@ def _phase_collect(paths: dict[str, str], out: Path) -> dict:
     return {"seconds": seconds, "bytes": size}
 
 
-def _phase_hooks(paths: dict[str, str]) -> dict:
+def _phase_hooks(paths: dict[str, str], stage_heap: bool) -> dict:
+    import contextlib
+
+    from stages.heap import bound_malloc_cache, reuse_heap
+
+    heap = contextlib.nullcontext()
+    if stage_heap:  # the heap policy collect runs under: a task's bound, then collect's reuse
+        bound_malloc_cache()
+        heap = reuse_heap()
+    with heap:
+        return _hooks_forward(paths)
+
+
+def _hooks_forward(paths: dict[str, str]) -> dict:
     import numpy as np
     import torch
     from transformers import AutoModelForCausalLM
 
-    from orchestrator.pipeline import bound_malloc_cache
     from stages.checkpoint import resolve_source
     from stages.collect import CollectConfig
     from stages.data import read_calib
 
-    bound_malloc_cache()
     t0 = time.perf_counter()
     src = resolve_source(MODEL)
     model = AutoModelForCausalLM.from_pretrained(src.path, gguf_file=src.gguf_file, dtype=torch.float32).eval()
@@ -152,45 +163,50 @@ def _phase_encode(out: Path) -> dict:
 
 
 def _phase_parts(paths: dict[str, str], out: Path) -> dict:
-    import hashlib
-
     import numpy as np
     import torch
 
-    from stages.collect import _gram, _sums, _table, _write_parquet
+    from stages.artifacts import file_digest
+    from stages.collect import CollectConfig, _gram, _stack_as, _sums, _table, _write_parquet
     from stages.data import read_calib
+    from stages.heap import bound_malloc_cache, reuse_heap
     from stages.runner import LayerStreamedModel
 
     cfg = LayerStreamedModel(Path(paths["shard"])).config
-    n = int(read_calib(Path(paths["data"])).size)
+    calib = read_calib(Path(paths["data"]))
+    n = int(calib.size)
     h, inter, layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
     g = torch.Generator().manual_seed(0)
-    batches = 4  # captures per layer arrive one batch at a time
-    caps = {k: [torch.randn(n // batches, w, generator=g) for _ in range(batches)]
+    rows = CollectConfig().batch_size * calib.shape[1]  # captures per layer arrive one batch at a time
+    sizes = [min(rows, n - a) for a in range(0, n, rows)]
+    caps = {k: [torch.randn(m, w, generator=g) for m in sizes]
             for k, w in (("x", h), ("up", inter), ("gate", inter), ("hidden", inter))}
-    cpu: dict[str, float] = {k: 0.0 for k in ("cat", "sums", "gram", "float16", "tables+encode", "sha256")}
+    cpu: dict[str, float] = {k: 0.0 for k in ("cat x", "sums", "gram", "float16", "tables+encode", "sha256")}
     target = out / "parts.parquet"
-    for _ in range(layers):
-        c0 = time.process_time()
-        feats = {k: torch.cat(v) for k, v in caps.items()}
-        c1 = time.process_time()
-        for f in feats.values():
-            _sums(f)
-        c2 = time.process_time()
-        _gram(feats["hidden"])
-        c3 = time.process_time()
-        half = {k: feats[k].to(torch.float16).numpy() for k in ("up", "gate", "hidden")}
-        c4 = time.process_time()
-        tok = np.arange(n, dtype=np.int64)
-        _write_parquet(_table({"token": tok, **half}), target)
-        _write_parquet(_table({"token": tok, "x": feats["x"].numpy()}), target.with_suffix(".x"))
-        c5 = time.process_time()
-        for f in (target, target.with_suffix(".x")):
-            hashlib.sha256(f.read_bytes()).hexdigest()
-        c6 = time.process_time()
-        for k, a, b in (("cat", c0, c1), ("sums", c1, c2), ("gram", c2, c3), ("float16", c3, c4),
-                        ("tables+encode", c4, c5), ("sha256", c5, c6)):
-            cpu[k] += b - a
+    bound_malloc_cache()
+    with reuse_heap():  # as collect runs
+        for _ in range(layers):
+            c0 = time.process_time()
+            x = torch.cat(caps["x"])
+            c1 = time.process_time()
+            for k in ("up", "gate", "hidden"):
+                _sums(caps[k])
+            c2 = time.process_time()
+            _gram(caps["hidden"])
+            c3 = time.process_time()
+            half = {k: _stack_as(caps[k], torch.float16) for k in ("up", "gate", "hidden")}
+            c4 = time.process_time()
+            tok = np.arange(n, dtype=np.int64)
+            _write_parquet(_table({"token": tok, **half}), target)
+            _write_parquet(_table({"token": tok, "x": x.numpy()}), target.with_suffix(".x"))
+            c5 = time.process_time()
+            for f in (target, target.with_suffix(".x")):
+                file_digest(f)
+            c6 = time.process_time()
+            for k, a, b in (("cat x", c0, c1), ("sums", c1, c2), ("gram", c2, c3), ("float16", c3, c4),
+                            ("tables+encode", c4, c5), ("sha256", c5, c6)):
+                cpu[k] += b - a
+            del x, half
     target.unlink(missing_ok=True)
     target.with_suffix(".x").unlink(missing_ok=True)
     return {"seconds": sum(cpu.values()), "bytes": 0, "parts": cpu}
@@ -198,8 +214,8 @@ def _phase_parts(paths: dict[str, str], out: Path) -> dict:
 
 def _child(phase: str, paths: dict[str, str], out: Path) -> dict:
     t0 = time.process_time()
-    r = {"collect": lambda: _phase_collect(paths, out), "hooks": lambda: _phase_hooks(paths),
-         "hooks-env": lambda: _phase_hooks(paths),
+    r = {"collect": lambda: _phase_collect(paths, out), "hooks": lambda: _phase_hooks(paths, False),
+         "hooks-env": lambda: _phase_hooks(paths, True),
          "read": lambda: _phase_read(out), "encode": lambda: _phase_encode(out),
          "parts": lambda: _phase_parts(paths, out)}[phase]()
     r["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -92,7 +92,7 @@ def child(payload: dict) -> dict:
                         overwrite=True)
         result = {"params": count_params(cfg), "shards": meta["shards"]}
     else:
-        from orchestrator.pipeline import bound_malloc_cache
+        from stages.heap import bound_malloc_cache
         from stages.registry import STAGES
 
         bound_malloc_cache()  # as execute_node does in every pipeline task

@@ -37,7 +37,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -55,6 +55,7 @@ from stages.artifacts import commit_part, part_done, write_json_atomic
 from stages.data import read_calib
 from stages.errors import NumericalError
 from stages.families import DenseFF, FamilyAdapter, FFBlockRef, FFWeights
+from stages.heap import reuse_heap
 from stages.refit import self_product
 from stages.runner import LayerStreamedModel
 
@@ -107,15 +108,20 @@ def _table(cols: dict[str, np.ndarray], **meta: object) -> pa.Table:
     return pa.Table.from_arrays(list(arrays.values()), schema=schema)
 
 
-def _sums(f: Tensor, rows: int = 512) -> tuple[np.ndarray, np.ndarray]:
-    """Column sums and sums of squares of ``f`` [n, I] in float64, a cache-sized row chunk at a
-    time (4x faster than one float64 copy of the whole matrix)."""
-    s = torch.zeros(f.shape[1], dtype=torch.float64)
-    sq = torch.zeros(f.shape[1], dtype=torch.float64)
-    for a in range(0, f.shape[0], rows):
-        c = f[a : a + rows].double()
-        s += c.sum(0)
-        sq += (c * c).sum(0)
+def _sums(parts: Sequence[Tensor], rows: int = 512) -> tuple[np.ndarray, np.ndarray]:
+    """Column sums and sums of squares in float64 of the rows of ``parts`` (each [n, I]: one
+    batch's features), a cache-sized row chunk at a time through one float64 scratch buffer (4x
+    faster than one float64 copy of the whole matrix)."""
+    width = parts[0].shape[1]
+    s = torch.zeros(width, dtype=torch.float64)
+    sq = torch.zeros(width, dtype=torch.float64)
+    scratch = torch.empty(rows, width, dtype=torch.float64)
+    for f in parts:
+        for a in range(0, f.shape[0], rows):
+            c = scratch[: min(rows, f.shape[0] - a)]
+            c.copy_(f[a : a + rows])
+            s += c.sum(0)
+            sq += c.mul_(c).sum(0)
     return s.numpy(), sq.numpy()
 
 
@@ -196,20 +202,32 @@ class _LayerCapture:
             h.remove()
 
 
-def _gram(f: Tensor, rows: int = 2048) -> np.ndarray:
-    """FᵀF [I, I] in float64, from float32 products of row chunks (exact enough, far cheaper)."""
-    g = np.zeros((f.shape[1], f.shape[1]), dtype=np.float64)
-    for i in range(0, f.shape[0], rows):
-        g += self_product(f[i : i + rows]).numpy()
+def _gram(parts: Sequence[Tensor], rows: int = 2048) -> np.ndarray:
+    """FᵀF [I, I] in float64 of the rows of ``parts``, from float32 products of row chunks (exact
+    enough, far cheaper)."""
+    width = parts[0].shape[1]
+    g = np.zeros((width, width), dtype=np.float64)
+    for f in parts:
+        for i in range(0, f.shape[0], rows):
+            g += self_product(f[i : i + rows]).numpy()
     return g
 
 
-def _check_finite(layer: int, block: str, kind: str, t: Tensor) -> None:
-    if not torch.isfinite(t).all():
-        bad = int((~torch.isfinite(t)).any(dim=-1).sum())
-        raise NumericalError(
-            f"non-finite {kind} features in layer {layer}, block {block}: {bad} of {t.shape[0]} tokens"
-        )
+def _stack_as(parts: Sequence[Tensor], dtype: torch.dtype) -> np.ndarray:
+    """The rows of ``parts`` in one [n, I] array of ``dtype``, each batch cast into its place."""
+    out = torch.empty(sum(p.shape[0] for p in parts), parts[0].shape[1], dtype=dtype)
+    a = 0
+    for p in parts:
+        out[a : a + p.shape[0]].copy_(p)
+        a += p.shape[0]
+    return out.numpy()
+
+
+def _check_finite(layer: int, block: str, kind: str, parts: Sequence[Tensor]) -> None:
+    bad = sum(int((~torch.isfinite(t)).any(dim=-1).sum()) for t in parts)
+    if bad:
+        total = sum(t.shape[0] for t in parts)
+        raise NumericalError(f"non-finite {kind} features in layer {layer}, block {block}: {bad} of {total} tokens")
 
 
 def _layer_rel(i: int) -> str:
@@ -251,8 +269,10 @@ def run_part(config: CollectPartConfig, inputs: dict[str, Path], out_dir: Path) 
     # (Parquet encoding, checksums and fsync release the GIL). One layer is in flight at a time, in
     # order, so its commits keep their order and an error surfaces at the next layer; leaving the
     # block (also on an error) waits for the commit in flight, so what was finished is committed.
+    # Every layer allocates and frees the same large buffers (captures, their float16 copies,
+    # statistics' chunks): kept on the heap from one layer to the next, not faulted in afresh.
     pending: Future | None = None
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="collect-write") as writer:
+    with reuse_heap(), ThreadPoolExecutor(max_workers=1, thread_name_prefix="collect-write") as writer:
         for i in tqdm(range(start, model.num_layers), desc=f"collect[{config.worker}]", unit="layer",
                       initial=start, total=model.num_layers):
             stats, writes, carry = _run_layer(i, model, states, all_tokens, config, torch_dtype)
@@ -331,10 +351,12 @@ def _write_layer(
         else:
             rows = torch.arange(x.shape[0])
             extra = {}
-        if ref.name in cap.features:  # dense blocks: captured from their own modules
-            feats = {k: torch.cat(v) for k, v in cap.features[ref.name].items() if v}
+        # Each kind as its batches' tensors: dense blocks' are captured from their own modules (and
+        # are not concatenated: the float16 copy below is the one copy made), experts' computed.
+        if ref.name in cap.features:
+            feats = {k: v for k, v in cap.features[ref.name].items() if v}
         else:
-            feats = block_features(ff, x[rows], config.features)
+            feats = {k: [v] for k, v in block_features(ff, x[rows], config.features).items()}
         st = stats.setdefault(ref.name, _Stats())
         st.add("count", np.array([len(rows)], dtype=np.float64))
         for kind, f in feats.items():
@@ -347,7 +369,7 @@ def _write_layer(
             if kind == "hidden" and ff.intermediate_size <= config.gram_max:
                 st.add("hidden.gram", _gram(f))
         tables[ref.name] = {"token": all_tokens[rows].numpy(), **extra,
-                            **{k: v.to(torch_dtype).numpy() for k, v in feats.items()}}
+                            **{k: _stack_as(v, torch_dtype) for k, v in feats.items()}}
     for name, cols in tables.items():
         kinds = [k for k in cols if k not in ("token", "router_weight")]
         table = _table(cols, layer=i, block=name, kinds=kinds, tokens=len(cols["token"]), worker=config.worker,
