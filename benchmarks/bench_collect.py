@@ -1,32 +1,29 @@
 """collect on real SmolLM2-135M against a plain in-memory transformers forward with hooks, and
 the Parquet read-back speed.
 
-Three phases, each in its own child process (so each peak RSS is its own), on the same
-calibration blocks (bundled Shakespeare, ``--tokens`` tokens in blocks of 256):
+Each phase runs in its own child process (so each peak RSS is its own), on the same calibration
+blocks (bundled Shakespeare, ``--tokens`` tokens in blocks of 256):
 
 - ``collect``: the ``collect_part`` stage (one worker: streamed layer by layer from the shard,
   FF inputs x and features up / gate / hidden written to Parquet, float16, plus float64 sums and
-  HᵀH), then the ``collect`` merge;
+  HᵀH), then the ``collect`` merge, as a pipeline task runs them (``TASK_ENV``: OpenMP threads
+  wait passively; the task's heap bound, ``stages.heap``);
 - ``hooks``: ``AutoModelForCausalLM.from_pretrained`` (float32, the whole model in memory) and a
   forward over the same batches with hooks that keep the same tensors (x, up, gate, hidden, as
-  float16 numpy) in memory: what a user would write without mlpfuse;
+  float16 numpy) in memory, run as a user would run it: what a user would write without mlpfuse;
+- ``hooks-env``: the same with collect's settings (its environment and its heap policy);
 - ``read``: one middle layer's features (every kind: up, gate, hidden) read back with
   ``stages.collect.read_features`` (best of 5; MB/s of float16 feature bytes returned);
 - ``encode``: every Parquet file collect wrote, read back (untimed) and written again with the
   stage's writer settings: the CPU time the Parquet encoding alone costs;
 - ``parts``: each piece of the work collect does beyond the forward, priced alone in CPU seconds
-  on tensors of the model's shapes (every layer, the same token count): concatenating the
-  batches' captures, the float64 sums, HᵀH, the float16 casts, building and encoding the Parquet
-  tables, and checksumming the written files.
+  on tensors of the model's shapes (every layer, the same token count, collect's settings):
+  concatenating the batches' FF inputs, the float64 sums, HᵀH, the float16 copies, building and
+  encoding the Parquet tables, and checksumming the written files.
 
-Both timed phases include loading the model. ``collect`` runs with the environment the pipeline
-gives its task processes (``cluster.runtime_env.TASK_ENV``: OpenMP threads wait passively); ``hooks`` runs as a user
-would run it, and ``hooks-env`` runs it again with collect's environment, for the ratio at equal
-settings. Throughput ratio = hooks seconds / collect seconds
+Both timed phases include loading the model. Throughput ratio = hooks seconds / collect seconds
 (target >= 0.9); memory ratio = collect peak RSS / hooks peak RSS (target <= 0.5). Each phase also
-reports its CPU seconds (user + system): with every core busy in both runs, collect's extra CPU
-time over the hooks run is what its wall time pays, and the ``encode`` phase says how much of it
-the Parquet encoding of what the stage must write is.
+reports its CPU seconds (user + system).
 
     .venv/bin/python benchmarks/bench_collect.py            # ~7 min on 2 cores (2 repeats)
 """
@@ -165,6 +162,7 @@ def _phase_encode(out: Path) -> dict:
 def _phase_parts(paths: dict[str, str], out: Path) -> dict:
     import numpy as np
     import torch
+    from threadpoolctl import threadpool_limits
 
     from stages.artifacts import file_digest
     from stages.collect import CollectConfig, _gram, _stack_as, _sums, _table, _write_parquet
@@ -184,7 +182,7 @@ def _phase_parts(paths: dict[str, str], out: Path) -> dict:
     cpu: dict[str, float] = {k: 0.0 for k in ("cat x", "sums", "gram", "float16", "tables+encode", "sha256")}
     target = out / "parts.parquet"
     bound_malloc_cache()
-    with reuse_heap():  # as collect runs
+    with reuse_heap(), threadpool_limits(1, user_api="blas"):  # as collect runs
         for _ in range(layers):
             c0 = time.process_time()
             x = torch.cat(caps["x"])
@@ -265,11 +263,6 @@ def main() -> int:
     parts = res["parts"]["parts"]
     print("CPU seconds of collect's extra work, each piece alone: "
           + ", ".join(f"{k} {v:.1f}" for k, v in parts.items()) + f"; total {sum(parts.values()):.1f}")
-    extra = sum(parts.values())
-    cores = len(os.sched_getaffinity(0))
-    print(f"throughput bound if collect kept its cores as busy as the hooks run does: "
-          f"{h['cpu'] / (h['cpu'] + extra):.2f}; if it kept all {cores} cores busy the whole time: "
-          f"{h['seconds'] / ((h['cpu'] + extra) / cores):.2f}")
     (a.work / "result.json").write_text(json.dumps(res, indent=1))
     return 0
 

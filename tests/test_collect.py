@@ -163,18 +163,23 @@ def test_killed_collect_resumes(llama_shard: Path, tmp_path: Path, monkeypatch: 
     cfg = CollectPartConfig(worker=0, num_workers=1, batch_size=2, dtype="float32")
     real = collect._write_layer
 
-    def crash_at_2(i: int, *a: object, **k: object) -> object:
-        if i == 2:
+    def crash_at_1(i: int, *a: object, **k: object) -> object:
+        if i == 1:
             raise RuntimeError("worker killed")
         return real(i, *a, **k)
 
-    monkeypatch.setattr(collect, "_write_layer", crash_at_2)
+    monkeypatch.setattr(collect, "_write_layer", crash_at_1)
     with pytest.raises(RuntimeError):
         collect.run_part(cfg, {"shard": llama_shard, "data": data}, tmp_path / "p")
     monkeypatch.setattr(collect, "_write_layer", real)
+    # The committed layers are a prefix: the layer after the failed one (through its forward while
+    # layer 1's statistics were made) was not committed either.
+    from stages.artifacts import part_done
+
+    assert [part_done(tmp_path / "p", f"stats/L{i:05d}.safetensors") for i in range(3)] == [True, False, False]
     done = {f: f.stat().st_mtime_ns for f in (tmp_path / "p").rglob("*.parquet")}
     result = collect.run_part(cfg, {"shard": llama_shard, "data": data}, tmp_path / "p")
-    assert result["layers_resumed_from"] == 2
+    assert result["layers_resumed_from"] == 1
     assert all(f.stat().st_mtime_ns == t for f, t in done.items())  # finished layers not rewritten
     fresh = _collect(llama_shard, data, tmp_path / "fresh", workers=1)
     collect.run_merge(CollectConfig(num_workers=1, dtype="float32"), {"shard": llama_shard, "part0": tmp_path / "p"},
@@ -201,6 +206,7 @@ def test_nan_features_name_the_layer(llama_shard: Path, tmp_path: Path) -> None:
     data = _data(tmp_path, n_blocks=2, block=8, vocab=128)
     with pytest.raises(NumericalError, match=r"layer 1, block mlp: \d+ of 16 tokens"):
         collect.run_part(CollectPartConfig(dtype="float32"), {"shard": bad, "data": data}, tmp_path / "p")
+    assert sorted(p.name for p in (tmp_path / "p" / "stats").iterdir()) == ["L00000.safetensors"]
 
 
 def test_stage_tasks_run_with_passive_openmp_waiting(tmp_path: Path) -> None:
