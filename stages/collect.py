@@ -40,6 +40,7 @@ import shutil
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal
@@ -49,6 +50,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from pydantic import BaseModel, ConfigDict, Field
+from safetensors import safe_open
 from safetensors.numpy import load_file as load_np
 from safetensors.numpy import save_file as save_np
 from safetensors.torch import load_file, save_file
@@ -206,6 +208,27 @@ class _LayerCapture:
             h.remove()
 
 
+@dataclass
+class _Block:
+    """One FF block's features in a layer: each kind as its batches' tensors [rows, width]."""
+
+    name: str
+    rows: Tensor  # the layer's token rows the block saw
+    extra: dict[str, np.ndarray]  # router_weight, for routed experts
+    feats: dict[str, list[Tensor]]
+    width: int
+
+
+@dataclass
+class _Layer:
+    """What a layer's forward leaves for its statistics and tables: no weight of the layer."""
+
+    blocks: list[_Block]
+    x: Tensor  # the FF block's input [tokens, hidden]
+    router: dict[str, np.ndarray] | None
+    cos: np.ndarray  # [sum of cos(layer input, output), tokens]
+
+
 def _gram(parts: Sequence[Tensor], rows: int = 2048) -> np.ndarray:
     """FᵀF [I, I] in float64 of the rows of ``parts``, from float32 products of row chunks (exact
     enough, far cheaper)."""
@@ -284,10 +307,10 @@ def run_part(config: CollectPartConfig, inputs: dict[str, Path], out_dir: Path) 
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="collect-write") as writer:
         for i in tqdm(range(start, model.num_layers), desc=f"collect[{config.worker}]", unit="layer",
                       initial=start, total=model.num_layers):
-            sd, cap, cos, carry = _run_layer(i, model, states, config)
+            layer, carry = _run_layer(i, model, states, config)
             while len(inflight) >= 2:  # at most two layers behind the forward
                 inflight.popleft().result()
-            made = maker.submit(_layer_outputs, i, sd, cap, cos, all_tokens, model, config, torch_dtype)
+            made = maker.submit(_write_layer, i, layer, all_tokens, config, torch_dtype)
             inflight.append(writer.submit(_commit_made, made, out_dir, i, carry, failed))
         while inflight:
             inflight.popleft().result()
@@ -297,9 +320,9 @@ def run_part(config: CollectPartConfig, inputs: dict[str, Path], out_dir: Path) 
 
 
 def _run_layer(i: int, model: LayerStreamedModel, states: list,
-               config: CollectPartConfig) -> tuple[dict[str, Tensor], _LayerCapture, np.ndarray, dict[str, Tensor]]:
-    """Carry every batch through layer i, capturing its features: (the layer's tensors, the
-    captures, [sum of cos(layer input, output), tokens], the hidden state after the layer)."""
+               config: CollectPartConfig) -> tuple[_Layer, dict[str, Tensor]]:
+    """Carry every batch through layer i, capturing its features: (what its statistics and tables
+    are made of, the hidden state after the layer). The layer's weights are released here."""
     family = model.family
     sd = model.layer_state(i)
     dense = {r.name: _dense_spec(family, r) for r in family.ff_blocks(model.config, sd) if r.kind != "expert"}
@@ -314,21 +337,13 @@ def _run_layer(i: int, model: LayerStreamedModel, states: list,
                 cos += (float(c.double().sum()), c.numel())
         finally:
             cap.close()
+    blocks, x, router = _layer_blocks(sd, cap, model, config)
     carry = {f"b{n}": s.hidden.clone() for n, s in enumerate(states)}
-    return sd, cap, cos, carry
-
-
-def _layer_outputs(i: int, sd: dict[str, Tensor], cap: _LayerCapture, cos: np.ndarray, all_tokens: Tensor,
-                   model: LayerStreamedModel, config: CollectPartConfig,
-                   torch_dtype: torch.dtype) -> tuple[dict[str, np.ndarray], list[tuple[str, pa.Table]]]:
-    """Layer i's statistics and Parquet tables, from its captures."""
-    stats, writes = _write_layer(i, sd, cap, all_tokens, model, config, torch_dtype)
-    stats["layer/cos.sum"], stats["layer/count"] = cos[:1].copy(), cos[1:].copy()
-    return stats, writes
+    return _Layer(blocks, x, router, cos), carry
 
 
 def _commit_made(made: Future, out_dir: Path, i: int, carry: dict[str, Tensor], failed: threading.Event) -> None:
-    """Commit layer i once its outputs are made, unless an earlier layer failed."""
+    """Commit layer i once its statistics and tables are made, unless an earlier layer failed."""
     if failed.is_set():
         return
     try:
@@ -351,26 +366,21 @@ def _commit_layer(out_dir: Path, i: int, writes: list[tuple[str, pa.Table]], sta
         (out_dir / f"carry/L{i - 1:05d}.safetensors").unlink(missing_ok=True)
 
 
-def _write_layer(
-    i: int, sd: dict[str, Tensor], cap: _LayerCapture, all_tokens: Tensor,
-    model: LayerStreamedModel, config: CollectPartConfig, torch_dtype: torch.dtype,
-) -> tuple[dict[str, np.ndarray], list[tuple[str, pa.Table]]]:
-    """Layer i's statistics and its Parquet tables, as (relative path, table) to commit."""
+def _layer_blocks(sd: dict[str, Tensor], cap: _LayerCapture, model: LayerStreamedModel,
+                  config: CollectPartConfig) -> tuple[list[_Block], Tensor, dict[str, np.ndarray] | None]:
+    """Every FF block's features: dense blocks' as captured from their own modules (not
+    concatenated: the float16 copy is the one copy made), routed experts' computed from the layer's
+    weights; the FF input x; the router's table (MoE layers)."""
     family, hf_config = model.family, model.config
-    writes: list[tuple[str, pa.Table]] = []
-    x = torch.cat(cap.x) if cap.x else torch.zeros(0, model.config.hidden_size)
-    stats: dict[str, _Stats] = {}
-    tables: dict[str, dict[str, np.ndarray]] = {}
+    x = torch.cat(cap.x) if cap.x else torch.zeros(0, hf_config.hidden_size)
     refs = family.ff_blocks(hf_config, sd)
-    moe = any(r.kind == "expert" for r in refs)
-    if moe:
+    router = None
+    if any(r.kind == "expert" for r in refs):
         logits = torch.cat([r[0] for r in cap.router])
         weights = torch.cat([r[1] for r in cap.router])
         experts = torch.cat([r[2] for r in cap.router])
-        tables["router"] = {
-            "token": all_tokens.numpy(), "logits": logits.numpy(), "experts": experts.int().numpy(),
-            "weights": weights.numpy(),
-        }
+        router = {"logits": logits.numpy(), "experts": experts.int().numpy(), "weights": weights.numpy()}
+    blocks = []
     for ref in refs:
         ff = family.read_ff(hf_config, sd, ref)
         if ref.kind == "expert":
@@ -380,39 +390,54 @@ def _write_layer(
         else:
             rows = torch.arange(x.shape[0])
             extra = {}
-        # Each kind as its batches' tensors: dense blocks' are captured from their own modules (and
-        # are not concatenated: the float16 copy below is the one copy made), experts' computed.
         if ref.name in cap.features:
             feats = {k: v for k, v in cap.features[ref.name].items() if v}
         else:
             feats = {k: [v] for k, v in block_features(ff, x[rows], config.features).items()}
-        st = stats.setdefault(ref.name, _Stats())
-        st.add("count", np.array([len(rows)], dtype=np.float64))
-        for kind, f in feats.items():
+        blocks.append(_Block(ref.name, rows, extra, feats, ff.intermediate_size))
+    return blocks, x, router
+
+
+def _write_layer(i: int, layer: _Layer, all_tokens: Tensor, config: CollectPartConfig,
+                 torch_dtype: torch.dtype) -> tuple[dict[str, np.ndarray], list[tuple[str, pa.Table]]]:
+    """Layer i's statistics and its Parquet tables, as (relative path, table) to commit."""
+    writes: list[tuple[str, pa.Table]] = []
+    stats: dict[str, _Stats] = {}
+    tables: dict[str, dict[str, np.ndarray]] = {}
+    if layer.router is not None:
+        tables["router"] = {"token": all_tokens.numpy(), **layer.router}
+    for block in layer.blocks:
+        st = stats.setdefault(block.name, _Stats())
+        st.add("count", np.array([len(block.rows)], dtype=np.float64))
+        for kind, f in block.feats.items():
             total, sumsq = _sums(f)
             # A float64 sum of float32 values is finite iff every value is: no separate pass.
             if not (np.isfinite(total).all() and np.isfinite(sumsq).all()):
-                _check_finite(i, ref.name, kind, f)
+                _check_finite(i, block.name, kind, f)
             st.add(f"{kind}.sum", total)
             st.add(f"{kind}.sumsq", sumsq)
-            if kind == "hidden" and ff.intermediate_size <= config.gram_max:
+            if kind == "hidden" and block.width <= config.gram_max:
                 st.add("hidden.gram", _gram(f))
-        tables[ref.name] = {"token": all_tokens[rows].numpy(), **extra,
-                            **{k: _stack_as(v, torch_dtype) for k, v in feats.items()}}
+        tables[block.name] = {"token": all_tokens[block.rows].numpy(), **block.extra,
+                              **{k: _stack_as(v, torch_dtype) for k, v in block.feats.items()}}
     for name, cols in tables.items():
         kinds = [k for k in cols if k not in ("token", "router_weight")]
         table = _table(cols, layer=i, block=name, kinds=kinds, tokens=len(cols["token"]), worker=config.worker,
                        dtype="float32" if name == "router" else config.dtype)
         writes.append((f"features/L{i:05d}/{name}/part-{config.worker:03d}.parquet", table))
     if config.inputs:
+        x = layer.x
         table = _table({"token": all_tokens.numpy(), "x": x.numpy()}, layer=i, block="input", kinds=["x"],
                        tokens=x.shape[0], worker=config.worker, dtype="float32")
         writes.append((f"inputs/L{i:05d}/part-{config.worker:03d}.parquet", table))
-    return {f"{b}/{k}": v for b, st in stats.items() for k, v in st.arrays.items()}, writes
+    stats_out = {f"{b}/{k}": v for b, st in stats.items() for k, v in st.arrays.items()}
+    stats_out["layer/cos.sum"], stats_out["layer/count"] = layer.cos[:1].copy(), layer.cos[1:].copy()
+    return stats_out, writes
 
 
 def run_merge(config: CollectConfig, inputs: dict[str, Path], out_dir: Path) -> dict:
-    """Merge worker parts: Parquet files hard-linked (copied across filesystems), sums added."""
+    """Merge worker parts: Parquet files hard-linked (copied across filesystems), sums added (a
+    single part's statistics are its totals: linked too)."""
     parts = [inputs[k] for k in sorted(inputs) if k.startswith("part")]
     if len(parts) != config.num_workers:
         raise ValueError(f"expected {config.num_workers} parts, got {len(parts)}")
@@ -421,26 +446,28 @@ def run_merge(config: CollectConfig, inputs: dict[str, Path], out_dir: Path) -> 
     tokens = 0
     for part in parts:
         for f in list(part.rglob("*.parquet")):
-            dest = out_dir / f.relative_to(part)
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            if not dest.exists():
-                try:
-                    os.link(f, dest)
-                except OSError:
-                    shutil.copy2(f, dest)
+            _link(f, out_dir / f.relative_to(part))
     blocks: dict[int, list[str]] = {}
     for i in range(n_layers):
-        total: dict[str, np.ndarray] = {}
-        for part in parts:
-            for k, v in load_np(str(part / _layer_rel(i))).items():
-                total[k] = total[k] + v if k in total else v
-        blocks[i] = sorted({k.split("/")[0] for k in total} - {"layer"})
+        dest = out_dir / _layer_rel(i)
+        if len(parts) == 1:
+            _link(parts[0] / _layer_rel(i), dest)
+            with safe_open(str(dest), "np") as f:
+                names = list(f.keys())
+                total = {k: f.get_tensor(k) for k in names if k.endswith("/count")}
+        else:
+            total = {}
+            for part in parts:
+                for k, v in load_np(str(part / _layer_rel(i))).items():
+                    total[k] = total[k] + v if k in total else v
+            names = list(total)
+            dest.parent.mkdir(exist_ok=True)
+            save_np(total, str(dest))
+        blocks[i] = sorted({k.split("/")[0] for k in names} - {"layer"})
         # Tokens through the layer: the layer's own count (dense blocks, shared experts and the
         # routed experts' sums count the same tokens again).
         tokens = max(tokens, int(total["layer/count"][0]) if "layer/count" in total else
                      int(sum(v[0] for k, v in total.items() if k.endswith("/count") and "expert" not in k)))
-        (out_dir / "stats").mkdir(exist_ok=True)
-        save_np(total, str(out_dir / _layer_rel(i)))
     meta = {
         "num_layers": n_layers, "tokens": tokens, "features": list(config.features), "dtype": config.dtype,
         "inputs": config.inputs, "workers": config.num_workers, "blocks": {str(i): b for i, b in blocks.items()},
@@ -456,6 +483,15 @@ def run_merge(config: CollectConfig, inputs: dict[str, Path], out_dir: Path) -> 
     }
     write_json_atomic(out_dir / "meta.json", meta)
     return {"tokens": tokens, "layers": n_layers, "workers": config.num_workers}
+
+
+def _link(src: Path, dest: Path) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if not dest.exists():
+        try:
+            os.link(src, dest)
+        except OSError:
+            shutil.copy2(src, dest)
 
 
 # ----- reading a collect artifact -------------------------------------------------------------

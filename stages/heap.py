@@ -46,9 +46,11 @@ def bound_malloc_cache() -> None:
 
 
 @contextmanager
-def reuse_heap(threshold: int = 32 << 20) -> Iterator[None]:
+def reuse_heap(threshold: int = 8 << 20) -> Iterator[None]:
     """Serve allocations below ``threshold`` from the heap, and keep up to twice that free at its
-    top (glibc's own dynamic limits), then restore the bound and return the kept heap to the OS."""
+    top, then restore the bound and return the kept heap to the OS. 8 MB, not glibc's dynamic
+    32 MB: on a 2.4 B MoE checkpoint, collect's peak was 1.08 GB at 8 MB and 1.52 GB at 32 MB
+    (experts' variously sized buffers fragment the heap); the 135 M model ran as fast at either."""
     _set(threshold, 2 * threshold)
     try:
         yield
