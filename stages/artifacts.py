@@ -2,9 +2,10 @@
 
 A stage writes into its staging directory. Long stages commit each finished unit of work (a
 layer, a window, a candidate) as a *part*: the file is written to a temporary name, fsynced and
-renamed, then a small ``.parts/<name>.json`` marker with its size and sha256 is written the same
-way. A part counts as done only when its marker exists and the file still matches it, so a crash
-at any moment leaves either a finished part or nothing that is trusted.
+renamed, then a small ``.parts/<name>.json`` marker with its size and CRC-32 is written the same
+way (against torn and corrupted files; twice as fast as sha256 here, which the finished
+artifact's manifest keeps). A part counts as done only when its marker exists and the file still
+matches it, so a crash at any moment leaves either a finished part or nothing that is trusted.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,14 @@ def file_digest(path: Path) -> str:
     # hashlib reads into one small reused buffer: no fresh 8 MB chunk (and its page faults) per read.
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _crc32(path: Path) -> str:
+    crc, buf = 0, memoryview(bytearray(1 << 18))
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            crc = zlib.crc32(buf[:n], crc)
+    return f"{crc:08x}"
 
 
 def fsync_dir(path: Path) -> None:
@@ -64,7 +74,7 @@ def part_done(out_dir: Path, rel: str) -> bool:
         info = json.loads(marker.read_text())
     except ValueError:
         return False
-    return info.get("size") == target.stat().st_size and info.get("sha256") == file_digest(target)
+    return info.get("size") == target.stat().st_size and info.get("crc32") == _crc32(target)
 
 
 def commit_part(out_dir: Path, rel: str, writer: Callable[[Path], Any], meta: dict | None = None) -> None:
@@ -73,7 +83,7 @@ def commit_part(out_dir: Path, rel: str, writer: Callable[[Path], Any], meta: di
     write_atomic(target, writer)
     write_json_atomic(
         _marker(out_dir, rel),
-        {"size": target.stat().st_size, "sha256": file_digest(target), **(meta or {})},
+        {"size": target.stat().st_size, "crc32": _crc32(target), **(meta or {})},
     )
 
 

@@ -87,3 +87,14 @@ def test_sigkill_during_shard_resumes(tmp_path: Path, ray_local, smollm2_tokeniz
     fresh = tmp_path / "fresh"
     assert main(["run", str(_spec(tmp_path, ckpt, fresh))]) == 0
     assert _shard_files(cache) == _shard_files(fresh)
+
+
+def test_a_part_whose_bytes_changed_is_not_done(tmp_path: Path) -> None:
+    from stages.artifacts import commit_part, part_done
+
+    commit_part(tmp_path, "a/part.bin", lambda p: p.write_bytes(bytes(range(256)) * 64))
+    assert part_done(tmp_path, "a/part.bin")
+    data = bytearray((tmp_path / "a/part.bin").read_bytes())
+    data[1000] ^= 1  # same size, one bit flipped
+    (tmp_path / "a/part.bin").write_bytes(bytes(data))
+    assert not part_done(tmp_path, "a/part.bin")
