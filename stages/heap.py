@@ -19,12 +19,14 @@ from __future__ import annotations
 import ctypes
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import cache
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-BOUND_MMAP = 1 << 20
+_BOUND_MMAP = 1 << 20
 _DEFAULT_TRIM = 128 << 10  # glibc's
 
 
+@cache
 def _libc() -> ctypes.CDLL | None:
     try:
         libc = ctypes.CDLL("libc.so.6")
@@ -42,7 +44,7 @@ def _set(mmap_threshold: int, trim_threshold: int) -> None:
 
 def bound_malloc_cache() -> None:
     """Fix the mmap threshold at 1 MiB (and the trim threshold at glibc's default)."""
-    _set(BOUND_MMAP, _DEFAULT_TRIM)
+    _set(_BOUND_MMAP, _DEFAULT_TRIM)
 
 
 @contextmanager
