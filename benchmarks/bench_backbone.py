@@ -112,14 +112,15 @@ def child_import(a) -> dict:
     import torch  # noqa: F401
     import transformers  # noqa: F401
 
-    from stages import evaluate, runner, shard  # noqa: F401
+    from mlpfuse.stages import evaluate, shard  # noqa: F401
+    from mlpfuse.stages.model import runner  # noqa: F401
 
     return {"seconds": 0.0}
 
 
 def child_shard(a) -> dict:
-    from stages.heap import bound_malloc_cache
-    from stages import shard
+    from mlpfuse.core.heap import bound_malloc_cache
+    from mlpfuse.stages import shard
 
     bound_malloc_cache()  # as execute_node does in every pipeline task
 
@@ -131,7 +132,7 @@ def child_shard(a) -> dict:
 
 
 def _windows(a):
-    from stages.evaluate import EvaluateConfig, batches_by_length, sliding_windows
+    from mlpfuse.stages.evaluate import EvaluateConfig, batches_by_length, sliding_windows
 
     cfg = EvaluateConfig(window=a.window, stride=a.stride, batch_size=a.batch_size)
     streams = _token_streams(a.ckpt, a.tokens)
@@ -142,9 +143,9 @@ def _windows(a):
 def child_streamed(a) -> dict:
     import torch
 
-    from stages.heap import bound_malloc_cache
-    from stages.evaluate import perplexity
-    from stages.runner import LayerStreamedModel
+    from mlpfuse.core.heap import bound_malloc_cache
+    from mlpfuse.stages.evaluate import perplexity
+    from mlpfuse.stages.model.runner import LayerStreamedModel
 
     bound_malloc_cache()  # as execute_node does in every pipeline task
 
@@ -214,7 +215,7 @@ def child_inmemory(a) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from stages.evaluate import _nll
+    from mlpfuse.stages.evaluate import _nll
 
     cfg, streams, batches = _windows(a)
     fed = sum(int(ids.numel()) for ids, *_ in batches)

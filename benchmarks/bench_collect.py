@@ -45,9 +45,9 @@ MODEL = "smollm2-135m"
 
 
 def _prepare(work: Path, tokens: int) -> dict[str, str]:
-    from stages import data, shard
-    from stages.checkpoint import resolve_source, source_key
-    from stages.data import corpus_key
+    from mlpfuse.stages import data, shard
+    from mlpfuse.stages.data import corpus_key
+    from mlpfuse.stages.model.checkpoint import resolve_source, source_key
 
     sh, dd = work / "shard", work / f"data-{tokens}"
     if not (sh / "shard.json").exists():
@@ -62,8 +62,8 @@ def _prepare(work: Path, tokens: int) -> dict[str, str]:
 def _phase_collect(paths: dict[str, str], out: Path) -> dict:
     import shutil
 
-    from stages import collect
-    from stages.heap import bound_malloc_cache
+    from mlpfuse.core.heap import bound_malloc_cache
+    from mlpfuse.stages import collect
 
     bound_malloc_cache()
     shutil.rmtree(out, ignore_errors=True)
@@ -80,7 +80,7 @@ def _phase_collect(paths: dict[str, str], out: Path) -> dict:
 def _phase_hooks(paths: dict[str, str], stage_heap: bool) -> dict:
     import contextlib
 
-    from stages.heap import bound_malloc_cache, reuse_heap
+    from mlpfuse.core.heap import bound_malloc_cache, reuse_heap
 
     heap = contextlib.nullcontext()
     if stage_heap:  # the heap policy collect runs under: a task's bound, then collect's reuse
@@ -95,9 +95,9 @@ def _hooks_forward(paths: dict[str, str]) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from stages.checkpoint import resolve_source
-    from stages.collect import CollectConfig
-    from stages.data import read_calib
+    from mlpfuse.stages.collect import CollectConfig
+    from mlpfuse.stages.data import read_calib
+    from mlpfuse.stages.model.checkpoint import resolve_source
 
     t0 = time.perf_counter()
     src = resolve_source(MODEL)
@@ -123,7 +123,7 @@ def _hooks_forward(paths: dict[str, str]) -> dict:
 
 
 def _phase_read(out: Path) -> dict:
-    from stages.collect import read_features
+    from mlpfuse.stages.model.features import read_features
 
     merged = out / "merged"
     meta = json.loads((merged / "meta.json").read_text())
@@ -143,7 +143,7 @@ def _phase_read(out: Path) -> dict:
 def _phase_encode(out: Path) -> dict:
     import pyarrow.parquet as pq
 
-    from stages.collect import _write_parquet
+    from mlpfuse.stages.collect import _write_parquet
 
     seconds, cpu, nbytes = 0.0, 0.0, 0
     target = out / "encode.parquet"
@@ -164,11 +164,18 @@ def _phase_parts(paths: dict[str, str], out: Path) -> dict:
     import torch
     from threadpoolctl import threadpool_limits
 
-    from stages.artifacts import _crc32
-    from stages.collect import CollectConfig, _gram, _stack_as, _sums, _table, _write_parquet
-    from stages.data import read_calib
-    from stages.heap import bound_malloc_cache, reuse_heap
-    from stages.runner import LayerStreamedModel
+    from mlpfuse.core.artifacts import _crc32
+    from mlpfuse.core.heap import bound_malloc_cache, reuse_heap
+    from mlpfuse.stages.collect import (
+        CollectConfig,
+        _gram,
+        _stack_as,
+        _sums,
+        _table,
+        _write_parquet,
+    )
+    from mlpfuse.stages.data import read_calib
+    from mlpfuse.stages.model.runner import LayerStreamedModel
 
     cfg = LayerStreamedModel(Path(paths["shard"])).config
     calib = read_calib(Path(paths["data"]))
@@ -236,7 +243,7 @@ def main() -> int:
     a.work.mkdir(parents=True, exist_ok=True)
     (a.work / "paths.json").write_text(json.dumps(_prepare(a.work, a.tokens)))
     res = {}
-    from cluster.runtime_env import TASK_ENV
+    from mlpfuse.cluster.runtime_env import TASK_ENV
 
     stage_env = {**os.environ, **TASK_ENV}
     timed = ("collect", "hooks", "hooks-env")

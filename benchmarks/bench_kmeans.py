@@ -25,10 +25,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stages.checkpoint import resolve_source
-from stages.families import FFBlockRef, family_for
-from stages.fusion import sub_mlp_vectors
-from stages.kmeans import KMEANS_INITS, kmeans
+from mlpfuse.stages.math.fusion import sub_mlp_vectors
+from mlpfuse.stages.math.kmeans import KMEANS_INITS, kmeans
+from mlpfuse.stages.model.checkpoint import resolve_source
+from mlpfuse.stages.model.families import FFBlockRef, family_for
 
 
 def load_smollm2(cache: Path) -> torch.nn.Module:

@@ -231,7 +231,7 @@ def copy_tokenizer(source: str | Path, out_dir: Path) -> None:
     from transformers import AutoTokenizer
 
     if str(source) == "smollm2-135m":
-        from stages.checkpoint import resolve_source
+        from mlpfuse.stages.model.checkpoint import resolve_source
 
         src = resolve_source("smollm2-135m")
         tok = AutoTokenizer.from_pretrained(src.path, gguf_file=src.gguf_file)

@@ -47,9 +47,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from orchestrator.job import run_job  # noqa: E402
-from orchestrator.spec import parse_spec  # noqa: E402
-from orchestrator.store import ArtifactStore  # noqa: E402
+from mlpfuse.orchestrator.job import run_job  # noqa: E402
+from mlpfuse.orchestrator.spec import parse_spec  # noqa: E402
+from mlpfuse.orchestrator.store import ArtifactStore  # noqa: E402
 
 FULL = 10**9  # halving.min_tokens above the held-out budget: every candidate on every token
 BASE_SPEC: dict[str, Any] = {

@@ -79,7 +79,7 @@ def child(payload: dict) -> dict:
         import torch  # noqa: F401
         import transformers  # noqa: F401
 
-        from stages import registry  # noqa: F401  (imports every stage module)
+        from mlpfuse.stages import registry  # noqa: F401  (imports every stage module)
 
         result: dict = {}
     elif kind == "generate":
@@ -92,8 +92,8 @@ def child(payload: dict) -> dict:
                         overwrite=True)
         result = {"params": count_params(cfg), "shards": meta["shards"]}
     else:
-        from stages.heap import bound_malloc_cache
-        from stages.registry import STAGES
+        from mlpfuse.core.heap import bound_malloc_cache
+        from mlpfuse.stages.registry import STAGES
 
         bound_malloc_cache()  # as execute_node does in every pipeline task
         sdef = STAGES[kind]
@@ -184,12 +184,13 @@ def run_child(name: str, payload: dict, logs: Path, env_extra: list[str], timeou
 
 def plan(arch: str, n_layers: int, a) -> list[tuple[str, str, dict, dict[str, str]]]:
     """(node name, stage, config, {role: upstream node}) in run order."""
-    from stages.collect import CollectConfig
-    from stages.compress import CompressConfig, RefitConfig
-    from stages.data import TokenizeConfig
-    from stages.evaluate import EvaluateConfig
-    from stages.export import ExportConfig
-    from stages.shard import ShardConfig
+    from mlpfuse.stages.collect import CollectConfig
+    from mlpfuse.stages.compress import CompressConfig
+    from mlpfuse.stages.data import TokenizeConfig
+    from mlpfuse.stages.evaluate import EvaluateConfig
+    from mlpfuse.stages.export import ExportConfig
+    from mlpfuse.stages.methods.refit import RefitConfig
+    from mlpfuse.stages.shard import ShardConfig
 
     data = TokenizeConfig(corpus="shakespeare", block_size=a.block_size, calib_tokens=a.calib_tokens,
                           eval_tokens=a.eval_tokens)

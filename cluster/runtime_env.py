@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from stages.errors import InputError
+from mlpfuse.core.errors import InputError
 
 # Not shipped: virtualenvs, VCS data, caches and local outputs (gitignore-style patterns). Ray
 # refuses working directories over its upload limit, and none of these are needed to run.

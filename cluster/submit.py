@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from stages.errors import InputError
+from mlpfuse.core.errors import InputError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -17,8 +17,8 @@ def submit(spec: Path, address: str, *, wait: bool = False) -> str:
     """
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    from cluster.runtime_env import runtime_env
-    from orchestrator.spec import load_spec
+    from mlpfuse.cluster.runtime_env import runtime_env
+    from mlpfuse.orchestrator.spec import load_spec
 
     spec = spec.resolve()
     load_spec(spec)  # bad specs fail here, not on the cluster
@@ -31,7 +31,7 @@ def submit(spec: Path, address: str, *, wait: bool = False) -> str:
     except Exception as e:  # connection errors come in many types
         raise InputError(f"cannot reach the Ray dashboard at {address}: {e}") from e
     job_id = client.submit_job(
-        entrypoint=f"python -m orchestrator.cli run {rel.as_posix()} --address auto",
+        entrypoint=f"python -m mlpfuse.orchestrator.cli run {rel.as_posix()} --address auto",
         runtime_env=runtime_env(PROJECT_ROOT),
     )
     if wait:

@@ -9,6 +9,6 @@ from typing import Any
 def load(path: str | Path, **kwargs: Any) -> Any:
     """Load an mlpfuse export: the stock form through ``from_pretrained``; the tied form
     (``mlpfuse_ties.json``) with every tied window's layers sharing the same parameters."""
-    from stages.export import load_export
+    from mlpfuse.stages.model.hf import load_export
 
     return load_export(path, **kwargs)

@@ -26,11 +26,14 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from stages.collect import read_stats
-from stages.compress import CompressConfig, RefitConfig
-from stages.errors import InputError
+from mlpfuse.core.errors import InputError
+from mlpfuse.stages.methods import METHODS
+from mlpfuse.stages.compress import CompressConfig
+from mlpfuse.stages.methods.refit import RefitConfig
+from mlpfuse.stages.model.features import read_stats
 
-METHOD_FAMILIES = ("prune", "fusion", "moefy", "merge", "layer_drop", "ff_drop", "combo")
+# The registry's methods, and "combo" (layer drop + pruning of the rest), in the planner's order.
+METHOD_FAMILIES = (*METHODS, "combo")
 
 
 class TargetSpec(BaseModel):
@@ -147,7 +150,7 @@ def plan_candidates(spec: BudgetSpec, facts: ModelFacts) -> tuple[list[Candidate
 
     def add(name: str, family: str, candidate: dict[str, Any], drop: list[int] | None = None) -> None:
         for r in refits:
-            if r is not None and candidate["method"] == "layer_drop":
+            if r is not None and not METHODS[candidate["method"]].refit:
                 continue  # nothing to refit
             cfg = CompressConfig.model_validate({"candidate": candidate, "refit": r, "drop": drop or ()})
             cands.append(Candidate(name + ("+refit" if r else ""), cfg, family))

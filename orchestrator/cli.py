@@ -7,11 +7,11 @@ import errno
 import sys
 from pathlib import Path
 
-from orchestrator.job import run_job
-from orchestrator.pipeline import build_plan
-from orchestrator.spec import PipelineSpec, load_spec
-from orchestrator.store import ArtifactStore
-from stages.errors import InputError
+from mlpfuse.core.errors import InputError
+from mlpfuse.orchestrator.job import run_job
+from mlpfuse.orchestrator.pipeline import build_plan
+from mlpfuse.orchestrator.spec import PipelineSpec, load_spec
+from mlpfuse.orchestrator.store import ArtifactStore
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEMO_SPEC = PROJECT_ROOT / "examples" / "smollm2-demo.yaml"
@@ -70,7 +70,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
-    from stages.registry import STAGES
+    from mlpfuse.stages.registry import STAGES
 
     store = ArtifactStore(args.cache)
     older = args.older_than * 86400 if args.older_than is not None else None
@@ -87,7 +87,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from cluster.submit import submit
+    from mlpfuse.cluster.submit import submit
 
     job_id = submit(Path(args.spec), args.address, wait=args.wait)
     print(f"submitted job {job_id} to {args.address}")
@@ -97,7 +97,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 def cmd_lm_eval(args: argparse.Namespace) -> int:
     import json
 
-    from orchestrator.lm_eval_run import format_table, run_lm_eval
+    from mlpfuse.orchestrator.lm_eval_run import format_table, run_lm_eval
 
     results = run_lm_eval(args.model_dir, args.tasks.split(","), data=args.data, limit=args.limit,
                           batch_size=args.batch_size, device=args.device, include_path=args.include_path,

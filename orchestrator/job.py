@@ -10,12 +10,19 @@ import time
 from pathlib import Path
 from typing import Any
 
-from orchestrator.budget import Candidate, ModelFacts, halving_budgets, plan_candidates, target_params, winner_reason
-from orchestrator.pipeline import Session, build_plan, make_node
-from orchestrator.report import build_report, write_report
-from orchestrator.spec import PipelineSpec
-from orchestrator.store import ArtifactStore
-from stages.export import ExportConfig
+from mlpfuse.orchestrator.budget import (
+    Candidate,
+    ModelFacts,
+    halving_budgets,
+    plan_candidates,
+    target_params,
+    winner_reason,
+)
+from mlpfuse.orchestrator.pipeline import Session, build_plan, make_node
+from mlpfuse.orchestrator.report import build_report, write_report
+from mlpfuse.orchestrator.spec import PipelineSpec
+from mlpfuse.orchestrator.store import ArtifactStore
+from mlpfuse.stages.export import ExportConfig
 
 
 def _round_nodes(session: Session, spec: PipelineSpec, alive: list[Candidate], r: int, tokens: int, after: int,
@@ -35,8 +42,8 @@ def _share_prefix(session: Session, spec: PipelineSpec, alive: list[Candidate], 
     base pass over the evaluation windows); returns the evaluate nodes' extra input. Skipped unless
     the first round alone is sure to save more layer-forwards than the pass costs (e.g.
     when only a few candidates leave the first layers alone)."""
-    from stages.evaluate import PrefixConfig
-    from stages.overlay import first_changed_layer
+    from mlpfuse.stages.evaluate import PrefixConfig
+    from mlpfuse.stages.model.overlay import first_changed_layer
 
     first = [first_changed_layer(session.path(f"compress.{c.name}")) or 0 for c in alive]
     starts = sorted(set(first) - {0})
@@ -51,7 +58,7 @@ def _layer_errors(session: Session, spec: PipelineSpec, cands: list[Candidate]) 
     """Per-layer reconstruction and NTK errors (held-out probe tokens, the original model's FF
     inputs) of the best candidate of each method family that changes FF blocks, and of every
     candidate given by hand."""
-    from orchestrator.layer_errors import score_layers
+    from mlpfuse.orchestrator.layer_errors import score_layers
 
     best: dict[str, Candidate] = {}
     for c in cands:
@@ -101,7 +108,7 @@ def run_budget(session: Session, spec: PipelineSpec) -> dict[str, Any]:
         else:
             skipped.append({"method": c.name, "why": f"built at {size:,} {kind}, over the budget {budget:,}"})
     if not alive:
-        from stages.errors import InputError
+        from mlpfuse.core.errors import InputError
 
         raise InputError(f"no candidate meets the budget of {budget:,} {kind}")
     full = session.results["evaluate"]["result"]["tokens"]
@@ -159,7 +166,7 @@ def run_budget(session: Session, spec: PipelineSpec) -> dict[str, Any]:
 def _distill(session: Session, spec: PipelineSpec, winner: Candidate) -> dict[str, Any]:
     """Distil the exported winner against the original model, then score the result the same
     way as every candidate (sharded and evaluated on the held-out split)."""
-    from stages.checkpoint import resolve_source, source_key
+    from mlpfuse.stages.model.checkpoint import resolve_source, source_key
 
     assert spec.distill is not None and spec.budget is not None
     cfg = spec.distill.model_copy(update={"tied": spec.budget.export == "tied"})
@@ -239,7 +246,7 @@ def run_job(spec: PipelineSpec, store: ArtifactStore, force: set[str] | None = N
     report = build_report(spec, session.results, time.time() - t0, store.root)
     report.update(extra)
     path = write_report(report, spec.output_dir())
-    from orchestrator.report_html import write_html
+    from mlpfuse.orchestrator.report_html import write_html
 
     write_html(report, spec.output_dir())
     return report, path

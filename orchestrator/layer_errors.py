@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from orchestrator.pipeline import Session, make_node
-from stages.layer_errors import LayerErrorsConfig, ProbeConfig
+from mlpfuse.orchestrator.pipeline import Session, make_node
+from mlpfuse.stages.layer_errors import LayerErrorsConfig, ProbeConfig
 
 
 def score_layers(session: Session, spec: Any, candidates: list, *, probe: ProbeConfig | None = None,

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from stages.errors import DataError, InputError
+from mlpfuse.core.errors import DataError, InputError
 
 SHIPPED_TASK = "mlpfuse_heldout"
 PLACEHOLDER = "__MLPFUSE_DOCUMENTS_JSONL__"
@@ -42,7 +42,7 @@ def task_template() -> Path:
 
 def heldout_documents(data: str | None = None, text_field: str = "text") -> list[tuple[str, str]]:
     """(doc id, text) pairs for the shipped task; see the module docstring for what ``data`` can be."""
-    from stages.data import BUNDLED_CORPORA, TokenizeConfig, load_documents
+    from mlpfuse.stages.data import BUNDLED_CORPORA, TokenizeConfig, load_documents
 
     corpus = data or "shakespeare"
     path = Path(corpus).expanduser()
@@ -110,14 +110,14 @@ def _model(model_dir: Path, dtype: str, batch_size: int, device: str, max_length
     """(model for simple_evaluate, model_args): a stock export or checkpoint directory goes by
     name through ``hf``; a directory with only a GGUF file gets ``gguf_file``; a tied export
     (``mlpfuse_ties.json``) is loaded with ``mlpfuse.load`` and wrapped."""
-    from stages.export import TIES_FILE
+    from mlpfuse.stages.model.hf import TIES_FILE
 
     extra = f",max_length={max_length}" if max_length else ""
     if (model_dir / TIES_FILE).exists():
         import torch
         from lm_eval.models.huggingface import HFLM
 
-        from stages.export import load_export
+        from mlpfuse.stages.model.hf import load_export
 
         model = load_export(model_dir, dtype=getattr(torch, dtype)).to(device)
         return HFLM(pretrained=model, tokenizer=str(model_dir), batch_size=batch_size, device=device,

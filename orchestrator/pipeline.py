@@ -18,15 +18,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cluster.runtime_env import TASK_ENV
-from orchestrator.spec import PipelineSpec
-from orchestrator.store import ArtifactStore, cache_key
-from stages.checkpoint import resolve_source, source_key
-from stages.collect import CollectPartConfig
-from stages.data import corpus_key
-from stages.errors import InputError
-from stages.heap import bound_malloc_cache
-from stages.registry import STAGES
+from mlpfuse.cluster.runtime_env import TASK_ENV
+from mlpfuse.core.errors import InputError
+from mlpfuse.core.heap import bound_malloc_cache
+from mlpfuse.orchestrator.spec import PipelineSpec
+from mlpfuse.orchestrator.store import ArtifactStore, cache_key
+from mlpfuse.stages.collect import CollectPartConfig
+from mlpfuse.stages.data import corpus_key
+from mlpfuse.stages.model.checkpoint import resolve_source, source_key
+from mlpfuse.stages.registry import STAGES
 
 # Ray listens on loopback only, reports no usage, and needs no auth token for local jobs. Ray reads
 # these when it is imported, so they are set here, before anything in the process imports ray.

@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from orchestrator.spec import PipelineSpec
-from stages.artifacts import write_json_atomic
+from mlpfuse.core.artifacts import write_json_atomic
+from mlpfuse.orchestrator.spec import PipelineSpec
 
 
 def build_report(spec: PipelineSpec, results: dict[str, dict], seconds: float, store_root: Path) -> dict[str, Any]:

@@ -12,15 +12,15 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from orchestrator.budget import BudgetSpec
-from stages.collect import CollectConfig
-from stages.data import TokenizeConfig
-from stages.distill import DistillStageConfig
-from stages.errors import InputError
-from stages.evaluate import EvaluateConfig
-from stages.export import ExportConfig
-from stages.shard import ShardConfig
-from stages.similarity import SimilarityConfig
+from mlpfuse.core.errors import InputError
+from mlpfuse.orchestrator.budget import BudgetSpec
+from mlpfuse.stages.collect import CollectConfig
+from mlpfuse.stages.data import TokenizeConfig
+from mlpfuse.stages.distill import DistillStageConfig
+from mlpfuse.stages.evaluate import EvaluateConfig
+from mlpfuse.stages.export import ExportConfig
+from mlpfuse.stages.shard import ShardConfig
+from mlpfuse.stages.similarity import SimilarityConfig
 
 
 class SpecError(InputError):

@@ -40,7 +40,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 from filelock import FileLock
 
-from stages.artifacts import file_digest, fsync_dir, write_json_atomic
+from mlpfuse.core.artifacts import file_digest, fsync_dir, write_json_atomic
 
 MANIFEST = "manifest.json"
 MIRROR_ENV = "MLPFUSE_MIRROR"  # where remote stores keep their local working directories

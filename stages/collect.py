@@ -39,7 +39,7 @@ import os
 import shutil
 import threading
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,13 +57,15 @@ from safetensors.torch import load_file, save_file
 from threadpoolctl import threadpool_limits
 from torch import Tensor
 
-from stages.artifacts import commit_part, part_done, write_json_atomic
-from stages.data import read_calib
-from stages.errors import NumericalError
-from stages.families import DenseFF, FamilyAdapter, FFBlockRef, FFWeights
-from stages.heap import reuse_heap
-from stages.refit import self_product
-from stages.runner import LayerStreamedModel
+from mlpfuse.core.artifacts import commit_part, part_done, write_json_atomic
+from mlpfuse.core.errors import NumericalError
+from mlpfuse.core.heap import reuse_heap
+from mlpfuse.stages.data import read_calib
+from mlpfuse.stages.math.ffweights import block_features
+from mlpfuse.stages.math.refit import self_product
+from mlpfuse.stages.model.families import DenseFF, FamilyAdapter, FFBlockRef
+from mlpfuse.stages.model.features import stats_file
+from mlpfuse.stages.model.runner import LayerStreamedModel
 
 FeatureKind = Literal["up", "gate", "hidden"]
 
@@ -142,25 +144,6 @@ class _Stats:
             self.arrays[name] += value
         else:
             self.arrays[name] = value.astype(np.float64, copy=True)
-
-
-def block_features(ff: FFWeights, x: Tensor, kinds: tuple[str, ...]) -> dict[str, Tensor]:
-    """Features of one FF block for inputs ``x`` [n, H]: each [n, I] float32."""
-    from transformers.activations import ACT2FN
-
-    # In the model's compute precision (float32 inputs), not the stored one: a bfloat16 expert is
-    # upcast here, one block at a time, as the runner's forward upcasts it.
-    dt = torch.promote_types(x.dtype, ff.up.dtype)
-    x = x.to(dt)
-    up = torch.nn.functional.linear(x, ff.up.to(dt), None if ff.b_up is None else ff.b_up.to(dt))
-    out: dict[str, Tensor] = {"up": up}
-    if ff.gate is not None:
-        gate = torch.nn.functional.linear(x, ff.gate.to(dt))
-        out["gate"] = gate
-        out["hidden"] = ACT2FN[ff.act](gate) * up
-    else:
-        out["hidden"] = ACT2FN[ff.act](up)
-    return {k: v.float() for k, v in out.items() if k in kinds}
 
 
 class _LayerCapture:
@@ -257,10 +240,6 @@ def _check_finite(layer: int, block: str, kind: str, parts: Sequence[Tensor]) ->
         raise NumericalError(f"non-finite {kind} features in layer {layer}, block {block}: {bad} of {total} tokens")
 
 
-def _layer_rel(i: int) -> str:
-    return f"stats/L{i:05d}.safetensors"
-
-
 def run_part(config: CollectPartConfig, inputs: dict[str, Path], out_dir: Path) -> dict:
     """Collect the features of worker ``config.worker``'s share of calibration blocks."""
     if config.worker >= config.num_workers:
@@ -277,7 +256,7 @@ def run_part(config: CollectPartConfig, inputs: dict[str, Path], out_dir: Path) 
 
     # Resume: the last layer whose part is committed, and the hidden state carried past it.
     start = 0
-    while start < model.num_layers and part_done(out_dir, _layer_rel(start)):
+    while start < model.num_layers and part_done(out_dir, stats_file(start)):
         start += 1
     carry_file = out_dir / f"carry/L{start - 1:05d}.safetensors"
     if start == model.num_layers:
@@ -361,7 +340,7 @@ def _commit_layer(out_dir: Path, i: int, writes: list[tuple[str, pa.Table]], sta
     for rel, table in writes:
         commit_part(out_dir, rel, lambda p, t=table: _write_parquet(t, p))
     commit_part(out_dir, f"carry/L{i:05d}.safetensors", lambda p: save_file(carry, str(p)))
-    commit_part(out_dir, _layer_rel(i), lambda p: save_np(stats, str(p)))
+    commit_part(out_dir, stats_file(i), lambda p: save_np(stats, str(p)))
     if i > 0:  # only the latest carry is ever needed
         (out_dir / f"carry/L{i - 1:05d}.safetensors").unlink(missing_ok=True)
 
@@ -449,16 +428,16 @@ def run_merge(config: CollectConfig, inputs: dict[str, Path], out_dir: Path) -> 
             _link(f, out_dir / f.relative_to(part))
     blocks: dict[int, list[str]] = {}
     for i in range(n_layers):
-        dest = out_dir / _layer_rel(i)
+        dest = out_dir / stats_file(i)
         if len(parts) == 1:
-            _link(parts[0] / _layer_rel(i), dest)
+            _link(parts[0] / stats_file(i), dest)
             with safe_open(str(dest), "np") as f:
                 names = list(f.keys())
                 total = {k: f.get_tensor(k) for k in names if k.endswith("/count")}
         else:
             total = {}
             for part in parts:
-                for k, v in load_np(str(part / _layer_rel(i))).items():
+                for k, v in load_np(str(part / stats_file(i))).items():
                     total[k] = total[k] + v if k in total else v
             names = list(total)
             dest.parent.mkdir(exist_ok=True)
@@ -493,75 +472,4 @@ def _link(src: Path, dest: Path) -> None:
         except OSError:
             shutil.copy2(src, dest)
 
-
-# ----- reading a collect artifact -------------------------------------------------------------
-def _files(collect_dir: Path, sub: str) -> list[Path]:
-    files = sorted((collect_dir / sub).glob("part-*.parquet"))
-    if not files:
-        raise FileNotFoundError(f"no Parquet parts under {collect_dir / sub}")
-    return files
-
-
-def _column_numpy(table: pa.Table, name: str) -> np.ndarray:
-    col = table.column(name).combine_chunks()
-    if pa.types.is_fixed_size_list(col.type):
-        return col.values.to_numpy(zero_copy_only=False).reshape(len(col), col.type.list_size)
-    return col.to_numpy(zero_copy_only=False)
-
-
-def _read_sorted(files: list[Path], column: str) -> tuple[np.ndarray, np.ndarray]:
-    """(token ids, ``column``) of worker parts, ordered by token: read-only arrays. The parts are
-    concatenated and reordered only when there are several (one part is already in order), so a
-    single part's features come back as a view of the decoded Parquet pages, with no copy."""
-    tables = [pq.read_table(f, columns=["token", column], memory_map=True) for f in files]
-    tok = [_column_numpy(t, "token") for t in tables]
-    val = [_column_numpy(t, column) for t in tables]
-    if len(tables) == 1 and (len(tok[0]) < 2 or bool((np.diff(tok[0]) > 0).all())):
-        return tok[0], val[0]
-    tok_all = np.concatenate(tok)
-    order = np.argsort(tok_all, kind="stable")
-    rank = np.empty_like(order)
-    rank[order] = np.arange(len(order))
-    out = np.empty((len(order), *val[0].shape[1:]), dtype=val[0].dtype)
-    start = 0
-    for v in val:  # each part scattered into place: no concatenated copy of the features
-        out[rank[start : start + len(v)]] = v
-        start += len(v)
-    return tok_all[order], out
-
-
-def read_features(collect_dir: Path, layer: int, block: str = "mlp", kind: str = "hidden") -> tuple[np.ndarray, np.ndarray]:
-    """(token ids [n], features [n, I]) of one layer's block, ordered by token."""
-    return _read_sorted(_files(collect_dir, f"features/L{layer:05d}/{block}"), kind)
-
-
-def read_inputs(collect_dir: Path, layer: int) -> tuple[np.ndarray, np.ndarray]:
-    """(token ids [n], FF inputs x [n, H]) of one layer, ordered by token."""
-    return _read_sorted(_files(collect_dir, f"inputs/L{layer:05d}"), "x")
-
-
-def iter_feature_rows(collect_dir: Path, layer: int, block: str, kind: str, rows: int = 4096) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(token ids, features) in row blocks of at most ``rows``: bounded memory for large layers."""
-    for f in _files(collect_dir, f"features/L{layer:05d}/{block}"):
-        pf = pq.ParquetFile(f)
-        for batch in pf.iter_batches(batch_size=rows, columns=["token", kind]):
-            t = pa.Table.from_batches([batch])
-            yield _column_numpy(t, "token"), _column_numpy(t, kind)
-
-
-def read_stats(collect_dir: Path, layer: int) -> dict[str, dict[str, np.ndarray]]:
-    """{block: {"count", "<kind>.sum", "<kind>.sumsq", "hidden.gram"?}} (float64 sums)."""
-    out: dict[str, dict[str, np.ndarray]] = {}
-    for k, v in load_np(str(collect_dir / _layer_rel(layer))).items():
-        block, name = k.split("/", 1)
-        out.setdefault(block, {})[name] = v
-    return out
-
-
-def moments(stats: dict[str, np.ndarray], kind: str = "hidden") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(mean, variance, E[f²]) of a block's feature ``kind`` from its sums."""
-    n = max(float(stats["count"][0]), 1.0)
-    mean = stats[f"{kind}.sum"] / n
-    sq = stats[f"{kind}.sumsq"] / n
-    return mean, np.maximum(sq - mean * mean, 0.0), sq
 

@@ -14,15 +14,14 @@ import importlib.util
 import json
 import re
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
-from stages.artifacts import write_atomic, write_json_atomic
-from stages.errors import DataError
+from mlpfuse.core.artifacts import write_atomic, write_json_atomic
+from mlpfuse.core.errors import DataError
 
 BUNDLED_CORPORA = ("shakespeare",)
 

@@ -27,8 +27,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from stages.data import read_eval
-from stages.runner import LayerOverride, LayerStreamedModel
+from mlpfuse.stages.data import read_eval
+from mlpfuse.stages.model.runner import LayerOverride, LayerStreamedModel
 
 
 class EvaluateConfig(BaseModel):
@@ -159,8 +159,8 @@ def run(config: EvaluateConfig, inputs: dict[str, Path], out_dir: Path) -> dict:
     """Inputs: ``shard`` (the base model), ``data`` (the tokenize artifact), optionally
     ``overlay`` (a compress artifact: the candidate to score) and ``prefix`` (the base model's
     cached hidden states: the candidate starts at its first changed layer when it is cached)."""
-    from stages.artifacts import write_json_atomic
-    from stages.overlay import first_changed_layer, load_overrides
+    from mlpfuse.core.artifacts import write_json_atomic
+    from mlpfuse.stages.model.overlay import first_changed_layer, load_overrides
 
     overrides = load_overrides(inputs.get("overlay"))
     prefix, start = None, 0
@@ -197,7 +197,7 @@ def run_prefix(config: PrefixConfig, inputs: dict[str, Path], out_dir: Path) -> 
     layer's file is committed as a part, so an interrupted pass keeps what it finished."""
     from safetensors.torch import save_file
 
-    from stages.artifacts import commit_part, part_done, write_json_atomic
+    from mlpfuse.core.artifacts import commit_part, part_done, write_json_atomic
 
     model = LayerStreamedModel(inputs["shard"])
     bad = [s for s in config.layers if not 0 < s < model.num_layers]

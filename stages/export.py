@@ -36,7 +36,6 @@ Rules:
 from __future__ import annotations
 
 import json
-import math
 import re
 import shutil
 from collections.abc import Iterator
@@ -47,26 +46,30 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 
-from stages.checkpoint import SAFETENSORS_DTYPES, stream_safetensors
-from stages.errors import InputError
-from stages.families import FamilyAdapter, FFBlockRef, FFWeights, family_for
-from stages.shard import DTYPES, TOKENIZER_FILES, build_skeleton, layer_file, load_shard_meta
+from mlpfuse.stages.math.ffweights import FFWeights
+from mlpfuse.stages.model.checkpoint import SAFETENSORS_DTYPES
+from mlpfuse.stages.model.families import FamilyAdapter, FFBlockRef, family_for
+from mlpfuse.stages.model.hf import (
+    STOCK_STEM,
+    TIED_STEM,
+    ExportError,
+    copy_model_files,
+    parse_size,
+    revert_names,
+    write_shards,
+    write_ties_spec,
+)
+from mlpfuse.stages.model.shards import (
+    DTYPES,
+    build_skeleton,
+    layer_file,
+    load_shard_meta,
+)
 
 MODEL_DIR = "model"
-TIES_FILE = "mlpfuse_ties.json"
-STOCK_STEM = "model"
-TIED_STEM = "mlpfuse-tied"
-EXTRA_TOKENIZER_FILES = ("chat_template.jinja", "chat_template.json", "preprocessor_config.json")
-
-_ST_SIZES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "BF16": 2, "F16": 2, "I16": 2,
-             "U16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
-
-
-class ExportError(InputError):
-    """The overlay cannot be expressed as a stock checkpoint (e.g. per-layer expert counts)."""
 
 
 class ExportConfig(BaseModel):
@@ -90,23 +93,6 @@ class ExportConfig(BaseModel):
     def _size(cls, v: str) -> str:
         parse_size(v)
         return v
-
-
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
-
-def parse_size(text: str | int) -> int:
-    """``"2GB"`` -> 2_000_000_000 (decimal units as transformers; KiB/MiB/GiB binary)."""
-    if isinstance(text, int):
-        return text
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(text))
-    if not m or m.group(2).upper() not in _UNITS:
-        raise ValueError(f"max_shard_size {text!r}: expected a size like '2GB', '500MB' or '1GiB'")
-    n = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
-    if n <= 0:
-        raise ValueError(f"max_shard_size {text!r} must be positive")
-    return n
 
 
 # ----- reading the base and the overlay ----------------------------------------------------------
@@ -179,114 +165,6 @@ def pad_ff(ff: FFWeights, size: int) -> FFWeights:
 
 
 # ----- writing shards --------------------------------------------------------------------------
-
-
-def _own(t: Tensor) -> Tensor:
-    """A contiguous tensor that owns its storage (safetensors refuses shared storage)."""
-    t = t.detach().contiguous()
-    if t.untyped_storage().nbytes() != t.numel() * t.element_size() or t.storage_offset() != 0:
-        t = t.clone()
-    return t
-
-
-class ShardWriter:
-    """Streams tensors into safetensors shards of at most ``max_bytes`` (a tensor larger than that
-    gets a shard of its own), then names them as transformers does: ``{stem}.safetensors``, or
-    ``{stem}-00001-of-0000N.safetensors`` plus ``{stem}.safetensors.index.json``.
-
-    ``spill()`` moves the tensors added so far to a temporary file beside the shards (call it after
-    each layer): a shard is then assembled from those files tensor by tensor, in row chunks, so
-    memory holds one layer, not one shard."""
-
-    def __init__(self, out_dir: Path, stem: str, max_bytes: int):
-        self.out_dir, self.stem, self.max_bytes = out_dir, stem, max_bytes
-        self.items: list[tuple[str, tuple[int, ...], torch.dtype]] = []  # the open shard's tensors, in order
-        self.where: dict[str, Tensor | Path] = {}  # in memory, or the spill file holding it
-        self.spills: list[Path] = []
-        self.size = 0
-        self.parts: list[tuple[Path, list[str]]] = []
-        self.total_bytes = 0
-        self.total_numel = 0
-
-    def add(self, name: str, t: Tensor) -> None:
-        if name in self.where or any(name in keys for _, keys in self.parts):
-            raise ExportError(f"tensor {name!r} written twice")
-        nbytes = t.numel() * t.element_size()
-        if self.items and self.size + nbytes > self.max_bytes:
-            self.flush()
-        self.items.append((name, tuple(t.shape), t.dtype))
-        self.where[name] = _own(t)
-        self.size += nbytes
-        self.total_bytes += nbytes
-        self.total_numel += t.numel()
-
-    def spill(self) -> None:
-        held = {n: v for n, v in self.where.items() if isinstance(v, Tensor)}
-        if not held:
-            return
-        path = self.out_dir / f".{self.stem}-spill{len(self.spills):05d}.safetensors"
-        save_file(held, str(path))
-        self.spills.append(path)
-        self.where.update(dict.fromkeys(held, path))
-
-    def _read(self, name: str) -> Tensor | Iterator[Tensor]:
-        v = self.where[name]
-        return v if isinstance(v, Tensor) else _row_chunks(v, name)
-
-    def flush(self) -> None:
-        if not self.items:
-            return
-        path = self.out_dir / f".{self.stem}-part{len(self.parts):05d}.safetensors"
-        stream_safetensors(path, self.items, self._read)
-        self.parts.append((path, sorted(n for n, _, _ in self.items)))
-        for f in self.spills:  # every spilled tensor belonged to this shard
-            f.unlink()
-        self.items, self.where, self.spills, self.size = [], {}, [], 0
-
-    def close(self, total_parameters: int, mode: int = 0o644) -> list[str]:
-        """Name the shards (and write the index); ``mode``: their permissions (safetensors
-        creates files readable by the owner only)."""
-        self.flush()
-        for path, _ in self.parts:
-            path.chmod(mode)
-        n = len(self.parts)
-        if n == 0:
-            raise ExportError("nothing to write")
-        if n == 1:
-            name = f"{self.stem}.safetensors"
-            self.parts[0][0].rename(self.out_dir / name)
-            return [name]
-        names, weight_map = [], {}
-        for k, (path, keys) in enumerate(self.parts):
-            name = f"{self.stem}-{k + 1:05d}-of-{n:05d}.safetensors"
-            path.rename(self.out_dir / name)
-            names.append(name)
-            weight_map.update({key: name for key in keys})
-        index = {"metadata": {"total_size": self.total_bytes, "total_parameters": total_parameters},
-                 "weight_map": dict(sorted(weight_map.items()))}
-        (self.out_dir / f"{self.stem}.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        return names
-
-
-def _row_chunks(path: Path, name: str, max_bytes: int = 32 << 20) -> Iterator[Tensor]:
-    with safe_open(str(path), framework="pt") as f:
-        sl = f.get_slice(name)
-        shape = sl.get_shape()
-        if len(shape) < 2:
-            yield f.get_tensor(name)
-            return
-        step = max(1, max_bytes // max(1, math.prod(shape[1:]) * _ST_SIZES[sl.get_dtype()]))
-        for a in range(0, shape[0], step):
-            yield sl[a : a + step]
-
-
-def _revert_names(skeleton: torch.nn.Module, sd: dict[str, Tensor]) -> dict[str, Tensor]:
-    """In-memory names -> the checkpoint names ``save_pretrained`` writes (per-expert MoE keys)."""
-    try:
-        from transformers.core_model_loading import revert_weight_conversion
-    except ImportError:  # pragma: no cover - older/newer transformers: in-memory names also load
-        return sd
-    return revert_weight_conversion(skeleton, sd)
 
 
 # ----- config ----------------------------------------------------------------------------------
@@ -432,16 +310,23 @@ def run(config: ExportConfig, inputs: dict[str, Path], out_dir: Path) -> dict:
     windows = [w for w in by_patch.values() if len(w) > 1]
     anchor_of = {m: w[0] for w in windows for m in w[1:]}
 
-    stem = TIED_STEM if config.tied else STOCK_STEM
-    writer = ShardWriter(model_dir, stem, parse_size(config.max_shard_size))
     ties: dict[str, str] = {}
-    padded = duplicated = ff_params = 0
-    layers_report = []
+    counted = {"padded": 0, "duplicated": 0, "ff_params": 0}
+    layers_report: list[dict[str, Any]] = []
     prefix = family.layers_path + ".{}."
-    for x in infos:
-        if x.skip:
-            layers_report.append({"layer": x.index, "skip": True, "ff_params_before": x.base_ff})
-            continue
+
+    def groups() -> Iterator[dict[str, Tensor]]:
+        """Each kept layer's tensors under their exported names, then the rest of the model."""
+        for x in infos:
+            if x.skip:
+                layers_report.append({"layer": x.index, "skip": True, "ff_params_before": x.base_ff})
+                continue
+            yield _export_layer(x)
+        rest = _load(shard_dir / "rest.safetensors")
+        rest = {k: (v.to(out_dtype) if v.is_floating_point() else v) for k, v in rest.items()}
+        yield rest if config.tied else revert_names(skeleton, rest)
+
+    def _export_layer(x: _Layer) -> dict[str, Tensor]:
         j = new_index[x.index]
         sd = _load(shard_dir / layer_file(x.index))
         patch_keys: set[str] = set()
@@ -459,52 +344,31 @@ def run(config: ExportConfig, inputs: dict[str, Path], out_dir: Path) -> dict:
             blocks = new_blocks
         else:
             layer_pad = 0
-        padded += layer_pad
-        layer_ff = sum(ff.num_params() for ff in blocks.values())
-        ff_params += layer_ff
+        counted["padded"] += layer_pad
+        counted["ff_params"] += sum(ff.num_params() for ff in blocks.values())
         del blocks
         sd = {k: (v.to(out_dtype) if v.is_floating_point() else v) for k, v in sd.items()}
         _check_layer(sk_layers[j], sd, j)
         shared = patch_keys if j in anchor_of else set()
-        dup = sum(sd[k].numel() for k in shared)
-        duplicated += dup
-        if config.tied:
-            for k in sorted(shared):
-                ties[prefix.format(j) + k] = prefix.format(anchor_of[j]) + k
-            full = {prefix.format(j) + k: v for k, v in sd.items() if k not in shared}
-        else:
-            full = _revert_names(skeleton, {prefix.format(j) + k: v for k, v in sd.items()})
-        for name in sorted(full):
-            writer.add(name, full[name])
-        writer.spill()  # this layer goes to disk: memory holds one layer, not one shard
-        del sd, full
+        counted["duplicated"] += sum(sd[k].numel() for k in shared)
         layers_report.append({
             "layer": x.index, "exported_as": j, "patched": bool(x.patch),
             "tied_with": next((w for w in windows if j in w), None),
             "ff_sizes": {r.name: [b, a] for r, (_, b, a) in x.blocks.items()},
             "ff_params_before": x.base_ff, "ff_params_after": x.new_ff, "padded_params": layer_pad,
         })
+        if config.tied:
+            for k in sorted(shared):
+                ties[prefix.format(j) + k] = prefix.format(anchor_of[j]) + k
+            return {prefix.format(j) + k: v for k, v in sd.items() if k not in shared}
+        return revert_names(skeleton, {prefix.format(j) + k: v for k, v in sd.items()})
 
-    rest = _load(shard_dir / "rest.safetensors")
-    rest = {k: (v.to(out_dtype) if v.is_floating_point() else v) for k, v in rest.items()}
-    if not config.tied:
-        rest = _revert_names(skeleton, rest)
-    for name in sorted(rest):
-        writer.add(name, rest.pop(name))
-        writer.spill()
-    del rest
-    stored = writer.total_numel
-    files = writer.close(params, mode=(model_dir / "config.json").stat().st_mode & 0o777)
+    files, stored = write_shards(model_dir, TIED_STEM if config.tied else STOCK_STEM, groups(),
+                                 total_parameters=params, max_bytes=parse_size(config.max_shard_size))
     if config.tied:
-        (model_dir / TIES_FILE).write_text(json.dumps({
-            "format": "mlpfuse-tied", "version": 1,
-            "weights": f"{stem}.safetensors" if len(files) == 1 else f"{stem}.safetensors.index.json",
-            "windows": windows, "ties": ties,
-        }, indent=2) + "\n")
-
-    for name in (*TOKENIZER_FILES, *EXTRA_TOKENIZER_FILES):
-        if (shard_dir / name).exists() and not (model_dir / name).exists():
-            shutil.copy2(shard_dir / name, model_dir / name)
+        write_ties_spec(model_dir, files, windows=windows, ties=ties)
+    copy_model_files(shard_dir, model_dir)
+    padded, duplicated, ff_params = counted["padded"], counted["duplicated"], counted["ff_params"]
 
     base_params = int(meta["params"]["total"])
     base_ff = int(meta["params"]["ff"])
@@ -621,64 +485,3 @@ def model_card(meta: dict, result: dict, layers: list[dict], method: dict | None
 # ----- loading the tied form ---------------------------------------------------------------------
 
 
-def _weight_files(model_dir: Path, weights: str) -> list[Path]:
-    if weights.endswith(".index.json"):
-        index = json.loads((model_dir / weights).read_text())
-        return [model_dir / f for f in sorted(set(index["weight_map"].values()))]
-    return [model_dir / weights]
-
-
-def _tensors(files: list[Path]) -> Iterator[tuple[str, Tensor]]:
-    for path in files:
-        with safe_open(str(path), framework="pt") as f:
-            for k in f.keys():
-                yield k, f.get_tensor(k)
-
-
-def load_export(path: str | Path, *, dtype: torch.dtype | None = None) -> torch.nn.Module:
-    """Load an export. Stock form: ``from_pretrained``. Tied form: build the model from its config,
-    load the stored tensors, and make every tied name the *same* ``nn.Parameter`` as its source."""
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
-
-    model_dir = Path(path)
-    ties_path = model_dir / TIES_FILE
-    cfg = AutoConfig.from_pretrained(model_dir)
-    family = family_for(cfg)
-    if not ties_path.exists():
-        auto = AutoModelForCausalLM if family.causal else AutoModel
-        kwargs = {"dtype": dtype} if dtype is not None else {}
-        return auto.from_pretrained(model_dir, **kwargs).eval()
-
-    spec = json.loads(ties_path.read_text())
-    model = build_skeleton(cfg)
-    params = dict(model.named_parameters(remove_duplicate=False))
-    buffers = dict(model.named_buffers())
-    for name, t in _tensors(_weight_files(model_dir, spec["weights"])):
-        if dtype is not None and t.is_floating_point():
-            t = t.to(dtype)
-        if name in params:
-            _assign(model, name, torch.nn.Parameter(t, requires_grad=params[name].requires_grad))
-        elif name in buffers:
-            mod, leaf = _owner(model, name)
-            mod._buffers[leaf] = t
-        else:
-            raise ExportError(f"{model_dir}: stored tensor {name!r} has no place in the model")
-    for name, src in spec["ties"].items():
-        _assign(model, name, model.get_parameter(src))
-    if getattr(model.config, "tie_word_embeddings", False) or getattr(
-            model.config.get_text_config(), "tie_word_embeddings", False):
-        model.tie_weights()
-    meta_left = [n for n, p in model.named_parameters(remove_duplicate=False) if p.is_meta]
-    if meta_left:
-        raise ExportError(f"{model_dir}: no stored tensor for {meta_left[:5]}")
-    return model.eval()
-
-
-def _owner(model: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str]:
-    mod_name, _, leaf = name.rpartition(".")
-    return model.get_submodule(mod_name), leaf
-
-
-def _assign(model: torch.nn.Module, name: str, param: torch.nn.Parameter) -> None:
-    mod, leaf = _owner(model, name)
-    mod._parameters[leaf] = param

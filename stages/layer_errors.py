@@ -51,12 +51,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from stages.artifacts import write_atomic, write_json_atomic
-from stages.data import read_eval
-from stages.errors import DataError, NumericalError
-from stages.families import FamilyAdapter, FFBlockRef, FFWeights
-from stages.overlay import OVERLAY
-from stages.runner import LayerStreamedModel
+from mlpfuse.core.artifacts import write_atomic, write_json_atomic
+from mlpfuse.core.errors import DataError, NumericalError
+from mlpfuse.stages.data import read_eval
+from mlpfuse.stages.math.ffweights import FFWeights
+from mlpfuse.stages.model.families import FamilyAdapter, FFBlockRef
+from mlpfuse.stages.model.overlay import OVERLAY
+from mlpfuse.stages.model.runner import LayerStreamedModel
 
 COUNTS = "counts.safetensors"
 

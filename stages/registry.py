@@ -15,7 +15,17 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from stages import collect, compress, data, distill, evaluate, export, layer_errors, shard, similarity
+from mlpfuse.stages import (
+    collect,
+    compress,
+    data,
+    distill,
+    evaluate,
+    export,
+    layer_errors,
+    shard,
+    similarity,
+)
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,6 @@ materialises the model once (GGUF is not lazily readable).
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import shutil
@@ -23,16 +22,16 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from tqdm import tqdm
 
-from stages.artifacts import commit_part, part_done, write_json_atomic
-from stages.checkpoint import LazyCheckpoint, ModelSource, resolve_source, stream_safetensors
-from stages.errors import CheckpointError
-from stages.families import FamilyAdapter, family_for
-
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json",
-    "merges.txt", "tokenizer.model", "added_tokens.json", "generation_config.json",
+from mlpfuse.core.artifacts import commit_part, part_done, write_json_atomic
+from mlpfuse.core.errors import CheckpointError
+from mlpfuse.stages.model.checkpoint import (
+    LazyCheckpoint,
+    ModelSource,
+    resolve_source,
+    stream_safetensors,
 )
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from mlpfuse.stages.model.families import FamilyAdapter, family_for
+from mlpfuse.stages.model.shards import DTYPES, TOKENIZER_FILES, build_skeleton, layer_file
 
 
 class ShardConfig(BaseModel):
@@ -44,22 +43,6 @@ class ShardConfig(BaseModel):
     # Storage dtype of the shards; "auto" keeps the checkpoint's (GGUF: float32 after de-quantising).
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     trust_remote_code: bool = False
-
-
-def layer_file(i: int) -> str:
-    return f"layers/{i:05d}.safetensors"
-
-
-def build_skeleton(config: Any, *, trust_remote_code: bool = False) -> torch.nn.Module:
-    """The task model (causal LM, or base encoder) with parameters on the meta device and real
-    buffers (rotary frequencies etc.), so nothing heavy is allocated."""
-    from accelerate import init_empty_weights
-    from transformers import AutoModel, AutoModelForCausalLM
-
-    family = family_for(config)
-    auto = AutoModelForCausalLM if family.causal else AutoModel
-    with init_empty_weights(include_buffers=False):
-        return auto.from_config(config, trust_remote_code=trust_remote_code)
 
 
 def _split_keys(family: FamilyAdapter, keys: list[str]) -> tuple[dict[int, dict[str, str]], list[str]]:
@@ -257,5 +240,3 @@ def run(config: ShardConfig, inputs: dict[str, Path], out_dir: Path) -> dict:
     return {"num_layers": n_layers, "params": params["total"], "ff_params": params["ff"], "layers_reused": reused}
 
 
-def load_shard_meta(shard_dir: Path) -> dict:
-    return json.loads((shard_dir / "shard.json").read_text())

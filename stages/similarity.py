@@ -24,12 +24,12 @@ rows are then drawn once, uniformly without replacement with ``seed``
 fewer. Rows are read in blocks of ``rows`` (only the chosen ones are kept), so memory does not
 grow with the calibration set.
 
-Computation (sample-Gram form, as :func:`stages.alignment.cka_matrix`): for each layer the
+Computation (sample-Gram form, as :mod:`mlpfuse.stages.math.cka`): for each layer the
 centred Gram ``K = Yc Ycᵀ`` [n, n] is built in float64 and divided by its Frobenius norm, then
 CKA(i, j) = ``<K_i, K_j>_F``. One layer's features are resident at a time; the L normalised Grams
 are kept in float32 (``4·L·n²`` bytes: 0.5 GB for 30 layers at n = 2048) and their inner
 products are summed in float64. A constant layer (zero Gram) gets 0 everywhere, its diagonal
-included, as in :func:`stages.alignment.cka`.
+included, as in :func:`mlpfuse.stages.math.cka.cka`.
 
 ``similarity.json``: ``{"matrix": [[...]] (L×L), "layers": [0..L-1], "feature", "tokens": n,
 "measure": "linear CKA", "seed"}``. The stage's result (kept in the manifest) holds summary
@@ -50,17 +50,17 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from stages.artifacts import write_json_atomic
-from stages.collect import _column_numpy, _files
-from stages.data import read_calib
-from stages.errors import InputError
-from stages.runner import LayerStreamedModel
+from mlpfuse.core.artifacts import write_json_atomic
+from mlpfuse.core.errors import InputError
+from mlpfuse.stages.data import read_calib
+from mlpfuse.stages.math.cka import gram_products, normalized_gram
+from mlpfuse.stages.model.features import column_numpy, feature_parts
+from mlpfuse.stages.model.runner import LayerStreamedModel
 
 MEASURE = "linear CKA"
 #: The stage's result carries the matrix only up to this many layers (the file always has it).
 MATRIX_IN_RESULT_MAX = 32
 # Gram inner products are summed over chunks of this many float32 entries (cast to float64).
-_DOT_CHUNK = 1 << 18
 
 
 class SimilarityConfig(BaseModel):
@@ -93,15 +93,15 @@ def _read_rows(collect_dir: Path, sub: str, column: str, chosen: np.ndarray, row
     """Column ``column`` of the Parquet parts under ``sub`` at the tokens ``chosen`` (sorted),
     read in blocks of ``rows`` keeping only the chosen rows: [len(chosen), d], in token order."""
     toks, vals = [], []
-    for f in _files(collect_dir, sub):
+    for f in feature_parts(collect_dir, sub):
         for batch in pq.ParquetFile(f).iter_batches(batch_size=rows, columns=["token", column]):
             t = pa.Table.from_batches([batch])
-            tok = _column_numpy(t, "token").astype(np.int64)
+            tok = column_numpy(t, "token").astype(np.int64)
             pos = np.searchsorted(chosen, tok).clip(0, len(chosen) - 1)
             keep = chosen[pos] == tok
             if keep.any():
                 toks.append(tok[keep])
-                vals.append(_column_numpy(t, column)[keep])
+                vals.append(column_numpy(t, column)[keep])
     tok = np.concatenate(toks) if toks else np.zeros(0, dtype=np.int64)
     order = np.argsort(tok, kind="stable")
     if not np.array_equal(tok[order], chosen):
@@ -111,7 +111,7 @@ def _read_rows(collect_dir: Path, sub: str, column: str, chosen: np.ndarray, row
 
 
 def _token_ids(collect_dir: Path, sub: str) -> np.ndarray:
-    return np.concatenate([_column_numpy(pq.read_table(f, columns=["token"]), "token") for f in _files(collect_dir, sub)])
+    return np.concatenate([column_numpy(pq.read_table(f, columns=["token"]), "token") for f in feature_parts(collect_dir, sub)])
 
 
 @torch.no_grad()
@@ -135,24 +135,6 @@ def _ff_output(model: LayerStreamedModel, i: int, x: np.ndarray, rows: int) -> T
         raise InputError(f"layer {i}: expected one dense FF block, got {[r.name for r in refs]}")
     ff = family.read_ff(cfg, sd, refs[0]).to(torch.float32)
     return torch.cat([ff.forward(xt[s : s + rows]) for s in range(0, len(xt), rows)])
-
-
-def _normalized_gram(f: np.ndarray | Tensor) -> tuple[Tensor, bool]:
-    """Centred sample Gram ``Fc Fcᵀ`` / its Frobenius norm (float64), and whether it is nonzero."""
-    t = torch.as_tensor(f).to(torch.float64)
-    tc = t - t.mean(0)
-    g = tc @ tc.T
-    norm = float(g.norm())
-    return (g / norm if norm > 0 else g), norm > 0
-
-
-def _pair_products(grams: Tensor) -> np.ndarray:
-    """``grams`` [L, m] (float32) -> ``grams @ grams.T`` [L, L] summed in float64 chunk by chunk."""
-    out = torch.zeros(grams.shape[0], grams.shape[0], dtype=torch.float64)
-    for s in range(0, grams.shape[1], _DOT_CHUNK):
-        c = grams[:, s : s + _DOT_CHUNK].double()
-        out += c @ c.T
-    return out.numpy()
 
 
 def run(config: SimilarityConfig, inputs: dict[str, Path], out_dir: Path) -> dict:
@@ -198,10 +180,10 @@ def run(config: SimilarityConfig, inputs: dict[str, Path], out_dir: Path) -> dic
                                                 config.rows)
         else:
             f = _read_rows(collect_dir, sub(i), "hidden", chosen, config.rows)
-        g, live[i] = _normalized_gram(f)
+        g, live[i] = normalized_gram(f)
         grams[i] = g.reshape(-1).float()
         del f, g
-    m = _pair_products(grams)
+    m = gram_products(grams)
     del grams
     np.fill_diagonal(m, live.astype(np.float64))  # <K, K> of a normalised Gram is 1 up to float32 rounding
     m = ((m + m.T) / 2).clip(0.0, 1.0)  # linear CKA of PSD Grams is in [0, 1]

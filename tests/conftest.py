@@ -65,7 +65,7 @@ def tiny_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path
 @pytest.fixture(scope="session")
 def smollm2_shard(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Real SmolLM2-135M weights, sharded once for the session."""
-    from stages import shard
+    from mlpfuse.stages import shard
 
     out = tmp_path_factory.mktemp("smollm2") / "shard"
     shard.run(shard.ShardConfig(model="smollm2-135m"), {}, out)
@@ -88,7 +88,7 @@ def smollm2_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """SmolLM2's real tokenizer (from the bundled GGUF), saved as a plain tokenizer directory."""
     from transformers import AutoTokenizer
 
-    from stages.checkpoint import resolve_source
+    from mlpfuse.stages.model.checkpoint import resolve_source
 
     src = resolve_source("smollm2-135m")
     out = tmp_path_factory.mktemp("tokenizer")

@@ -7,18 +7,16 @@ import numpy as np
 import pytest
 import torch
 
-from stages.alignment import (
-    CKAAccumulator,
+from mlpfuse.stages.math.alignment import (
     CorrelationAccumulator,
     align_window,
     assignment_total,
-    cka,
-    cka_matrix,
     merge_window,
     permute_ff,
     solve_assignment,
 )
-from stages.families import FFWeights
+from mlpfuse.stages.math.cka import cka, gram_products, normalized_gram
+from mlpfuse.stages.math.ffweights import FFWeights
 
 H, I = 24, 48
 
@@ -256,7 +254,7 @@ def test_solve_assignment_rejects_bad_input() -> None:
 # ------------------------------------------------------------------ CKA
 
 
-def test_cka_invariances_and_streaming() -> None:
+def test_cka_invariances_and_heat_map() -> None:
     rng = np.random.default_rng(0)
     x = rng.standard_normal((400, 16))
     q, _ = np.linalg.qr(rng.standard_normal((16, 16)))
@@ -265,16 +263,16 @@ def test_cka_invariances_and_streaming() -> None:
     y = x[:, :8] @ rng.standard_normal((8, 10)) + rng.standard_normal((400, 10))
     value = cka(x, y)
     assert 0.0 < value < 1.0
-    acc = CKAAccumulator(16, 10)
-    for start in range(0, 400, 70):
-        acc.update(x[start : start + 70] + 100.0, y[start : start + 70])
-    assert acc.cka() == pytest.approx(value, abs=1e-12)
-    # n < d takes the sample-Gram branch; cka_matrix always does: all three agree.
-    m = cka_matrix([x, y, x[:, ::-1]])
-    assert m[0, 1] == pytest.approx(value, abs=1e-12) and m[0, 2] == pytest.approx(1.0)
-    np.testing.assert_allclose(np.diag(m), 1.0)
-    assert cka(x[:12], y[:12]) == pytest.approx(cka_matrix([x[:12], y[:12]])[0, 1], abs=1e-12)
+    # The feature-Gram form (d×d) of the same quantity, in float64.
+    xc, yc = x - x.mean(0), y - y.mean(0)
+    feature_form = np.square(yc.T @ xc).sum() / np.sqrt(np.square(xc.T @ xc).sum() * np.square(yc.T @ yc).sum())
+    assert value == pytest.approx(feature_form, abs=1e-12)
+    # The heat-map's pairwise products (float32 Grams, as the similarity stage keeps them) agree.
+    grams = torch.stack([normalized_gram(f)[0].reshape(-1).float() for f in (x, y, x[:, ::-1])])
+    m = gram_products(grams)
+    assert m[0, 1] == pytest.approx(value, abs=1e-6) and m[0, 2] == pytest.approx(1.0, abs=1e-6)
+    np.testing.assert_allclose(np.diag(m), 1.0, atol=1e-6)
     assert cka(x, np.ones((400, 3))) == 0.0
-    np.testing.assert_allclose(cka_matrix([x, np.ones((400, 3))]), [[1.0, 0.0], [0.0, 0.0]])
+    assert normalized_gram(np.ones((400, 3)))[1] is False
     with pytest.raises(ValueError, match="same rows"):
         cka(x, y[:10])

@@ -10,8 +10,14 @@ import pytest
 import torch
 import yaml
 
-from orchestrator.budget import BudgetSpec, HalvingSpec, ModelFacts, halving_budgets, plan_candidates
-from orchestrator.cli import main
+from mlpfuse.orchestrator.budget import (
+    BudgetSpec,
+    HalvingSpec,
+    ModelFacts,
+    halving_budgets,
+    plan_candidates,
+)
+from mlpfuse.orchestrator.cli import main
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +97,7 @@ def test_budget_run_picks_best_and_retargets(tiny_lm: Path, tmp_path: Path, ray_
     assert "won with perplexity" in rep["winner"]["reason"]
     # Each round scores only the windows beyond the previous round's and adds its sums: a finalist's
     # rounds together did one full evaluation's work, and its score is that evaluation's.
-    from stages import evaluate
+    from mlpfuse.stages import evaluate
 
     base_metrics = json.loads((Path(rep["stages"]["evaluate"]["path"]) / "metrics.json").read_text())
     for c in finals:
@@ -170,8 +176,8 @@ def test_merge_windows_never_mix_ff_shapes() -> None:
 def test_winner_reason_names_each_family_by_its_furthest_round() -> None:
     """A candidate dropped in the first round (scored on fewer tokens) is not its family's best
     over one that reached the last round, even with a lower first-round perplexity."""
-    from orchestrator.budget import Candidate, winner_reason
-    from stages.compress import CompressConfig
+    from mlpfuse.orchestrator.budget import Candidate, winner_reason
+    from mlpfuse.stages.compress import CompressConfig
 
     def cand(name: str, family: str, ppls: list[tuple[int, float]]) -> Candidate:
         c = Candidate(name, CompressConfig.model_validate({"candidate": {"method": "layer_drop", "layers": [1]}}), family)

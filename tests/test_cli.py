@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator.cli import main
+from mlpfuse.orchestrator.cli import main
 from tests.conftest import make_tiny
 
 

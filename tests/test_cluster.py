@@ -25,6 +25,7 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
+
 from tests.conftest import tiny_llama_with_tokenizer, write_corpus
 
 pytestmark = pytest.mark.cluster
@@ -257,7 +258,7 @@ def _submit(spec: Path, url: str, timeout: float) -> tuple[int | None, str]:
     import threading
 
     proc = subprocess.Popen(
-        [sys.executable, "-m", "orchestrator.cli", "submit", str(spec), "--address", url, "--wait"],
+        [sys.executable, "-m", "mlpfuse.orchestrator.cli", "submit", str(spec), "--address", url, "--wait"],
         cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )
     buf = io.StringIO()
@@ -330,7 +331,7 @@ def _check_run(r: dict) -> None:
     assert {s["status"] for s in report["stages"].values()} == {"run"}
     assert report["base"]["perplexity"] > 1
     # Every stage's artifact is in the shared cache, verified.
-    from orchestrator.store import ArtifactStore
+    from mlpfuse.orchestrator.store import ArtifactStore
 
     store = ArtifactStore(r["tmp"] / "shared-cache")
     for s in report["stages"].values():

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cluster.runtime_env import JOB_ENV_VARS, WORKING_DIR_EXCLUDES, runtime_env
-from cluster.zero import ZERO_CONFIG_FILES, fit_buckets, zero_config
-from stages.errors import InputError
+from mlpfuse.cluster.runtime_env import JOB_ENV_VARS, WORKING_DIR_EXCLUDES, runtime_env
+from mlpfuse.core.errors import InputError
+from mlpfuse.stages.model.zero import ZERO_CONFIG_FILES, fit_buckets, zero_config
 
 CLUSTER = Path(__file__).resolve().parents[1] / "cluster"
 
@@ -128,7 +128,7 @@ def test_ray_up_gpu_yaml():
 
 
 def test_kuberay_rayjob_yaml():
-    from orchestrator.spec import parse_spec
+    from mlpfuse.orchestrator.spec import parse_spec
 
     docs = list(yaml.safe_load_all((CLUSTER / "kuberay-rayjob.yaml").read_text()))
     by_kind = {d["kind"]: d for d in docs}
@@ -140,7 +140,7 @@ def test_kuberay_rayjob_yaml():
     job = by_kind["RayJob"]
     assert job["apiVersion"] == "ray.io/v1"
     assert job["spec"]["entrypoint"] == "mlpfuse run /specs/pipeline.yaml --address auto"
-    from cluster.runtime_env import JOB_ENV_VARS
+    from mlpfuse.cluster.runtime_env import JOB_ENV_VARS
 
     assert yaml.safe_load(job["spec"]["runtimeEnvYAML"])["env_vars"] == JOB_ENV_VARS
     cluster = job["spec"]["rayClusterSpec"]
@@ -171,8 +171,9 @@ def test_kuberay_rayjob_yaml():
 
 
 def test_local_yaml_agrees_with_the_code():
-    from orchestrator.pipeline import RAY_ENV
-    from stages.distill import DEFAULT_TORCH_EXTENSIONS_DIR, DistillConfig
+    from mlpfuse.orchestrator.pipeline import RAY_ENV
+    from mlpfuse.stages.model.process_group import DEFAULT_TORCH_EXTENSIONS_DIR
+    from mlpfuse.stages.model.trainer import DistillConfig
 
     local = load_yaml("local.yaml")
     assert set(local) == {"env", "ray_init", "head", "distill"}

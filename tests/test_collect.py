@@ -11,8 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from stages import collect, shard
-from stages.collect import CollectConfig, CollectPartConfig, read_features, read_stats
+from mlpfuse.stages import collect, shard
+from mlpfuse.stages.collect import CollectConfig, CollectPartConfig
+from mlpfuse.stages.model.features import read_features, read_stats
 
 
 def _data(tmp: Path, n_blocks: int, block: int, vocab: int, seed: int = 0) -> Path:
@@ -142,7 +143,7 @@ def test_bfloat16_expert_features_are_computed_in_float32(tiny_checkpoints: dict
     model's forward does (upcast weights), not a bfloat16 one."""
     from transformers import AutoModelForCausalLM
 
-    from stages.collect import read_inputs
+    from mlpfuse.stages.model.features import read_inputs
 
     bf16 = tmp_path / "bf16"
     AutoModelForCausalLM.from_pretrained(tiny_checkpoints["mixtral"], dtype=torch.bfloat16).save_pretrained(bf16)
@@ -174,7 +175,7 @@ def test_killed_collect_resumes(llama_shard: Path, tmp_path: Path, monkeypatch: 
     monkeypatch.setattr(collect, "_write_layer", real)
     # The committed layers are a prefix: the layer after the failed one (through its forward while
     # layer 1's statistics were made) was not committed either.
-    from stages.artifacts import part_done
+    from mlpfuse.core.artifacts import part_done
 
     assert [part_done(tmp_path / "p", f"stats/L{i:05d}.safetensors") for i in range(3)] == [True, False, False]
     done = {f: f.stat().st_mtime_ns for f in (tmp_path / "p").rglob("*.parquet")}
@@ -193,8 +194,8 @@ def test_killed_collect_resumes(llama_shard: Path, tmp_path: Path, monkeypatch: 
 def test_nan_features_name_the_layer(llama_shard: Path, tmp_path: Path) -> None:
     from safetensors.torch import load_file, save_file
 
-    from stages.errors import NumericalError
-    from stages.shard import layer_file
+    from mlpfuse.core.errors import NumericalError
+    from mlpfuse.stages.model.shards import layer_file
 
     bad = tmp_path / "shard"
     import shutil
@@ -215,7 +216,7 @@ def test_stage_tasks_run_with_passive_openmp_waiting(tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    from cluster.runtime_env import TASK_ENV, runtime_env
+    from mlpfuse.cluster.runtime_env import TASK_ENV, runtime_env
 
     root = Path(__file__).resolve().parents[1]
     assert TASK_ENV["OMP_WAIT_POLICY"] == "PASSIVE"

@@ -11,9 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from stages import alignment, compress, shard
-from stages.compress import CompressConfig
-from stages.families import FFWeights
+from mlpfuse.stages import compress, shard
+from mlpfuse.stages.compress import CompressConfig
+from mlpfuse.stages.math import alignment
+from mlpfuse.stages.math.ffweights import FFWeights
 from tests.test_collect import _collect, _data
 
 
@@ -162,7 +163,7 @@ def test_pruned_refit_from_the_gram_equals_the_refit_from_tokens(
     def no_tokens(*_a: object, **_k: object) -> None:
         raise AssertionError("the gram refit read calibration tokens")
 
-    monkeypatch.setattr(compress._Context, "block_inputs", no_tokens)
+    monkeypatch.setattr(compress.BuildContext, "block_inputs", no_tokens)
     got = _run(with_gram, tmp_path / "gram", method, {})
     for key in ("before", "after"):
         np.testing.assert_allclose(got["refit_errors"][key], ref["refit_errors"][key], rtol=1e-4, atol=1e-7)

@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from pydantic import ValidationError
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from cluster.zero import zero_config
-from stages.distill import (
+from mlpfuse.core.errors import InputError
+from mlpfuse.stages.model.trainer import (
     ADAMW_BETAS,
     ADAMW_EPS,
     ADAMW_WEIGHT_DECAY,
@@ -33,7 +33,7 @@ from stages.distill import (
     distill,
     ff_parameter_names,
 )
-from stages.errors import InputError
+from mlpfuse.stages.model.zero import zero_config
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {
@@ -336,7 +336,7 @@ from pathlib import Path
 import torch
 sys.path.insert(0, {tests!r})
 from test_distill import make_batches, make_config, make_models
-from stages.distill import distill
+from mlpfuse.stages.model.trainer import distill
 
 def run(checkpoint_dir, out, kill_at_forward=None):
     teacher, student = make_models()
@@ -413,7 +413,7 @@ def test_sigkill_then_resume_in_new_process(tmp_path):
 def test_ray_train_distill_matches_local(process_group, ray_local, tmp_path):
     """One CPU Ray Train worker (file rendezvous, nothing listens beyond loopback) trains exactly
     what distill() trains in this process."""
-    from stages.distill import ray_train_distill
+    from mlpfuse.cluster.ray_train import ray_train_distill
 
     config = make_config(steps=4)
     batches = make_batches()

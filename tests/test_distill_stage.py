@@ -22,22 +22,16 @@ import torch.nn.functional as F
 from pydantic import ValidationError
 
 import mlpfuse
-import stages.distill as distill_mod
-from stages import export, shard
-from stages.distill import (
-    CHECKPOINTS_DIR,
-    DistillConfig,
-    DistillStageConfig,
-    distill,
-    layer_map_for,
-    layer_mse,
-    run_stage,
-)
-from stages.errors import InputError
-from stages.export import TIES_FILE
-from stages.families import family_for
-from stages.overlay import Overlay, save_overlay
-from stages.shard import layer_file
+import mlpfuse.stages.distill as distill_mod
+from mlpfuse.core.errors import InputError
+from mlpfuse.stages import export, shard
+from mlpfuse.stages.distill import CHECKPOINTS_DIR, DistillStageConfig, run_stage
+from mlpfuse.stages.math.distill_loss import layer_map_for, layer_mse
+from mlpfuse.stages.model.families import family_for
+from mlpfuse.stages.model.hf import TIES_FILE
+from mlpfuse.stages.model.overlay import Overlay, save_overlay
+from mlpfuse.stages.model.shards import layer_file
+from mlpfuse.stages.model.trainer import DistillConfig, distill
 from tests.conftest import TINY_CONFIGS
 
 N_LAYERS = 4
@@ -118,7 +112,7 @@ def _inputs(a: dict[str, Path], student: str = "student") -> dict[str, Path]:
 
 
 def _ids(a: dict[str, Path], n: int = 4) -> torch.Tensor:
-    from stages.data import read_calib
+    from mlpfuse.stages.data import read_calib
 
     return torch.from_numpy(read_calib(a["data"])[:n])
 
@@ -310,8 +304,8 @@ def test_tied_form_stays_tied(artifacts: dict[str, Path], tmp_path: Path) -> Non
 
 
 def _overlay_logits(a: dict[str, Path], overlay: Path, ids: torch.Tensor) -> torch.Tensor:
-    from stages.overlay import load_overrides
-    from stages.runner import LayerStreamedModel
+    from mlpfuse.stages.model.overlay import load_overrides
+    from mlpfuse.stages.model.runner import LayerStreamedModel
 
     with torch.no_grad():
         return LayerStreamedModel(a["shard"], overrides=load_overrides(overlay)).logits(ids)

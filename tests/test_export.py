@@ -13,11 +13,11 @@ import torch
 from safetensors import safe_open
 
 import mlpfuse
-from stages import export, shard
-from stages.families import family_for
-from stages.overlay import Overlay, load_overrides, save_overlay
-from stages.runner import LayerStreamedModel
-from stages.shard import layer_file
+from mlpfuse.stages import export, shard
+from mlpfuse.stages.model.families import family_for
+from mlpfuse.stages.model.overlay import Overlay, load_overrides, save_overlay
+from mlpfuse.stages.model.runner import LayerStreamedModel
+from mlpfuse.stages.model.shards import layer_file, load_shard_meta
 from tests.conftest import TINY_CONFIGS
 
 FAMILIES = ("llama", "gpt2", "mixtral", "qwen2_moe", "gemma3_text", "opt", "qwen3_moe")
@@ -44,8 +44,8 @@ def _make(model_type: str, path: Path) -> Path:
 def _overlay(shard_dir: Path, out: Path, fractions: dict[int, float]) -> Path:
     """Prune every FF block of each kept layer to ``fractions[layer]`` of its neurons (the first
     ones), skip layer SKIP, and give the TIE layers the first one's pruned blocks (tied)."""
-    from transformers import AutoConfig
     from safetensors.torch import load_file
+    from transformers import AutoConfig
 
     cfg = AutoConfig.from_pretrained(shard_dir)
     family = family_for(cfg)
@@ -256,7 +256,7 @@ def test_stock_export_loads_without_mlpfuse(exports: dict, tmp_path: Path, monke
 def test_export_base_without_overlay(exports: dict, tmp_path: Path) -> None:
     sh = exports["llama"]["shard"]
     res = export.run(export.ExportConfig(dtype="bfloat16"), {"shard": sh}, tmp_path / "base")
-    meta = shard.load_shard_meta(sh)
+    meta = load_shard_meta(sh)
     assert res["params"] == meta["params"]["total"] and res["num_hidden_layers"] == N_LAYERS
     assert res["dtype"] == "bfloat16"
     from transformers import AutoModelForCausalLM

@@ -29,8 +29,8 @@ import psutil
 import pytest
 import yaml
 
-from orchestrator.cli import main
-from orchestrator.store import ArtifactStore
+from mlpfuse.orchestrator.cli import main
+from mlpfuse.orchestrator.store import ArtifactStore
 from tests.conftest import tiny_llama_with_tokenizer, write_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -174,7 +174,7 @@ def _kill_tree(pid: int, known: list[psutil.Process] = ()) -> int:
 
 def _cli(spec: Path, *args: str, env: dict[str, str] | None = None, **popen: object) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "orchestrator.cli", "run", str(spec), *args], cwd=ROOT, env=env or _env(),
+        [sys.executable, "-m", "mlpfuse.orchestrator.cli", "run", str(spec), *args], cwd=ROOT, env=env or _env(),
         start_new_session=True, **popen,
     )
 
@@ -406,8 +406,8 @@ ENOSPC_DRIVER = textwrap.dedent('''
     from pathlib import Path
 
     def inject():
-        import stages.registry  # noqa: F401  (imports every stage module first)
-        import stages.artifacts as art
+        import mlpfuse.stages.registry  # noqa: F401  (imports every stage module first)
+        import mlpfuse.core.artifacts as art
         orig = art.write_atomic
         if getattr(orig, "enospc", False):
             return
@@ -443,10 +443,10 @@ ENOSPC_DRIVER = textwrap.dedent('''
 
     inject()
     import ray
-    from orchestrator.pipeline import RAY_ENV
+    from mlpfuse.orchestrator.pipeline import RAY_ENV
     ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
              runtime_env={"worker_process_setup_hook": inject, "env_vars": dict(RAY_ENV)})
-    from orchestrator.cli import main
+    from mlpfuse.orchestrator.cli import main
     sys.exit(main(sys.argv[1:]))
 ''')
 
@@ -543,8 +543,8 @@ def test_pickle_payload_in_bin_checkpoint_is_refused(tmp_path: Path, capsys: pyt
                                                      ray_local) -> None:
     import torch
 
-    from stages import shard
-    from stages.errors import CheckpointError
+    from mlpfuse.core.errors import CheckpointError
+    from mlpfuse.stages import shard
 
     ckpt, marker = tmp_path / "evil-bin", tmp_path / "PWNED"
     _tiny_llama_config(ckpt)
@@ -571,12 +571,12 @@ def test_pickle_payload_in_bin_checkpoint_is_refused(tmp_path: Path, capsys: pyt
 def test_checkpoint_code_is_not_run_by_default(tmp_path: Path) -> None:
     """trust_remote_code is off unless the spec opts in; a checkpoint shipping its own modeling code
     (config ``auto_map``) is refused, and the code is never imported."""
-    from safetensors.torch import save_file
     import torch
+    from safetensors.torch import save_file
 
-    from orchestrator.spec import PipelineSpec, ShardSpec
-    from stages import shard
-    from stages.errors import CheckpointError
+    from mlpfuse.core.errors import CheckpointError
+    from mlpfuse.orchestrator.spec import PipelineSpec, ShardSpec
+    from mlpfuse.stages import shard
 
     assert ShardSpec().trust_remote_code is False
     spec = PipelineSpec(model="x")
@@ -624,7 +624,7 @@ def _pydantic_models(model: type, seen: set[type] | None = None) -> set[type]:
 ], ids=["top-level", "shard", "ray-runtime-env", "evaluate", "yaml-apply-tag", "yaml-name-tag"])
 def test_spec_cannot_name_code(doc: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                request: pytest.FixtureRequest) -> None:
-    from orchestrator.spec import PipelineSpec
+    from mlpfuse.orchestrator.spec import PipelineSpec
 
     marker = tmp_path / "PWNED"
     spec = tmp_path / "spec.yaml"
@@ -734,8 +734,8 @@ def test_fixed_embedded_ray_joins_a_stale_cluster_address(tmp_path: Path, assets
 
 
 def test_fixed_collect_part_killed_before_commit_cannot_resume(tmp_path: Path, fresh: dict) -> None:
-    from stages import collect
-    from stages.artifacts import file_digest
+    from mlpfuse.core.artifacts import file_digest
+    from mlpfuse.stages import collect
 
     def files(d: Path) -> dict[str, str]:
         return {f.relative_to(d).as_posix(): file_digest(f) for f in sorted(d.rglob("*"))
@@ -755,24 +755,24 @@ def test_fixed_failed_commit_discards_committed_parts(tmp_path: Path, fresh: dic
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     from dataclasses import asdict
 
-    import stages.artifacts
-    from orchestrator.pipeline import build_plan, execute_node
-    from orchestrator.spec import load_spec
+    import mlpfuse.core.artifacts
+    from mlpfuse.orchestrator.pipeline import build_plan, execute_node
+    from mlpfuse.orchestrator.spec import load_spec
 
     (node,) = [n for n in build_plan(load_spec(_spec(tmp_path, assets, "commit"))) if n.name == "collect.part0"]
     ups = [{"path": str(fresh["cache"] / "artifacts" / u / node.input_keys[u])} for u in node.inputs]
     store = str(tmp_path / "store")
-    orig = stages.artifacts.write_atomic
+    orig = mlpfuse.core.artifacts.write_atomic
 
     def full_at_manifest(path: Path, writer: object) -> None:
         if Path(path).name == "manifest.json":
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         orig(path, writer)
 
-    monkeypatch.setattr(stages.artifacts, "write_atomic", full_at_manifest)
+    monkeypatch.setattr(mlpfuse.core.artifacts, "write_atomic", full_at_manifest)
     with pytest.raises(OSError):
         execute_node(store, asdict(node), *ups)  # every layer committed as a part; the commit fails
-    monkeypatch.setattr(stages.artifacts, "write_atomic", orig)
+    monkeypatch.setattr(mlpfuse.core.artifacts, "write_atomic", orig)
     r = execute_node(store, asdict(node), *ups)  # space freed: the retry
     assert r["status"] == "run"
     assert r["result"]["layers_resumed_from"] == 12, f"recomputed from layer {r['result']['layers_resumed_from']}"
@@ -783,8 +783,8 @@ def test_fixed_stale_collect_artifact_is_used_silently(tmp_path: Path, fresh: di
 
     from safetensors.numpy import load_file, save_file
 
-    from orchestrator.budget import ModelFacts
-    from stages.registry import STAGES
+    from mlpfuse.orchestrator.budget import ModelFacts
+    from mlpfuse.stages.registry import STAGES
 
     arts = fresh["cache"] / "artifacts"
     old = tmp_path / "collect-v1"
@@ -801,13 +801,13 @@ def test_fixed_stale_collect_artifact_is_used_silently(tmp_path: Path, fresh: di
 
 def test_fixed_disk_full_message(tmp_path: Path, fresh: dict, monkeypatch: pytest.MonkeyPatch,
                                capsys: pytest.CaptureFixture[str]) -> None:
-    import stages.artifacts
+    import mlpfuse.core.artifacts
 
     def full(path: Path, writer: object) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
     spec = Path(fresh["report"]["outputs"]["cache"]).parent / "fresh.yaml"
-    monkeypatch.setattr(stages.artifacts, "write_atomic", full)  # everything is cached: only report.json is written
+    monkeypatch.setattr(mlpfuse.core.artifacts, "write_atomic", full)  # everything is cached: only report.json is written
     rc = main(["run", str(spec), "--output", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert rc == 1 and "Traceback" not in err

@@ -10,9 +10,9 @@ import torch
 from torch import nn
 from transformers.activations import ACT2FN
 
-from stages.families import FFWeights
-from stages.fusion import FusedMLP, fuse_ff, sub_mlp_vectors
-from stages.kmeans import greedy_kmeanspp, kmeans
+from mlpfuse.stages.math.ffweights import FFWeights
+from mlpfuse.stages.math.fusion import FusedMLP, fuse_ff, sub_mlp_vectors
+from mlpfuse.stages.math.kmeans import greedy_kmeanspp, kmeans
 
 H, I = 16, 48
 # (glu, act) pairs: SwiGLU without biases (Llama-style) and GELU with both biases (BERT/GPT-2).
@@ -243,9 +243,9 @@ def test_fuse_rejects_bad_inputs() -> None:
 def test_k_equals_I_reproduces_every_expert_end_to_end(mt: str, tiny_checkpoints, tmp_path) -> None:
     """``fusion`` with ratio 1 (k = I in every block: each expert, the shared expert, dense MLPs)
     through the compress stage and the streamed runner: the model's logits are unchanged."""
-    from stages import compress, shard
-    from stages.overlay import load_overrides
-    from stages.runner import LayerStreamedModel
+    from mlpfuse.stages import compress, shard
+    from mlpfuse.stages.model.overlay import load_overrides
+    from mlpfuse.stages.model.runner import LayerStreamedModel
 
     sd = tmp_path / "shard"
     shard.run(shard.ShardConfig(model=str(tiny_checkpoints[mt])), {}, sd)

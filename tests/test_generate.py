@@ -103,8 +103,8 @@ def test_safetensors_layout_is_standard(tmp_path: Path) -> None:
 
 
 def test_mixtral_legacy_layout_loads_and_streams(tmp_path: Path) -> None:
-    from stages import shard
-    from stages.runner import LayerStreamedModel
+    from mlpfuse.stages import shard
+    from mlpfuse.stages.model.runner import LayerStreamedModel
 
     cfg = _config("mixtral")
     out = tmp_path / "ckpt"

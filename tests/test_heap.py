@@ -13,7 +13,7 @@ import pytest
 _PROBE = r"""
 import ctypes
 import numpy as np
-from stages.heap import bound_malloc_cache, reuse_heap
+from mlpfuse.core.heap import bound_malloc_cache, reuse_heap
 
 class Mallinfo2(ctypes.Structure):
     _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",

@@ -13,12 +13,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from stages import compress, layer_errors, shard
-from stages.families import FFWeights, family_for
-from stages.layer_errors import LayerErrorsConfig, ProbeConfig, ff_kernels, rel_error
-from stages.overlay import Overlay, save_overlay
-from stages.runner import LayerStreamedModel
-from stages.shard import layer_file
+from mlpfuse.stages import compress, layer_errors, shard
+from mlpfuse.stages.layer_errors import LayerErrorsConfig, ProbeConfig, ff_kernels, rel_error
+from mlpfuse.stages.math.ffweights import FFWeights
+from mlpfuse.stages.model.overlay import Overlay, save_overlay
+from mlpfuse.stages.model.runner import LayerStreamedModel
+from mlpfuse.stages.model.shards import layer_file
 from tests.conftest import make_tiny
 
 CFG = LayerErrorsConfig(ntk_tokens=24, seed=1)
@@ -179,7 +179,7 @@ def _ff(glu: bool, bias: bool, act: str, i: int = 20, h: int = 8, seed: int = 0)
                                           (False, False, "relu")])
 @pytest.mark.parametrize("with_p", [False, True])
 def test_closed_form_kernels_match_autograd(glu: bool, bias: bool, act: str, with_p: bool) -> None:
-    from stages.fusion import FusedMLP
+    from mlpfuse.stages.math.fusion import FusedMLP
 
     ff = _ff(glu, bias, act)
     x = torch.randn(9, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
@@ -221,7 +221,7 @@ def test_duplicated_neurons_fuse_exactly_in_the_kernel_of_their_form() -> None:
     """A block of neurons each repeated 3 times, fused into its 1/3 (k-means finds the copies):
     with P the SignGD (Adam) kernel is exact, and the plain kernel is not; the √P "cluster" form
     (ReLU) keeps the plain kernel exactly. Outputs are exact in both."""
-    from stages.fusion import fuse_ff
+    from mlpfuse.stages.math.fusion import fuse_ff
 
     base = _ff(False, True, "relu", i=10)
     dup = base.select(torch.arange(10).repeat(3))
@@ -242,9 +242,9 @@ def test_duplicated_neurons_fuse_exactly_in_the_kernel_of_their_form() -> None:
 def test_score_layers_wires_probe_and_candidates(tmp_path: Path) -> None:
     """One probe node and one layer_errors node per candidate, run as one group through the
     registered stages (a stand-in session that executes nodes in order)."""
-    from orchestrator.layer_errors import score_layers
-    from orchestrator.pipeline import execute_node, make_node
-    from orchestrator.store import ArtifactStore
+    from mlpfuse.orchestrator.layer_errors import score_layers
+    from mlpfuse.orchestrator.pipeline import execute_node, make_node
+    from mlpfuse.orchestrator.store import ArtifactStore
 
     store = ArtifactStore(tmp_path / "cache")
     root = tmp_path / "w"

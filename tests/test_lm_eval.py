@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import tiny_llama_with_tokenizer, write_corpus
-from orchestrator.cli import main
-from orchestrator.lm_eval_run import heldout_documents, run_lm_eval
-from stages.errors import InputError
+
+from mlpfuse.core.errors import InputError
+from mlpfuse.orchestrator.cli import main
+from mlpfuse.orchestrator.lm_eval_run import heldout_documents, run_lm_eval
 
 MAX_LENGTH = 16  # small windows, so a document spans several (the last one partial)
 
@@ -79,7 +79,7 @@ def test_shipped_task_matches_direct_perplexity(tiny_model: Path, tmp_path: Path
 
 
 def test_heldout_split_matches_data_stage(tiny_model: Path, tmp_path: Path) -> None:
-    from stages import data
+    from mlpfuse.stages import data
 
     corpus = write_corpus(tmp_path / "corpus", docs=10)
     data.run(data.TokenizeConfig(corpus=str(corpus), calib_tokens=1024, eval_tokens=5000, block_size=512),

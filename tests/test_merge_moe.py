@@ -15,10 +15,10 @@ import torch
 from safetensors import safe_open
 
 import mlpfuse
-from stages import compress, export, shard
-from stages.overlay import load_overrides
-from stages.runner import LayerStreamedModel
-from stages.shard import layer_file
+from mlpfuse.stages import compress, export, shard
+from mlpfuse.stages.model.overlay import load_overrides
+from mlpfuse.stages.model.runner import LayerStreamedModel
+from mlpfuse.stages.model.shards import layer_file
 from tests.conftest import TINY_CONFIGS
 from tests.test_collect import _collect, _data
 
@@ -64,7 +64,7 @@ def moe_copy(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
     return {"shard": sd, "collect": col, "root": root}
 
 
-def _merge(env: dict, name: str, **kw: object) -> tuple[Path, dict]:
+def build_merge(env: dict, name: str, **kw: object) -> tuple[Path, dict]:
     out = env["root"] / name
     out.mkdir()
     refit = kw.pop("refit", None)
@@ -81,7 +81,7 @@ def _logits(shard_dir: Path, overlay: Path | None) -> torch.Tensor:
 
 def test_aligned_merge_of_a_shuffled_copy_reproduces_the_model(moe_copy: dict) -> None:
     base = _logits(moe_copy["shard"], None)
-    out, res = _merge(moe_copy, "aligned")
+    out, res = build_merge(moe_copy, "aligned")
     meta = json.loads((out / "overlay.json").read_text())
     assert meta["tied"] == [[0, 1]] and meta["layers"]["0"]["patch"] == meta["layers"]["1"]["patch"]
     # The one stored patch is layer 0's MoE block itself (router included): nothing was averaged away.
@@ -97,12 +97,12 @@ def test_aligned_merge_of_a_shuffled_copy_reproduces_the_model(moe_copy: dict) -
     patch = load_overrides(out)[0].tensors
     assert res["params"] - res["unique_params"] == sum(patch[k].numel() for k in patch)
 
-    vanilla, _ = _merge(moe_copy, "vanilla", permute=False)
+    vanilla, _ = build_merge(moe_copy, "vanilla", permute=False)
     assert (_logits(moe_copy["shard"], vanilla) - base).abs().max().item() > 1e-3
 
 
 def test_tied_export_shares_the_whole_moe_block(moe_copy: dict) -> None:
-    out, res = _merge(moe_copy, "export-src")
+    out, res = build_merge(moe_copy, "export-src")
     r = export.run(export.ExportConfig(tied=True), {"shard": moe_copy["shard"], "overlay": out},
                    moe_copy["root"] / "export")
     assert r["unique_params"] == res["unique_params"]
@@ -115,7 +115,7 @@ def test_tied_export_shares_the_whole_moe_block(moe_copy: dict) -> None:
 def test_refit_of_a_merged_moe_window_fits_each_layers_matched_experts(moe_copy: dict) -> None:
     """The refit pairs each merged expert with the original expert it stands for in each layer:
     on the shuffled copy the merge is already exact, so the fit stays exact (errors ~0)."""
-    out, res = _merge(moe_copy, "refit", refit={"lam": 0.0})
+    out, res = build_merge(moe_copy, "refit", refit={"lam": 0.0})
     errs = res["refit_errors"]
     assert errs["layers"] == [0, 1]
     assert max(errs["before"]) < 1e-8 and max(errs["after"]) < 1e-8
@@ -127,7 +127,7 @@ def test_budget_merges_moe_windows_end_to_end(smollm2_tokenizer: Path, tmp_path:
     import yaml
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from orchestrator.cli import main
+    from mlpfuse.orchestrator.cli import main
 
     torch.manual_seed(0)
     model_dir = tmp_path / "model"
@@ -156,7 +156,7 @@ def test_budget_merges_moe_windows_end_to_end(smollm2_tokenizer: Path, tmp_path:
 
 
 def test_aligned_moe_merge_without_recorded_inputs_is_a_clear_error(moe_copy: dict) -> None:
-    from stages.errors import InputError
+    from mlpfuse.core.errors import InputError
 
     root = moe_copy["root"] / "noinputs"
     root.mkdir()

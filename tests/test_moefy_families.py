@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from stages import compress, shard
-from stages.overlay import load_overrides
-from stages.runner import LayerStreamedModel
+from mlpfuse.stages import compress, shard
+from mlpfuse.stages.model.overlay import load_overrides
+from mlpfuse.stages.model.runner import LayerStreamedModel
 from tests.conftest import TINY_CONFIGS
 
 IDS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(5))
@@ -42,7 +42,7 @@ def test_unpruned_moefy_reproduces_the_model(mt: str, assignment: str, tiny_chec
 
 def test_unpruned_moefy_keeps_smollm2_perplexity(smollm2_shard: Path, tmp_path: Path) -> None:
     """Real SmolLM2-135M weights, held-out Shakespeare: the paper's claim is a change < 0.05 %."""
-    from stages import data, evaluate
+    from mlpfuse.stages import data, evaluate
 
     d, ov = tmp_path / "data", tmp_path / "moefy"
     d.mkdir()
@@ -93,7 +93,7 @@ def test_static_moe_inspection_form_equals_the_exported_block(mt: str, op: str, 
     and its output is the pruned plain block's the candidate exports."""
     from safetensors.torch import load_file
 
-    from stages.errors import InputError
+    from mlpfuse.core.errors import InputError
 
     sd = tmp_path / "shard"
     shard.run(shard.ShardConfig(model=str(tiny_checkpoints[mt])), {}, sd)
@@ -102,7 +102,7 @@ def test_static_moe_inspection_form_equals_the_exported_block(mt: str, op: str, 
     cand = {"method": "moefy", "branches": 4, "assignment": "importance", "op": op, "keep_branches": 0.5,
             "sparsity": 0.4, "layers": [1]}
     compress.run(compress.CompressConfig.model_validate({"candidate": cand}), {"shard": sd}, ov)
-    ctx = compress._Context(sd, None)
+    ctx = compress.BuildContext(sd, None)
     patched = {**ctx.state(1), **load_overrides(ov)[1].tensors}
     x = torch.randn(7, ctx.config.hidden_size, generator=torch.Generator().manual_seed(0))
     for ref in ctx.family.ff_blocks(ctx.config, patched):

@@ -4,15 +4,14 @@ pruning and export to a plain MLP."""
 from __future__ import annotations
 
 import itertools
-
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from stages.families import FFWeights
-from stages.moefy import (
+from mlpfuse.stages.math.ffweights import FFWeights
+from mlpfuse.stages.math.moefy import (
     StaticMoE,
     branch_assignment,
     branch_energy,

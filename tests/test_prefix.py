@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from stages import compress, data, evaluate, shard
-from stages.evaluate import EvaluateConfig, PrefixConfig
+from mlpfuse.stages import compress, data, evaluate, shard
+from mlpfuse.stages.evaluate import EvaluateConfig, PrefixConfig
 from tests.conftest import tiny_llama_with_tokenizer
 
 LAYERS = 4

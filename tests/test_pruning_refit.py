@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stages.families import FFWeights
-from stages.fusion import fuse_ff
-from stages.pruning import activation_scores, magnitude_scores, prune_ff, random_scores
-from stages.refit import RefitAccumulator, refit_down
+from mlpfuse.stages.math.ffweights import FFWeights
+from mlpfuse.stages.math.fusion import fuse_ff
+from mlpfuse.stages.math.pruning import activation_scores, magnitude_scores, prune_ff, random_scores
+from mlpfuse.stages.math.refit import RefitAccumulator, refit_down
 
 H, I = 16, 48
 LAYOUTS = [(True, "silu"), (False, "gelu")]
@@ -234,7 +234,8 @@ class _Ctx:
     """What sensitivity allocation reads from the compress context."""
 
     def __init__(self, blocks: list[FFWeights]):
-        from stages.families import FFBlockRef
+        from mlpfuse.stages.model.families import FFBlockRef
+
 
         self.num_layers = len(blocks)
         self._blocks = [{FFBlockRef("dense"): ff} for ff in blocks]
@@ -247,22 +248,23 @@ class _Ctx:
 
 
 def test_sensitivity_allocation_keeps_the_uniform_total_and_spares_spread_out_blocks() -> None:
-    from stages.compress import PruneMethod, _sensitivity_sizes
-    from stages.families import FFBlockRef
+    from mlpfuse.stages.methods.prune import PruneMethod, sensitivity_sizes
+    from mlpfuse.stages.model.families import FFBlockRef
+
 
     spread = random_ff(True, "silu", seed=0)
     peaked = random_ff(True, "silu", seed=1)
     peaked.down[:, :4] *= 50.0  # four neurons carry almost all of this block's magnitude
     ctx = _Ctx([spread, peaked])
     m = PruneMethod(criterion="magnitude", ratio=0.5, allocation="sensitivity", min_ratio=0.125)
-    sizes = _sensitivity_sizes(m, ctx)  # type: ignore[arg-type]
+    sizes = sensitivity_sizes(m, ctx)  # type: ignore[arg-type]
     ref = FFBlockRef("dense")
     assert sum(sizes.values()) == 2 * m.k(I)
     assert sizes[(1, ref)] < m.k(I) < sizes[(0, ref)]
     assert all(v >= int(0.125 * I) for v in sizes.values())
-    uniform = _sensitivity_sizes(PruneMethod(criterion="magnitude", ratio=0.5, allocation="sensitivity",
+    uniform = sensitivity_sizes(PruneMethod(criterion="magnitude", ratio=0.5, allocation="sensitivity",
                                              min_ratio=0.5), ctx)  # type: ignore[arg-type]
     assert uniform == {(0, ref): m.k(I), (1, ref): m.k(I)}  # floors at the uniform size leave no choice
     with pytest.raises(Exception, match="min_ratio"):
-        _sensitivity_sizes(PruneMethod(criterion="magnitude", ratio=0.25, allocation="sensitivity",
+        sensitivity_sizes(PruneMethod(criterion="magnitude", ratio=0.25, allocation="sensitivity",
                                        min_ratio=0.5), ctx)  # type: ignore[arg-type]

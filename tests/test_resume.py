@@ -15,7 +15,7 @@ import psutil
 import torch
 import yaml
 
-from orchestrator.cli import main
+from mlpfuse.orchestrator.cli import main
 
 
 def _big_tiny_llama(path: Path) -> Path:
@@ -50,7 +50,7 @@ def test_sigkill_during_shard_resumes(tmp_path: Path, ray_local, smollm2_tokeniz
     cache = tmp_path / "cache"
     spec = _spec(tmp_path, ckpt, cache)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "orchestrator.cli", "run", str(spec)], start_new_session=True,
+        [sys.executable, "-m", "mlpfuse.orchestrator.cli", "run", str(spec)], start_new_session=True,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     staging = cache / "staging"
@@ -90,7 +90,7 @@ def test_sigkill_during_shard_resumes(tmp_path: Path, ray_local, smollm2_tokeniz
 
 
 def test_a_part_whose_bytes_changed_is_not_done(tmp_path: Path) -> None:
-    from stages.artifacts import commit_part, part_done
+    from mlpfuse.core.artifacts import commit_part, part_done
 
     commit_part(tmp_path, "a/part.bin", lambda p: p.write_bytes(bytes(range(256)) * 64))
     assert part_done(tmp_path, "a/part.bin")

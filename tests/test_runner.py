@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from stages import shard
-from stages.families import family_for
-from stages.runner import SKIP, LayerStreamedModel
+from mlpfuse.stages import shard
+from mlpfuse.stages.model.families import family_for
+from mlpfuse.stages.model.runner import SKIP, LayerStreamedModel
+from mlpfuse.stages.model.shards import layer_file
 from tests.conftest import TINY_CONFIGS
 
 
@@ -100,7 +101,7 @@ def test_real_smollm2_matches_in_memory(smollm2_shard: Path) -> None:
     """Real weights: the streamed model equals transformers' own model loaded from the GGUF."""
     from transformers import AutoModelForCausalLM
 
-    from stages.checkpoint import resolve_source
+    from mlpfuse.stages.model.checkpoint import resolve_source
 
     src = resolve_source("smollm2-135m")
     model = AutoModelForCausalLM.from_pretrained(src.path, gguf_file=src.gguf_file, dtype=torch.float32).eval()
@@ -115,7 +116,7 @@ def test_real_smollm2_matches_in_memory(smollm2_shard: Path) -> None:
 def test_real_minilm_matches_in_memory(tmp_path: Path) -> None:
     from transformers import AutoModel
 
-    from stages.checkpoint import resolve_source
+    from mlpfuse.stages.model.checkpoint import resolve_source
 
     out = tmp_path / "shard"
     shard.run(shard.ShardConfig(model="minilm-l6"), {}, out)
@@ -136,7 +137,7 @@ def test_streamed_perplexity_equals_direct(model_type: str, tiny_checkpoints: di
     import numpy as np
     from transformers import AutoModelForCausalLM
 
-    from stages.evaluate import EvaluateConfig, perplexity, sliding_windows
+    from mlpfuse.stages.evaluate import EvaluateConfig, perplexity, sliding_windows
 
     out = tmp_path / "shard"
     shard.run(shard.ShardConfig(model=str(tiny_checkpoints[model_type])), {}, out)
@@ -161,12 +162,12 @@ def test_shard_files_equal_the_checkpoint_tensors(tiny_checkpoints: dict[str, Pa
     """Layer files hold the checkpoint's own tensors, read in row chunks with plain file reads."""
     from safetensors.torch import load_file
 
-    from stages.checkpoint import LazyCheckpoint, resolve_source
+    from mlpfuse.stages.model.checkpoint import LazyCheckpoint, resolve_source
 
     src = tiny_checkpoints["llama"]
     shard.run(shard.ShardConfig(model=str(src)), {}, tmp_path / "s")
     full = load_file(str(src / "model.safetensors"))
-    layer = load_file(str(tmp_path / "s" / shard.layer_file(1)))
+    layer = load_file(str(tmp_path / "s" / layer_file(1)))
     assert layer.keys() == {k[len("model.layers.1."):] for k in full if k.startswith("model.layers.1.")}
     for k, v in layer.items():
         assert torch.equal(v, full[f"model.layers.1.{k}"])
@@ -180,8 +181,8 @@ def test_shard_names_a_non_finite_tensor_and_commits_nothing_for_it(tiny_checkpo
                                                                    tmp_path: Path) -> None:
     from safetensors.torch import load_file, save_file
 
-    from stages.artifacts import part_done
-    from stages.errors import CheckpointError
+    from mlpfuse.core.artifacts import part_done
+    from mlpfuse.core.errors import CheckpointError
 
     bad = tmp_path / "bad"
     shutil.copytree(tiny_checkpoints["llama"], bad)
@@ -191,5 +192,5 @@ def test_shard_names_a_non_finite_tensor_and_commits_nothing_for_it(tiny_checkpo
     out = tmp_path / "s"
     with pytest.raises(CheckpointError, match=r"layer 1 tensor 'mlp.down_proj.weight' holds NaN"):
         shard.run(shard.ShardConfig(model=str(bad)), {}, out)
-    assert part_done(out, shard.layer_file(0)) and not part_done(out, shard.layer_file(1))
-    assert not (out / shard.layer_file(1)).exists()
+    assert part_done(out, layer_file(0)) and not part_done(out, layer_file(1))
+    assert not (out / layer_file(1)).exists()

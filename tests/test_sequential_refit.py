@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from stages import compress, shard
-from stages.compress import CompressConfig
-from stages.errors import InputError
+from mlpfuse.core.errors import InputError
+from mlpfuse.stages import compress, shard
+from mlpfuse.stages.compress import CompressConfig
 from tests.test_collect import _collect, _data
 
 

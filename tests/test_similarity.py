@@ -14,13 +14,14 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from orchestrator.report import build_report
-from orchestrator.spec import parse_spec
-from stages import collect, shard, similarity
-from stages.alignment import cka_matrix
-from stages.collect import CollectConfig, CollectPartConfig, read_features
-from stages.errors import InputError
-from stages.similarity import SimilarityConfig, subsample_tokens
+from mlpfuse.core.errors import InputError
+from mlpfuse.orchestrator.report import build_report
+from mlpfuse.orchestrator.spec import parse_spec
+from mlpfuse.stages import collect, shard, similarity
+from mlpfuse.stages.collect import CollectConfig, CollectPartConfig
+from mlpfuse.stages.math.cka import cka
+from mlpfuse.stages.model.features import read_features
+from mlpfuse.stages.similarity import SimilarityConfig, subsample_tokens
 
 N_BLOCKS, BLOCK = 6, 8  # 48 calibration tokens
 
@@ -91,7 +92,7 @@ def test_dense_output_matrix_equals_numpy_on_the_models_outputs(llama, tiny_chec
     ys = [y[chosen] for y in _hf_ff_outputs(tiny_checkpoints["llama"], ids)]
     ref = np.array([[_np_cka(a, b) for b in ys] for a in ys])
     np.testing.assert_allclose(m, ref, atol=2e-6)
-    np.testing.assert_allclose(m, cka_matrix(ys), atol=2e-6)
+    np.testing.assert_allclose(m, [[cka(a, b) for b in ys] for a in ys], atol=2e-6)
     assert not np.allclose(m, np.eye(3), atol=1e-3)  # random layers are related, not orthogonal
 
 
@@ -108,7 +109,7 @@ def test_hidden_feature_equals_numpy_cka_of_collected_features(llama, tmp_path: 
 def test_permuting_a_layers_neurons_leaves_the_matrix_unchanged(llama, tmp_path: Path) -> None:
     from safetensors.torch import load_file, save_file
 
-    from stages.shard import layer_file
+    from mlpfuse.stages.model.shards import layer_file
 
     sh, c, _ = llama
     _, before = _run(sh, c, tmp_path / "a", tokens=40)

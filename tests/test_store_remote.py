@@ -12,8 +12,8 @@ from pathlib import Path
 import fsspec
 import pytest
 
-from orchestrator.pipeline import execute_node, make_node
-from orchestrator.store import MIRROR_ENV, ArtifactStore
+from mlpfuse.orchestrator.pipeline import execute_node, make_node
+from mlpfuse.orchestrator.store import MIRROR_ENV, ArtifactStore
 from tests.conftest import make_tiny
 
 MEM = fsspec.filesystem("memory")
@@ -125,7 +125,7 @@ def test_list_and_remove(tmp_path: Path, monkeypatch: MP, uri: str) -> None:
 
 def test_execute_node_on_remote_store(tmp_path: Path, monkeypatch: MP, uri: str) -> None:
     """One stage through the pipeline's own task body (in-process: memory:// is per process)."""
-    from stages import shard
+    from mlpfuse.stages import shard
 
     ckpt = make_tiny("llama", tmp_path / "ckpt")
     node = asdict(make_node({}, "shard", "shard", shard.ShardConfig(model=str(ckpt))))

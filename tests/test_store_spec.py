@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.spec import SpecError, load_spec, parse_spec
-from orchestrator.store import ArtifactStore, cache_key
+from mlpfuse.orchestrator.spec import SpecError, load_spec, parse_spec
+from mlpfuse.orchestrator.store import ArtifactStore, cache_key
 
 EXAMPLES = sorted((Path(__file__).parents[1] / "examples").glob("*.yaml"))
 
@@ -121,7 +121,7 @@ def test_gc_removes_exactly_what_no_run_can_hit(tmp_path: Path) -> None:
         (staging / "a.bin").write_bytes(key.encode())
         store.commit(stage, key, staging, {"config": {}, "stage_version": version, "inputs": inputs})
 
-    from stages.registry import STAGES
+    from mlpfuse.stages.registry import STAGES
 
     versions = {s.name: s.version for s in STAGES.values()}
     v = versions.__getitem__
@@ -143,7 +143,7 @@ def test_gc_removes_exactly_what_no_run_can_hit(tmp_path: Path) -> None:
     idle = {a.key for a in store.unreachable(versions, older_than_s=week)}
     assert idle == {"c_old", "e_old", "e_orphan", "r1", "e_new"}
 
-    from orchestrator.cli import main
+    from mlpfuse.orchestrator.cli import main
 
     assert main(["gc", "--cache", str(tmp_path), "--dry-run"]) == 0
     assert len(store.list()) == 7

@@ -25,7 +25,7 @@ from typing import Literal
 import numpy as np
 import scipy.sparse
 
-from stages.errors import NumericalError
+from mlpfuse.core.errors import NumericalError
 
 KMeansInit = Literal["kmeans++", "random"]
 KMEANS_INITS: tuple[KMeansInit, ...] = ("kmeans++", "random")

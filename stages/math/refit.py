@@ -19,7 +19,7 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
-from stages.families import FFWeights
+from mlpfuse.stages.math.ffweights import FFWeights
 
 
 def self_product(c: Tensor) -> Tensor:

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from stages.families import FFWeights
-from stages.kmeans import KMeansInit, check_weights, kmeans, weighted_means
+from mlpfuse.stages.math.ffweights import FFWeights
+from mlpfuse.stages.math.kmeans import KMeansInit, check_weights, kmeans, weighted_means
 
 FuseMode = Literal["fusion", "cluster"]
 FUSE_MODES: tuple[FuseMode, ...] = ("fusion", "cluster")

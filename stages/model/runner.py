@@ -27,9 +27,9 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from torch import Tensor, nn
 
-from stages.checkpoint import SAFETENSORS_DTYPES
-from stages.families import FamilyAdapter, family_for
-from stages.shard import build_skeleton, layer_file, load_shard_meta
+from mlpfuse.stages.model.checkpoint import SAFETENSORS_DTYPES
+from mlpfuse.stages.model.families import FamilyAdapter, family_for
+from mlpfuse.stages.model.shards import build_skeleton, layer_file, load_shard_meta
 
 # A layer override: SKIP drops the whole decoder layer (identity); a Patch replaces some of the
 # layer's tensors (a compressed FF block) on top of the shard; a plain mapping replaces them all.

@@ -77,7 +77,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from stages.families import FFWeights
+from mlpfuse.stages.math.ffweights import FFWeights
 
 BranchMethod: TypeAlias = Literal["contiguous", "importance"]
 FadeSchedule: TypeAlias = Literal["uniform", "linear", "geometric"]

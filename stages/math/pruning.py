@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from stages.families import FFWeights
+from mlpfuse.stages.math.ffweights import FFWeights
 
 
 def _in_rows(ff: FFWeights) -> Tensor:

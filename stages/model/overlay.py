@@ -9,7 +9,7 @@ dropped whole (identity). Nothing else of the base model is copied.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,9 +18,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from stages.artifacts import write_atomic, write_json_atomic
-from stages.families import FamilyAdapter, FFBlockRef, FFWeights
-from stages.runner import SKIP, LayerOverride, Patch
+from mlpfuse.core.artifacts import write_atomic, write_json_atomic
+from mlpfuse.stages.math.ffweights import FFWeights
+from mlpfuse.stages.model.families import FamilyAdapter, FFBlockRef
+from mlpfuse.stages.model.runner import SKIP, LayerOverride, Patch
 
 OVERLAY = "overlay.json"
 
@@ -62,8 +63,8 @@ class OverlayWriter:
     """Writes an overlay layer by layer (each patch as soon as its layer is built, so a stage
     holds one compressed layer at a time), then ``overlay.json`` last."""
 
-    def __init__(self, out_dir: Path, family: FamilyAdapter, config: object, base_state: "callable",
-                 dtype: torch.dtype | None = None):
+    def __init__(self, out_dir: Path, family: FamilyAdapter | None = None, config: object = None,
+                 base_state: Callable[[int], dict[str, Tensor]] | None = None, dtype: torch.dtype | None = None):
         self.out_dir, self.family, self.config, self.base_state, self.dtype = out_dir, family, config, base_state, dtype
         self.layers: dict[str, dict] = {}
         self.written: dict[tuple[int, ...], str] = {}
@@ -72,12 +73,23 @@ class OverlayWriter:
             extra: dict[str, Tensor] | None = None) -> None:
         """Layer ``i``'s new blocks and ``extra`` tensors (``group``: the tied window it belongs
         to, stored once)."""
-        g = tuple(group or [i])
-        if g not in self.written:
-            patch = ff_patch(self.family, self.config, self.base_state(i), blocks, every=len(g) > 1)
-            patch.update({k: v.contiguous() for k, v in (extra or {}).items()})
+        def patch(g: tuple[int, ...]) -> dict[str, Tensor]:
+            assert self.family is not None and self.base_state is not None
+            p = ff_patch(self.family, self.config, self.base_state(i), blocks, every=len(g) > 1)
+            p.update({k: v.contiguous() for k, v in (extra or {}).items()})
             if self.dtype is not None:
-                patch = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in patch.items()}
+                p = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in p.items()}
+            return p
+
+        self.add_patch(i, tuple(group or [i]), patch)
+
+    def add_patch(self, i: int, group: tuple[int, ...],
+                  make: Callable[[tuple[int, ...]], dict[str, Tensor]]) -> None:
+        """Layer ``i`` takes the patch of its tied ``group`` (``(i,)`` when untied): ``make(group)``
+        is called, and its tensors written atomically, once per group."""
+        g = group
+        if g not in self.written:
+            patch = make(g)
             name = f"ff/L{g[0]:05d}" + (f"-{g[-1]:05d}" if len(g) > 1 else "") + ".safetensors"
             write_atomic(self.out_dir / name, lambda p, t=patch: save_file(t, str(p)))
             self.written[g] = name

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from stages.errors import CheckpointError
+from mlpfuse.core.errors import CheckpointError
 
 BUNDLED_MODELS = ("smollm2-135m", "minilm-l6")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")

@@ -1,0 +1,70 @@
+"""The compression methods, as an explicit registry: name -> config class and build function.
+
+A method is either per block (``build_block``: one FF block in, its compressed block out; the
+compress stage streams these layer by layer) or whole-model (``build_model``: an overlay, for
+methods that act across layers or remove them). The compress stage dispatches through
+:data:`METHODS`, the spec's ``Method`` union is made from it, and the planner enumerates it. A new
+method is a module here with its config and build function, and one entry below.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from pydantic import Field
+
+from mlpfuse.core.errors import InputError
+from mlpfuse.stages.methods.base import BuildContext, MethodConfig
+from mlpfuse.stages.methods.drop import FFDropMethod, LayerDropMethod, drop_ff_block, drop_layers
+from mlpfuse.stages.methods.fusion import FusionMethod, fuse_block
+from mlpfuse.stages.methods.merge import MergeMethod, build_merge
+from mlpfuse.stages.methods.moefy import MoefyMethod, moefy_block
+from mlpfuse.stages.methods.prune import PruneMethod, prune_block, prune_sizes
+
+
+@dataclass(frozen=True)
+class MethodDef:
+    name: str
+    config: type[MethodConfig]
+    # Per-block methods: (config, ctx, layer, block ref, block, size or None) -> compressed block.
+    build_block: Callable[..., Any] | None = None
+    # Whole-model methods: (config, ctx) -> Overlay.
+    build_model: Callable[..., Any] | None = None
+    # Per-block sizes decided over all layers before the first block is built.
+    sizes: Callable[[Any, BuildContext], dict] | None = None
+    # Whether the least-squares refit applies (it needs surviving neurons to re-solve).
+    refit: bool = True
+    # The paper the method comes from ("" for a baseline).
+    paper: str = ""
+
+    @property
+    def streamed(self) -> bool:
+        return self.build_block is not None
+
+
+METHODS: dict[str, MethodDef] = {
+    d.name: d
+    for d in (
+        MethodDef("prune", PruneMethod, build_block=prune_block, sizes=prune_sizes),
+        MethodDef("fusion", FusionMethod, build_block=fuse_block, paper="MLP Fusion"),
+        MethodDef("moefy", MoefyMethod, build_block=moefy_block, paper="MLPMoE"),
+        MethodDef("merge", MergeMethod, build_model=build_merge, paper="FF merging"),
+        MethodDef("layer_drop", LayerDropMethod, build_model=drop_layers, refit=False),
+        MethodDef("ff_drop", FFDropMethod, build_block=drop_ff_block),
+    )
+}
+
+#: A candidate's method settings: one of the registry's configs, chosen by ``method:``.
+Method = Annotated[
+    FusionMethod | PruneMethod | MergeMethod | LayerDropMethod | FFDropMethod | MoefyMethod,
+    Field(discriminator="method"),
+]
+
+
+def method_def(name: str) -> MethodDef:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise InputError(f"unknown method {name!r}; methods: {', '.join(METHODS)}") from None

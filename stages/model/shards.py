@@ -1,0 +1,43 @@
+"""The shard artifact's layout: one safetensors file per decoder layer (keys relative to the layer,
+in the in-memory layout of the transformers modeling code), ``rest.safetensors`` for everything
+else, ``shard.json`` (config, per-layer metadata), and the tokenizer files. Every later stage reads
+a model through these names and never the whole checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mlpfuse.stages.model.families import family_for
+
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json",
+    "merges.txt", "tokenizer.model", "added_tokens.json", "generation_config.json",
+)
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def layer_file(i: int) -> str:
+    return f"layers/{i:05d}.safetensors"
+
+
+def build_skeleton(config: Any, *, trust_remote_code: bool = False) -> torch.nn.Module:
+    """The task model (causal LM, or base encoder) with parameters on the meta device and real
+    buffers (rotary frequencies etc.), so nothing heavy is allocated."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    family = family_for(config)
+    auto = AutoModelForCausalLM if family.causal else AutoModel
+    with init_empty_weights(include_buffers=False):
+        return auto.from_config(config, trust_remote_code=trust_remote_code)
+
+
+def load_shard_meta(shard_dir: Path) -> dict:
+    return json.loads((shard_dir / "shard.json").read_text())
+
