@@ -41,15 +41,45 @@ JOB_ENV_VARS: dict[str, str] = {
 }
 
 
-def runtime_env(project_root: Path) -> dict[str, Any]:
-    """``runtime_env`` for ``ray.init``/``JobSubmissionClient.submit_job``: ``project_root`` as the
-    working directory (so jobs import this checkout's ``stages``/``orchestrator``/``cluster``),
-    without the paths in :data:`WORKING_DIR_EXCLUDES`, with :data:`JOB_ENV_VARS`."""
-    root = Path(project_root).expanduser().resolve()
-    if not (root / "pyproject.toml").is_file():
-        raise InputError(f"{root} is not the mlpfuse project root (no pyproject.toml there)")
-    return {
+# The checkout's code folders: the code travels as the assembled package (``py_modules``), and a
+# folder named mlpfuse/ in the working directory would shadow it on the workers' sys.path.
+CODE_EXCLUDES: tuple[str, ...] = ("/mlpfuse/", "/stages/", "/orchestrator/", "/cluster/")
+# The package's files that travel (sources, shipped configs and specs).
+_PACKAGE_FILES = ("*.py", "*.yaml", "*.json", "py.typed")
+
+
+def package_dir(dest: Path) -> Path:
+    """The installed ``mlpfuse`` package assembled under ``dest/mlpfuse`` (a checkout's editable
+    install maps its top-level folders into it; a wheel already holds it in one place), for
+    ``py_modules``: the workers import the same code as this driver, installed or not."""
+    import importlib
+
+    root = Path(dest) / "mlpfuse"
+    for name in ("mlpfuse", "mlpfuse.orchestrator", "mlpfuse.stages", "mlpfuse.cluster", "mlpfuse.examples"):
+        src = Path(list(importlib.import_module(name).__path__)[0])
+        out = root.joinpath(*name.split(".")[1:])
+        for pattern in _PACKAGE_FILES:
+            for f in src.rglob(pattern):
+                rel = f.relative_to(src)
+                if "__pycache__" in rel.parts or (name == "mlpfuse" and rel.parts[0] in ("orchestrator", "stages", "cluster", "examples")):
+                    continue
+                (out / rel).parent.mkdir(parents=True, exist_ok=True)
+                (out / rel).write_bytes(f.read_bytes())
+    return root
+
+
+def runtime_env(working_dir: Path, package: Path | None = None) -> dict[str, Any]:
+    """``runtime_env`` for ``JobSubmissionClient.submit_job``: ``working_dir`` (the specs and data
+    a job reads by relative path) without the paths in :data:`WORKING_DIR_EXCLUDES` and the code
+    folders, ``package`` (from :func:`package_dir`) as ``py_modules``, and :data:`JOB_ENV_VARS`."""
+    root = Path(working_dir).expanduser().resolve()
+    if not root.is_dir():
+        raise InputError(f"working directory {root} does not exist")
+    env: dict[str, Any] = {
         "working_dir": str(root),
-        "excludes": list(WORKING_DIR_EXCLUDES),
+        "excludes": [*WORKING_DIR_EXCLUDES, *CODE_EXCLUDES],
         "env_vars": dict(JOB_ENV_VARS),
     }
+    if package is not None:
+        env["py_modules"] = [str(package)]
+    return env

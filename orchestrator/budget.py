@@ -27,10 +27,11 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from mlpfuse.core.errors import InputError
-from mlpfuse.stages.methods import METHODS
 from mlpfuse.stages.compress import CompressConfig
+from mlpfuse.stages.methods import METHODS, predict_shapes
 from mlpfuse.stages.methods.refit import RefitConfig
 from mlpfuse.stages.model.features import read_stats
+from mlpfuse.stages.model.params import BlockShape, base_blocks, count_params
 
 # The registry's methods, and "combo" (layer drop + pruning of the rest), in the planner's order.
 METHOD_FAMILIES = (*METHODS, "combo")
@@ -101,6 +102,9 @@ class Candidate:
     result: dict[str, Any] = field(default_factory=dict)
     key: str = ""
     custom: bool = False  # given by hand in ``budget.candidates``
+    # Parameters (as the budget counts them) predicted from the settings before the build; None
+    # where only the build can tell. The built count is checked against the budget all the same.
+    predicted: int | None = None
 
 
 @dataclass
@@ -113,10 +117,16 @@ class ModelFacts:
     layer_params: list[int]
     ff_layer_params: list[int]
     cos: list[float]  # mean cos(layer input, layer output) on calibration tokens
+    # The shard's parameter counts (shard.json "params"), every layer's FF block shapes (from the
+    # layer files' headers) and its MoE layers: what the budget is checked with before building.
+    base: dict[str, Any] = field(default_factory=dict)
+    blocks: dict[int, list[BlockShape]] = field(default_factory=dict)
+    moe_layers: set[int] = field(default_factory=set)
 
     @classmethod
     def read(cls, shard_dir: Path, collect_dir: Path) -> ModelFacts:
         p = json.loads((shard_dir / "shard.json").read_text())["params"]
+        blocks, moe = base_blocks(shard_dir)
         n = len(p["layers"])
         cos = []
         for i in range(n):
@@ -124,7 +134,7 @@ class ModelFacts:
             if st is None:
                 raise ValueError(f"collect artifact {collect_dir} has no layer statistics (written by an older version)")
             cos.append(float(st["cos.sum"][0] / max(st["count"][0], 1)))
-        return cls(n, p["total"], p["ff"], p["layers"], p["ff_layers"], cos)
+        return cls(n, p["total"], p["ff"], p["layers"], p["ff_layers"], cos, p, blocks, moe)
 
 
 def target_params(target: TargetSpec, facts: ModelFacts) -> tuple[str, int]:
@@ -262,11 +272,37 @@ def plan_candidates(spec: BudgetSpec, facts: ModelFacts) -> tuple[list[Candidate
         method = c.candidate.method
         family = "combo" if c.drop and method == "prune" else method  # as the planner names its own
         cands.append(Candidate(f"custom-{j}-{method}", c, family, custom=True))
+    cands = _within_budget(cands, skipped, facts, spec.export, kind, budget)
     if not cands:
         reasons = "; ".join(f"{s['method']}: {s['why']}" for s in skipped) or "no method selected"
         value = spec.target.params if spec.target.params is not None else spec.target.ff_params
         raise InputError(f"no method can meet target {kind}: {value} ({budget:,} of {base:,}): {reasons}")
     return cands, skipped
+
+
+def counted_keys(export: str) -> tuple[str, str]:
+    """The count keys (all parameters, FF parameters) the budget compares for an export form: the
+    tied form stores each tied tensor once."""
+    return ("unique_params", "unique_ff_params") if export == "tied" else ("params", "ff_params")
+
+
+def _within_budget(cands: list[Candidate], skipped: list[dict[str, str]], facts: ModelFacts, export: str,
+                   kind: str, budget: int) -> list[Candidate]:
+    """The candidates whose predicted size meets the budget (counted by the same function compress
+    and export count with); the others go to ``skipped`` without being built."""
+    key = counted_keys(export)[0 if kind == "params" else 1]
+    out = []
+    for c in cands:
+        shapes = predict_shapes(c.config.candidate, c.config.drop, facts.blocks, facts.moe_layers) if facts.blocks else None
+        if shapes is not None:
+            blocks, skip, tied = shapes
+            c.predicted = count_params(facts.base, blocks, skip, tied)[key]
+            if c.predicted > budget:
+                skipped.append({"method": c.name, "why": f"predicted at {c.predicted:,} {kind}, over the budget "
+                                f"{budget:,} (not built)"})
+                continue
+        out.append(c)
+    return out
 
 
 def halving_budgets(n_candidates: int, full_tokens: int, spec: HalvingSpec) -> list[int]:

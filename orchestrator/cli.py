@@ -4,21 +4,48 @@ from __future__ import annotations
 
 import argparse
 import errno
+import logging
 import sys
 from pathlib import Path
 
+from mlpfuse import __version__
 from mlpfuse.core.errors import InputError
-from mlpfuse.orchestrator.job import run_job
+from mlpfuse.orchestrator.job import plan_budget, run_job
 from mlpfuse.orchestrator.pipeline import build_plan
 from mlpfuse.orchestrator.spec import PipelineSpec, load_spec
 from mlpfuse.orchestrator.store import ArtifactStore
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-DEMO_SPEC = PROJECT_ROOT / "examples" / "smollm2-demo.yaml"
+DEMO = "smollm2-demo.yaml"
+
+
+def demo_spec() -> Path:
+    """The shipped demo spec (package data of ``mlpfuse.examples``: a checkout or an installed wheel)."""
+    from importlib.resources import files
+
+    return Path(str(files("mlpfuse.examples") / DEMO))
+
+
+def _setup_logging(args: argparse.Namespace, spec: PipelineSpec | None = None) -> None:
+    """Driver-side progress at ``--log-level`` on stderr, and every record also in OUTPUT/run.log."""
+    level = getattr(logging, str(getattr(args, "log_level", "INFO")).upper())
+    root = logging.getLogger("mlpfuse")
+    root.setLevel(logging.DEBUG)
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    console = logging.StreamHandler()
+    console.setLevel(level)
+    console.setFormatter(logging.Formatter("mlpfuse: %(message)s"))
+    root.handlers = [console]
+    if spec is not None:
+        out = spec.output_dir()
+        out.mkdir(parents=True, exist_ok=True)
+        log = logging.FileHandler(out / "run.log")
+        log.setLevel(logging.DEBUG)
+        log.setFormatter(fmt)
+        root.addHandler(log)
 
 
 def _spec(args: argparse.Namespace) -> PipelineSpec:
-    spec = load_spec(args.spec)
+    spec = load_spec(args.spec if args.spec is not None else demo_spec())
     updates = {}
     if getattr(args, "cache", None):
         updates["cache"] = args.cache
@@ -31,6 +58,7 @@ def _spec(args: argparse.Namespace) -> PipelineSpec:
 
 def cmd_run(args: argparse.Namespace) -> int:
     spec = _spec(args)
+    _setup_logging(args, spec)
     store = ArtifactStore(spec.cache)
     report, path = run_job(spec, store, set(args.force or []))
     for name, r in report["stages"].items():
@@ -53,6 +81,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
     for node in build_plan(spec):
         state = "cached" if store.get(node.stage, node.key, verify=False) else "to run"
         print(f"  {node.name:<12} {state:<7} {node.key}  inputs={node.input_keys or {}}")
+    cands, skipped, target = plan_budget(spec, store)
+    if target is not None:
+        count = f" = {target['count']:,} of {target['base']:,} {target['kind']}" if "count" in target else ""
+        print(f"budget: {target.get('params', target.get('ff_params'))}{count}; {len(cands)} candidates")
+        for c in cands:
+            print(f"  {c['name']:<44} {c['family']}")
+        for s in skipped:
+            print(f"  not planned: {s['method']}: {s['why']}")
     return 0
 
 
@@ -89,8 +125,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
 def cmd_submit(args: argparse.Namespace) -> int:
     from mlpfuse.cluster.submit import submit
 
-    job_id = submit(Path(args.spec), args.address, wait=args.wait)
-    print(f"submitted job {job_id} to {args.address}")
+    submit(Path(args.spec), args.address, wait=args.wait)
     return 0
 
 
@@ -113,6 +148,7 @@ def cmd_lm_eval(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mlpfuse", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"mlpfuse {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def with_spec(p: argparse.ArgumentParser) -> None:
@@ -123,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("run", help="run a pipeline; cached stages are reused")
     with_spec(p)
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                   help="driver-side progress shown on stderr (OUTPUT/run.log keeps every level)")
     p.add_argument("--force", action="append", metavar="STAGE", help="recompute STAGE (repeatable)")
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("plan", help="show each stage: cached or to run, with its key")
@@ -138,15 +176,16 @@ def main(argv: list[str] | None = None) -> int:
                    help="also remove artifacts unused (not hit) for DAYS days (local stores)")
     p.add_argument("--dry-run", action="store_true", help="list what would go, remove nothing")
     p.set_defaults(func=cmd_gc)
-    p = sub.add_parser("demo", help=f"run {DEMO_SPEC.relative_to(PROJECT_ROOT)}")
+    p = sub.add_parser("demo", help=f"run the shipped {DEMO} (SmolLM2-135M and Shakespeare on local Ray)")
     p.add_argument("--cache")
     p.add_argument("--output")
     p.add_argument("--force", action="append", metavar="STAGE")
-    p.set_defaults(func=cmd_run, spec=str(DEMO_SPEC), address=None)
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.set_defaults(func=cmd_run, spec=None, address=None)
     p = sub.add_parser("submit", help="submit a pipeline to a Ray cluster through Ray Jobs")
     p.add_argument("spec")
     p.add_argument("--address", required=True, help="Ray dashboard address, e.g. http://head:8265")
-    p.add_argument("--wait", action="store_true", help="follow the job's logs until it ends")
+    p.add_argument("--wait", action="store_true", help="stream the job's logs as they come, until it ends")
     p.set_defaults(func=cmd_submit)
     p = sub.add_parser("lm-eval", help="lm-eval-harness on an exported model, offline (default task: "
                        "perplexity of the held-out documents)")

@@ -3,6 +3,7 @@ halving, the winner exported, and the report."""
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import shutil
@@ -13,6 +14,7 @@ from typing import Any
 from mlpfuse.orchestrator.budget import (
     Candidate,
     ModelFacts,
+    counted_keys,
     halving_budgets,
     plan_candidates,
     target_params,
@@ -23,6 +25,8 @@ from mlpfuse.orchestrator.report import build_report, write_report
 from mlpfuse.orchestrator.spec import PipelineSpec
 from mlpfuse.orchestrator.store import ArtifactStore
 from mlpfuse.stages.export import ExportConfig
+
+log = logging.getLogger("mlpfuse.job")
 
 
 def _round_nodes(session: Session, spec: PipelineSpec, alive: list[Candidate], r: int, tokens: int, after: int,
@@ -96,13 +100,14 @@ def run_budget(session: Session, spec: PipelineSpec) -> dict[str, Any]:
                 inputs["unrefit"] = f"compress.{twin}"
             refits.append(make_node(session.keys, f"compress.{c.name}", "compress", c.config, inputs))
     built.update(session.run(refits))
-    counted = "unique_params" if spec.budget.export == "tied" else "params"
-    counted_ff = "unique_ff_params" if spec.budget.export == "tied" else "ff_params"
+    counted, counted_ff = counted_keys(spec.budget.export)
     alive = []
     for c in cands:
         r = built[f"compress.{c.name}"]
         c.result, c.key = r["result"], r["key"]
         size = c.result[counted if kind == "params" else counted_ff]
+        if c.predicted is not None and c.predicted != size:
+            log.warning("%s: built at %s %s, predicted %s", c.name, f"{size:,}", kind, f"{c.predicted:,}")
         if size <= budget:
             alive.append(c)
         else:
@@ -151,7 +156,7 @@ def run_budget(session: Session, spec: PipelineSpec) -> dict[str, Any]:
         "candidates": [
             {"name": c.name, "method": c.config.candidate.method, "family": c.family,
              "settings": c.config.model_dump(mode="json"), "params": c.result.get(counted),
-             "ff_params": c.result.get(counted_ff), "cache_key": c.key,
+             "ff_params": c.result.get(counted_ff), "predicted_params": c.predicted, "cache_key": c.key,
              "perplexity": c.rounds[-1]["perplexity"] if c.rounds else None, "rounds": c.rounds,
              "seconds": round(sum(x["seconds"] for x in c.rounds), 2), "refit_errors": c.result.get("refit_errors")}
             for c in cands
@@ -250,3 +255,26 @@ def run_job(spec: PipelineSpec, store: ArtifactStore, force: set[str] | None = N
 
     write_html(report, spec.output_dir())
     return report, path
+
+
+def plan_budget(spec: PipelineSpec, store: ArtifactStore) -> tuple[list[dict[str, Any]], list[dict[str, str]],
+                                                                    dict[str, Any] | None]:
+    """The candidates a run of ``spec`` would build, without running or downloading anything:
+    (candidates, skipped methods with why, the target as a count). Candidates are sized from the
+    shard's parameter counts and collect's statistics, so they are listed once those two stages
+    are cached locally; before that, only the families that will be planned are named."""
+    if spec.budget is None:
+        return [], [], None
+    nodes = {n.name: n for n in build_plan(spec)}
+    shard = store.get("shard", nodes["shard"].key, verify=False) if store.remote is None else None
+    collect = store.get("collect", nodes["collect"].key, verify=False) if store.remote is None else None
+    target = spec.budget.target.model_dump(exclude_none=True)
+    if shard is None or collect is None:
+        why = "sized once the shard and collect stages are cached locally (mlpfuse run computes them)"
+        return [], [{"method": m, "why": why} for m in spec.budget.methods], target
+    facts = ModelFacts.read(shard.path, collect.path)
+    kind, budget = target_params(spec.budget.target, facts)
+    cands, skipped = plan_candidates(spec.budget, facts)
+    return ([{"name": c.name, "family": c.family, "config": c.config.model_dump(mode="json"),
+              "predicted": c.predicted} for c in cands],
+            skipped, {**target, "kind": kind, "count": budget, "base": facts.params if kind == "params" else facts.ff_params})

@@ -26,7 +26,6 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import yaml
 
 from mlpfuse.core.errors import DataError, InputError
@@ -42,7 +41,13 @@ def task_template() -> Path:
 
 def heldout_documents(data: str | None = None, text_field: str = "text") -> list[tuple[str, str]]:
     """(doc id, text) pairs for the shipped task; see the module docstring for what ``data`` can be."""
-    from mlpfuse.stages.data import BUNDLED_CORPORA, TokenizeConfig, load_documents
+    from mlpfuse.stages.data import (
+        BUNDLED_CORPORA,
+        TokenizeConfig,
+        load_documents,
+        sections_of_single_document,
+        split_documents,
+    )
 
     corpus = data or "shakespeare"
     path = Path(corpus).expanduser()
@@ -52,14 +57,10 @@ def heldout_documents(data: str | None = None, text_field: str = "text") -> list
                             "directory or a bundled corpus name (shakespeare)")
         docs = load_documents(str(path), text_field)
     else:
-        # The data stage's split (stages/data.py run()), with its default seed and fraction.
+        # The data stage's split, with its default seed and fraction.
         cfg = TokenizeConfig(corpus=corpus, text_field=text_field)
-        docs = load_documents(corpus, text_field)
-        if len(docs) < 2:
-            raise DataError(f"corpus {corpus!r} has {len(docs)} document(s); need at least 2 to split")
-        order = np.random.default_rng(cfg.seed).permutation(len(docs))
-        n_eval = max(1, round(len(docs) * cfg.eval_fraction))
-        docs = [docs[i] for i in sorted(order[:n_eval])]
+        docs, _ = sections_of_single_document(load_documents(corpus, text_field))
+        docs, _ = split_documents(docs, cfg.eval_fraction, cfg.seed, corpus)
     if not docs:
         raise DataError(f"--data {corpus!r} holds no non-empty document")
     return docs

@@ -8,6 +8,7 @@ with ``ray.remote`` at this edge only: resources, retries of dead workers, and c
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import time
@@ -27,6 +28,8 @@ from mlpfuse.stages.collect import CollectPartConfig
 from mlpfuse.stages.data import corpus_key
 from mlpfuse.stages.model.checkpoint import resolve_source, source_key
 from mlpfuse.stages.registry import STAGES
+
+log = logging.getLogger("mlpfuse.pipeline")
 
 # Ray listens on loopback only, reports no usage, and needs no auth token for local jobs. Ray reads
 # these when it is imported, so they are set here, before anything in the process imports ray.
@@ -176,6 +179,8 @@ class Session:
             if node.stage in self.force or node.name in self.force:
                 self.store.remove(node.stage, node.key)
         hits = {n.name: h for n in nodes if (h := self._hit(n)) is not None}
+        for name in hits:
+            log.info("%s: cached (%s)", name, hits[name]["key"])
         todo = [n for n in nodes if n.name not in hits]
         self.results.update(hits)
         if todo:
@@ -200,14 +205,24 @@ class Session:
             upstream = [bound[n] if n in names else self.results[n] for n in node.inputs.values()]
             bound[node.name] = task.options(**opts).bind(str(self.store.root), asdict(node), *upstream)
         dag = MultiOutputNode([bound[n.name] for n in todo])
+        for node in todo:
+            log.info("%s: started (%s)", node.name, node.key)
+        results: dict[str, dict[str, Any]] = {}
         try:
             with warnings.catch_warnings():
                 # Ray 2.60 marks DAGNode.execute() deprecated without a replacement for task DAGs.
                 warnings.filterwarnings("ignore", message="DAGNode.execute")
-                results = ray.get(dag.execute())
+                refs = dag.execute()
+            pending = list(refs)
+            while pending:  # one driver-side line per stage as it finishes
+                done, pending = ray.wait(pending, num_returns=1)
+                r = ray.get(done[0])
+                results[r["name"]] = r
+                log.info("%s: %s in %.1fs", r["name"], "finished" if r["status"] == "run" else "cached",
+                         r["seconds"])
         except ray.exceptions.RayTaskError as e:
             raise _unwrap(e) from None
-        return {r["name"]: r for r in results}
+        return {n.name: results[n.name] for n in todo}
 
     def close(self) -> None:
         if self._ray is not None:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mlpfuse.core.errors import InputError
 from mlpfuse.orchestrator.budget import BudgetSpec
@@ -93,6 +93,22 @@ class PipelineSpec(BaseModel):
             raise ValueError("evaluate.after_tokens is set by successive halving for its later rounds; "
                              "a spec scores whole evaluations (leave it out)")
         return v
+
+    @model_validator(mode="after")
+    def _fails_later(self) -> PipelineSpec:
+        """What would otherwise fail only once stages run."""
+        if self.evaluate.stride > self.evaluate.window:
+            raise ValueError(f"evaluate.stride={self.evaluate.stride} exceeds evaluate.window="
+                             f"{self.evaluate.window}: tokens between windows would go unscored")
+        if self.data.calib_tokens < self.data.block_size:
+            raise ValueError(f"data.calib_tokens={self.data.calib_tokens} is less than one block of "
+                             f"data.block_size={self.data.block_size}")
+        if self.budget is None:
+            for section in ("distill", "export"):
+                if section in self.model_fields_set:
+                    raise ValueError(f"{section}: applies to the winner of a budget; add a budget: section "
+                                     "(e.g. budget: {target: {params: 0.8}}) or remove it")
+        return self
 
     @field_validator("name")
     @classmethod

@@ -47,6 +47,7 @@ from mlpfuse.stages.methods.merge import MergeMethod
 from mlpfuse.stages.methods.refit import RefitConfig, refit_overlay
 from mlpfuse.stages.model.families import FFBlockRef
 from mlpfuse.stages.model.overlay import Overlay, OverlayWriter
+from mlpfuse.stages.model.params import BlockShape, count_params
 
 
 class CompressConfig(BaseModel):
@@ -121,37 +122,6 @@ def static_moe(candidate_dir: Path, shard_dir: Path, layer: int, block: str = "m
     return moefy.from_branch_map(ff, maps[f"{key}/branch"], maps[f"{key}/alpha"])
 
 
-def param_counts(shard_meta: dict, sizes: dict[int, dict[str, int]], skip: set[int], tied: list[list[int]],
-                 per_neuron: dict[str, int], const: dict[str, int], tied_other: int = 0) -> dict[str, int]:
-    """Parameters of the compressed model: ``stock`` (as plain transformers loads it: one FF size
-    per block kind, smaller blocks zero-padded, tied windows materialised) and ``unique``
-    (each tied tensor once). ``sizes[i][block kind]`` = total intermediate neurons of that kind;
-    ``tied_other``: non-FF parameters that tied windows also share (a merged MoE router), beyond
-    their first layer."""
-    p = shard_meta["params"]
-    n = len(p["layers"])
-    kept = [i for i in range(n) if i not in skip]
-    non_ff = p["rest"] + sum(p["layers"][i] - p["ff_layers"][i] for i in kept)
-    widest = {k: max(sizes[i][k] for i in kept if k in sizes[i]) for k in per_neuron}
-    stock_ff = sum(widest[k] * per_neuron[k] + const[k] for i in kept for k in sizes[i])
-    seen: set[int] = set()
-    unique_ff = 0
-    group_of = {i: tuple(g) for g in tied for i in g}
-    for i in kept:
-        g = group_of.get(i, (i,))
-        if g[0] in seen:
-            continue
-        seen.add(g[0])
-        unique_ff += sum(sizes[i][k] * per_neuron[k] + const[k] for k in sizes[i])
-    return {"params": non_ff + stock_ff, "unique_params": non_ff - tied_other + unique_ff, "ff_params": stock_ff,
-            "unique_ff_params": unique_ff, "padding": stock_ff - sum(
-                sizes[i][k] * per_neuron[k] + const[k] for i in kept for k in sizes[i])}
-
-
-def _block_kind(ref: FFBlockRef) -> str:
-    return "expert" if ref.kind == "expert" else ref.kind
-
-
 def run(config: CompressConfig, inputs: dict[str, Path], out_dir: Path) -> dict:
     """Inputs: ``shard``, ``collect`` (data-aware methods, refit), ``data`` (sequential refit)
     and, for a refit candidate, optionally ``unrefit``: the same candidate built without refit,
@@ -211,19 +181,11 @@ def run(config: CompressConfig, inputs: dict[str, Path], out_dir: Path) -> dict:
         tied_other = sum((len(g) - 1) * sum(t.numel() for t in ov.extra.get(g[0], {}).values()) for g in ov.tied)
         ov.extra = {}
         ov.blocks = {}
-    # Sizes of every layer's blocks after compression, for parameter accounting.
-    sizes: dict[int, dict[str, int]] = {}
-    per_neuron: dict[str, int] = {}
-    const: dict[str, int] = {}
-    for i in range(ctx.num_layers):
-        sizes[i] = {}
-        for ref, ff in {**ctx.shapes(i), **changed.get(i, {})}.items():
-            kind = _block_kind(ref)
-            sizes[i][kind] = sizes[i].get(kind, 0) + ff.intermediate_size
-            per_neuron[kind] = ff.hidden_size * (3 if ff.is_glu else 2) + (1 if ff.b_up is not None else 0)
-            const[kind] = ff.hidden_size if ff.b_down is not None and kind != "expert" else 0
+    # Every layer's blocks after compression, for parameter accounting.
+    blocks = {i: [BlockShape.of(ctx.family, ref, ff) for ref, ff in {**ctx.shapes(i), **changed.get(i, {})}.items()]
+              for i in range(ctx.num_layers)}
     shard_meta = json.loads((inputs["shard"] / "shard.json").read_text())
-    counts = param_counts(shard_meta, sizes, ov.skip, ov.tied, per_neuron, const, tied_other)
+    counts = count_params(shard_meta["params"], blocks, ov.skip, ov.tied, tied_other=tied_other)
     writer.finish(ov.skip, ov.tied)
     if ctx.counts:
         write_atomic(out_dir / COUNTS, lambda p: save_file(ctx.counts, str(p)))

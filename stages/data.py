@@ -98,18 +98,59 @@ def load_documents(corpus: str, text_field: str = "text") -> list[tuple[str, str
     return [(d, t) for d, t in docs if t and t.strip()]
 
 
+#: A corpus of one document (a single long text file) is cut into this many sections at paragraph
+#: breaks, and the sections are split between calibration and evaluation like documents.
+SECTIONS = 20
+
+
+def sections_of_single_document(docs: list[tuple[str, str]]) -> tuple[list[tuple[str, str]], bool]:
+    """``docs`` unchanged when there are several; one document cut into up to :data:`SECTIONS`
+    contiguous sections of about equal length at blank lines (or at line breaks when it has no
+    blank line), each a document of its own (``name§k``). Returns (documents, whether it was cut)."""
+    if len(docs) != 1:
+        return docs, False
+    name, text = docs[0]
+    paras = [p for p in re.split(r"\n\s*\n", text) if p.strip()]
+    if len(paras) < 2:
+        paras = [p for p in text.splitlines() if p.strip()]
+    if len(paras) < 2:
+        return docs, False
+    n = min(SECTIONS, len(paras))
+    target = sum(len(p) for p in paras) / n
+    out: list[tuple[str, str]] = []
+    cur: list[str] = []
+    size = 0
+    for p in paras:
+        cur.append(p)
+        size += len(p)
+        if size >= target and len(out) < n - 1:
+            out.append((f"{name}§{len(out)}", "\n\n".join(cur)))
+            cur, size = [], 0
+    if cur:
+        out.append((f"{name}§{len(out)}", "\n\n".join(cur)))
+    return out, len(out) > 1
+
+
+def split_documents(docs: list[tuple[str, str]], eval_fraction: float, seed: int,
+                    corpus: str = "") -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """The held-out split, by whole documents (never within one): (evaluation docs, calibration
+    docs), each in corpus order. The one split of the product: the data stage and lm-eval's
+    held-out task both take it."""
+    if len(docs) < 2:
+        raise DataError(f"corpus {corpus!r} has {len(docs)} document(s) and no paragraph breaks to cut "
+                        "it into sections; need at least 2 to split")
+    order = np.random.default_rng(seed).permutation(len(docs))
+    n_eval = max(1, round(len(docs) * eval_fraction))
+    return [docs[i] for i in sorted(order[:n_eval])], [docs[i] for i in sorted(order[n_eval:])]
+
+
 def run(config: TokenizeConfig, inputs: dict[str, Path], out_dir: Path) -> dict:
     """Needs ``inputs["shard"]`` for the tokenizer."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(inputs["shard"])
-    docs = load_documents(config.corpus, config.text_field)
-    if len(docs) < 2:
-        raise DataError(f"corpus {config.corpus!r} has {len(docs)} document(s); need at least 2 to split")
-    order = np.random.default_rng(config.seed).permutation(len(docs))
-    n_eval = max(1, round(len(docs) * config.eval_fraction))
-    eval_docs = [docs[i] for i in sorted(order[:n_eval])]
-    calib_docs = [docs[i] for i in sorted(order[n_eval:])]
+    docs, sectioned = sections_of_single_document(load_documents(config.corpus, config.text_field))
+    eval_docs, calib_docs = split_documents(docs, config.eval_fraction, config.seed, config.corpus)
     sep = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
 
     def encode(text: str) -> list[int]:
@@ -158,10 +199,15 @@ def run(config: TokenizeConfig, inputs: dict[str, Path], out_dir: Path) -> dict:
     ev = pa.table({"doc": eval_names, "input_ids": pa.array(eval_ids, type=pa.list_(pa.int32()))})
     write_atomic(out_dir / "calib.parquet", lambda p: pq.write_table(calib, p))
     write_atomic(out_dir / "eval.parquet", lambda p: pq.write_table(ev, p))
-    split = {"calib_docs": [d for d, _ in calib_docs], "eval_docs": eval_names}
+    split: dict = {"calib_docs": [d for d, _ in calib_docs], "eval_docs": eval_names}
+    result: dict = {"calib_blocks": int(n_blocks), "calib_tokens": int(blocks.size), "eval_tokens": total,
+                    "eval_docs": len(eval_names)}
+    if sectioned:
+        note = (f"the corpus is one document: cut into {len(docs)} sections at paragraph breaks, each "
+                "section wholly in calibration or in evaluation")
+        split["note"] = result["note"] = note
     write_json_atomic(out_dir / "split.json", split)
-    return {"calib_blocks": int(n_blocks), "calib_tokens": int(blocks.size), "eval_tokens": total,
-            "eval_docs": len(eval_names)}
+    return result
 
 
 def read_calib(data_dir: Path) -> np.ndarray:

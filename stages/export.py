@@ -62,6 +62,7 @@ from mlpfuse.stages.model.hf import (
     write_shards,
     write_ties_spec,
 )
+from mlpfuse.stages.model.params import BlockShape, count_params, stock_widths
 from mlpfuse.stages.model.shards import (
     DTYPES,
     build_skeleton,
@@ -122,28 +123,15 @@ class _Layer:
     patch: str | None
     # FF block -> (size key, intermediate size before, after the overlay)
     blocks: dict[FFBlockRef, tuple[str, int, int]] = field(default_factory=dict)
+    # The blocks' shapes after the overlay, for parameter counting.
+    shapes: list[BlockShape] = field(default_factory=list)
     num_experts: int | None = None
     base_ff: int = 0
     new_ff: int = 0
 
 
-def _size_key(family: FamilyAdapter, ref: FFBlockRef) -> str:
-    if ref.kind == "dense":
-        assert family.dense is not None
-        return family.dense.size_key
-    assert family.moe is not None
-    if ref.kind == "shared":
-        assert family.moe.shared is not None
-        return family.moe.shared.size_key
-    return family.moe.size_key
-
-
-def _ff_info(family: FamilyAdapter, config: Any, sd: dict[str, Tensor]) -> dict[FFBlockRef, tuple[str, int, int]]:
-    out = {}
-    for r in family.ff_blocks(config, sd):
-        ff = family.read_ff(config, sd, r)
-        out[r] = (_size_key(family, r), ff.intermediate_size, ff.num_params())
-    return out
+def _ff_info(family: FamilyAdapter, config: Any, sd: dict[str, Tensor]) -> dict[FFBlockRef, BlockShape]:
+    return {r: BlockShape.of(family, r, family.read_ff(config, sd, r)) for r in family.ff_blocks(config, sd)}
 
 
 def pad_ff(ff: FFWeights, size: int) -> FFWeights:
@@ -247,7 +235,7 @@ def run(config: ExportConfig, inputs: dict[str, Path], out_dir: Path) -> dict:
         info = _Layer(i, bool(e.get("skip")), e.get("patch"))
         base = _header(shard_dir / layer_file(i))
         before = _ff_info(family, hf_config, base)
-        info.base_ff = sum(v[2] for v in before.values())
+        info.base_ff = sum(v.params for v in before.values())
         if not info.skip:
             new = dict(base)
             if info.patch:
@@ -255,8 +243,9 @@ def run(config: ExportConfig, inputs: dict[str, Path], out_dir: Path) -> dict:
             after = _ff_info(family, hf_config, new)
             if set(after) != set(before):
                 raise ExportError(f"layer {i}: the overlay changes which FF blocks the layer has")
-            info.blocks = {r: (after[r][0], before[r][1], after[r][1]) for r in after}
-            info.new_ff = sum(v[2] for v in after.values())
+            info.blocks = {r: (after[r].key, before[r].size, after[r].size) for r in after}
+            info.shapes = list(after.values())
+            info.new_ff = sum(v.params for v in after.values())
             if family.is_moe_layer(hf_config, new):
                 assert family.moe is not None
                 info.num_experts = int(new[f"{family.moe.path}.down_proj"].shape[0])
@@ -277,13 +266,12 @@ def run(config: ExportConfig, inputs: dict[str, Path], out_dir: Path) -> dict:
         floats = [t.dtype for t in rest_h.values() if t.dtype.is_floating_point]
         out_dtype = floats[0] if floats else torch.float32
 
-    targets: dict[str, int] = {}
-    for x in kept:
-        for key, _, size in x.blocks.values():
-            targets[key] = max(targets.get(key, 0), size)
-    if family.moe is not None and family.moe.size_key in targets and any(x.num_experts for x in kept):
-        mult = config.moe_size_multiple or max(1, 16 // torch.empty(0, dtype=out_dtype).element_size())
-        targets[family.moe.size_key] = -(-targets[family.moe.size_key] // mult) * mult
+    multiple: dict[str, int] = {}
+    if family.moe is not None and any(x.num_experts for x in kept):
+        multiple[family.moe.size_key] = config.moe_size_multiple or max(
+            1, 16 // torch.empty(0, dtype=out_dtype).element_size())
+    shapes = {x.index: x.shapes for x in kept}
+    targets = stock_widths(shapes, shapes, multiple)
 
     new_index = {x.index: j for j, x in enumerate(kept)}
     moe_flags = [x.num_experts is not None for x in kept]
@@ -368,7 +356,18 @@ def run(config: ExportConfig, inputs: dict[str, Path], out_dir: Path) -> dict:
     if config.tied:
         write_ties_spec(model_dir, files, windows=windows, ties=ties)
     copy_model_files(shard_dir, model_dir)
-    padded, duplicated, ff_params = counted["padded"], counted["duplicated"], counted["ff_params"]
+    # What was written, counted by the planner's and compress's function: it must agree.
+    skipped = {x.index for x in infos if x.skip}
+    base_windows = [[kept[j].index for j in w] for w in windows]
+    ff_only = count_params(meta["params"], shapes, skipped, base_windows, size_multiple=multiple, pad_unique=True)
+    tied_other = counted["duplicated"] - (ff_only["params"] - ff_only["unique_params"])
+    count = count_params(meta["params"], shapes, skipped, base_windows, tied_other=tied_other,
+                         size_multiple=multiple, pad_unique=True)
+    if (count["params"], count["padded_params"], count["ff_params"]) != (params, counted["padded"], counted["ff_params"]) \
+            or tied_other < 0:
+        raise RuntimeError(f"export wrote {params:,} parameters ({counted['padded']:,} padding, "
+                           f"{counted['ff_params']:,} FF) but counts {count}: a bug, please report it")
+    duplicated = counted["duplicated"]
 
     base_params = int(meta["params"]["total"])
     base_ff = int(meta["params"]["ff"])
@@ -379,12 +378,8 @@ def run(config: ExportConfig, inputs: dict[str, Path], out_dir: Path) -> dict:
         "files": files,
         "bytes": sum((model_dir / f).stat().st_size for f in files),
         "dtype": str(out_dtype).removeprefix("torch."),
-        "params": params,
-        "unique_params": params - duplicated,
+        **count,
         "stored_params": stored,
-        "ff_params": ff_params,
-        "unique_ff_params": ff_params - duplicated,
-        "padded_params": padded,
         "duplicated_params": duplicated,
         "base_params": base_params,
         "base_ff_params": base_ff,

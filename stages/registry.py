@@ -49,7 +49,7 @@ STAGES: dict[str, StageDef] = {
         StageDef("collect", 2, collect.CollectConfig, collect.run_merge, inputs=("shard",)),
         StageDef("similarity", 1, similarity.SimilarityConfig, similarity.run, inputs=("shard", "collect")),
         # Inputs: shard, optionally collect (data-aware methods, refit).
-        StageDef("compress", 5, compress.CompressConfig, compress.run, inputs=("shard",), num_cpus=2),
+        StageDef("compress", 6, compress.CompressConfig, compress.run, inputs=("shard",), num_cpus=2),
         StageDef("evaluate", 1, evaluate.EvaluateConfig, evaluate.run, inputs=("shard", "data"), num_cpus=2),
         StageDef("probe", 1, layer_errors.ProbeConfig, layer_errors.run_probe, inputs=("shard", "data")),
         StageDef("layer_errors", 1, layer_errors.LayerErrorsConfig, layer_errors.run, inputs=("shard", "probe", "overlay")),

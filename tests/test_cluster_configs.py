@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mlpfuse.cluster.runtime_env import JOB_ENV_VARS, WORKING_DIR_EXCLUDES, runtime_env
+from mlpfuse.cluster.runtime_env import CODE_EXCLUDES, JOB_ENV_VARS, package_dir, runtime_env
 from mlpfuse.core.errors import InputError
 from mlpfuse.stages.model.zero import ZERO_CONFIG_FILES, fit_buckets, zero_config
 
@@ -193,12 +193,31 @@ def test_runtime_env(tmp_path):
     from ray.runtime_env import RuntimeEnv
 
     root = CLUSTER.parent
-    env = runtime_env(root)
-    assert env["working_dir"] == str(root)
-    assert {".venv/", ".git/"} <= set(env["excludes"]) and env["excludes"] == list(
-        WORKING_DIR_EXCLUDES
-    )
+    pkg = package_dir(tmp_path / "pkg")
+    env = runtime_env(root, pkg)
+    assert env["working_dir"] == str(root) and env["py_modules"] == [str(pkg)]
+    assert {".venv/", ".git/"} <= set(env["excludes"])
+    # The checkout's code folders never travel in the working directory: a mlpfuse/ folder there
+    # would shadow the shipped package on the workers.
+    assert set(CODE_EXCLUDES) <= set(env["excludes"]) and "/mlpfuse/" in CODE_EXCLUDES
     assert env["env_vars"] == JOB_ENV_VARS and env["env_vars"]["RAY_USAGE_STATS_ENABLED"] == "0"
     RuntimeEnv(**env)  # Ray's own validation of the fields
-    with pytest.raises(InputError, match="project root"):
-        runtime_env(tmp_path)
+    with pytest.raises(InputError, match="does not exist"):
+        runtime_env(tmp_path / "missing")
+
+
+def test_shipped_package_is_whole(tmp_path):
+    """The package a job ships imports on its own: every part, the demo spec and the ZeRO configs."""
+    import subprocess
+    import sys
+
+    pkg = package_dir(tmp_path / "pkg")
+    for rel in ("stages/compress.py", "stages/model/zero3.json", "examples/smollm2-demo.yaml",
+                "lm_eval_tasks/mlpfuse_heldout.yaml", "cluster/ray_train.py", "core/errors.py"):
+        assert (pkg / rel).is_file(), rel
+    assert not list(pkg.rglob("__pycache__"))
+    code = ("import mlpfuse, mlpfuse.stages.registry, mlpfuse.orchestrator.cli;"
+            "from mlpfuse.orchestrator.cli import demo_spec; print(mlpfuse.__file__, demo_spec().is_file())")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={"PYTHONPATH": str(pkg.parent)},
+                         capture_output=True, text=True, check=True).stdout
+    assert out.split() == [str(pkg / "__init__.py"), "True"]

@@ -15,6 +15,7 @@ from mlpfuse.stages import compress, shard
 from mlpfuse.stages.compress import CompressConfig
 from mlpfuse.stages.math import alignment
 from mlpfuse.stages.math.ffweights import FFWeights
+from mlpfuse.stages.model.features import read_stats
 from tests.test_collect import _collect, _data
 
 
@@ -194,7 +195,7 @@ def test_refit_leaves_an_expert_no_token_was_routed_to_as_pruned(tmp_path: Path)
     for gram_max in (8192, 0):  # the gram path and the token path
         arts = {"shard": sd, "data": data, "collect": _collect(sd, data, tmp_path / f"c{gram_max}", workers=1,
                                                                gram_max=gram_max)}
-        counts = [int(compress.read_stats(arts["collect"], 0)[f"expert{e}"]["count"][0]) for e in range(8)]
+        counts = [int(read_stats(arts["collect"], 0)[f"expert{e}"]["count"][0]) for e in range(8)]
         idle, busy = [e for e in range(8) if not counts[e]], [e for e in range(8) if counts[e]]
         assert idle and busy
         plain = _run(arts, tmp_path / f"plain{gram_max}", PRUNE, None)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from pydantic import ValidationError
 
 import mlpfuse
-import mlpfuse.stages.distill as distill_mod
+import mlpfuse.stages.model.trainer as trainer_mod
 from mlpfuse.core.errors import InputError
 from mlpfuse.stages import export, shard
 from mlpfuse.stages.distill import CHECKPOINTS_DIR, DistillStageConfig, run_stage
@@ -234,7 +234,7 @@ def test_interrupted_stage_resumes_to_the_same_weights(
     weights of an uninterrupted run."""
     full = run_stage(_config(), _inputs(artifacts), tmp_path / "full")
 
-    real_save = distill_mod._save_checkpoint
+    real_save = trainer_mod._save_checkpoint
 
     def save_then_die(*args: object, **kwargs: object) -> None:
         real_save(*args, **kwargs)
@@ -243,7 +243,7 @@ def test_interrupted_stage_resumes_to_the_same_weights(
 
     split = tmp_path / "split"
     with monkeypatch.context() as m:
-        m.setattr(distill_mod, "_save_checkpoint", save_then_die)
+        m.setattr(trainer_mod, "_save_checkpoint", save_then_die)
         with pytest.raises(_Interrupt):
             run_stage(_config(), _inputs(artifacts), split)
     saved = json.loads((split / CHECKPOINTS_DIR / "progress.json").read_text())

@@ -15,6 +15,7 @@ from safetensors import safe_open
 import mlpfuse
 from mlpfuse.stages import export, shard
 from mlpfuse.stages.model.families import family_for
+from mlpfuse.stages.model.hf import TIES_FILE
 from mlpfuse.stages.model.overlay import Overlay, load_overrides, save_overlay
 from mlpfuse.stages.model.runner import LayerStreamedModel
 from mlpfuse.stages.model.shards import layer_file, load_shard_meta
@@ -197,7 +198,7 @@ def test_tied_form_shares_parameters(mt: str, exports: dict, monkeypatch: pytest
     dup = patch_numel * (len(TIE) - 1)
     assert _stored_numel(Path(stock["path"])) - _stored_numel(tdir) == dup == tied["duplicated_params"]
     assert tied["unique_params"] == stock["params"] - dup
-    ties = json.loads((tdir / export.TIES_FILE).read_text())
+    ties = json.loads((tdir / TIES_FILE).read_text())
     assert ties["windows"] == [[TIE[0] - 1, TIE[1] - 1]]  # renumbered after the skipped layer
 
     model = mlpfuse.load(tdir)

@@ -16,6 +16,7 @@ from safetensors import safe_open
 
 import mlpfuse
 from mlpfuse.stages import compress, export, shard
+from mlpfuse.stages.model.hf import TIES_FILE
 from mlpfuse.stages.model.overlay import load_overrides
 from mlpfuse.stages.model.runner import LayerStreamedModel
 from mlpfuse.stages.model.shards import layer_file
@@ -149,7 +150,7 @@ def test_budget_merges_moe_windows_end_to_end(smollm2_tokenizer: Path, tmp_path:
     assert {"merge-0-1", "merge-0-1-vanilla", "merge-1-2", "merge-2-3"} <= names
     assert rep["winner"]["name"].startswith("merge")
     model = mlpfuse.load(tmp_path / "out" / "export")
-    (a, b) = next(w for w in json.loads((tmp_path / "out" / "export" / export.TIES_FILE).read_text())["windows"])
+    (a, b) = next(w for w in json.loads((tmp_path / "out" / "export" / TIES_FILE).read_text())["windows"])
     la, lb = model.model.layers[a].mlp, model.model.layers[b].mlp
     assert la.experts.gate_up_proj is lb.experts.gate_up_proj and la.gate.weight is lb.gate.weight
     assert model.num_parameters() == rep["winner"]["params"]

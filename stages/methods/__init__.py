@@ -9,19 +9,20 @@ method is a module here with its config and build function, and one entry below.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any
 
 from pydantic import Field
 
 from mlpfuse.core.errors import InputError
-from mlpfuse.stages.methods.base import BuildContext, MethodConfig
+from mlpfuse.stages.methods.base import BuildContext, MethodConfig, method_layers
 from mlpfuse.stages.methods.drop import FFDropMethod, LayerDropMethod, drop_ff_block, drop_layers
 from mlpfuse.stages.methods.fusion import FusionMethod, fuse_block
 from mlpfuse.stages.methods.merge import MergeMethod, build_merge
-from mlpfuse.stages.methods.moefy import MoefyMethod, moefy_block
+from mlpfuse.stages.methods.moefy import MoefyMethod, moefy_block, moefy_width
 from mlpfuse.stages.methods.prune import PruneMethod, prune_block, prune_sizes
+from mlpfuse.stages.model.params import BlockShape
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,9 @@ class MethodDef:
     refit: bool = True
     # The paper the method comes from ("" for a baseline).
     paper: str = ""
+    # Per-block methods: the width a block of width I gets, known from the settings alone (None:
+    # only the build decides, e.g. a sensitivity allocation), so the budget is checked before.
+    width: Callable[[Any, int], int | None] | None = None
 
     @property
     def streamed(self) -> bool:
@@ -47,12 +51,13 @@ class MethodDef:
 METHODS: dict[str, MethodDef] = {
     d.name: d
     for d in (
-        MethodDef("prune", PruneMethod, build_block=prune_block, sizes=prune_sizes),
-        MethodDef("fusion", FusionMethod, build_block=fuse_block, paper="MLP Fusion"),
-        MethodDef("moefy", MoefyMethod, build_block=moefy_block, paper="MLPMoE"),
+        MethodDef("prune", PruneMethod, build_block=prune_block, sizes=prune_sizes,
+                  width=lambda m, n: m.k(n) if m.allocation == "uniform" else None),
+        MethodDef("fusion", FusionMethod, build_block=fuse_block, paper="MLP Fusion", width=lambda m, n: m.k(n)),
+        MethodDef("moefy", MoefyMethod, build_block=moefy_block, paper="MLPMoE", width=moefy_width),
         MethodDef("merge", MergeMethod, build_model=build_merge, paper="FF merging"),
         MethodDef("layer_drop", LayerDropMethod, build_model=drop_layers, refit=False),
-        MethodDef("ff_drop", FFDropMethod, build_block=drop_ff_block),
+        MethodDef("ff_drop", FFDropMethod, build_block=drop_ff_block, width=lambda m, n: 0),
     )
 }
 
@@ -68,3 +73,33 @@ def method_def(name: str) -> MethodDef:
         return METHODS[name]
     except KeyError:
         raise InputError(f"unknown method {name!r}; methods: {', '.join(METHODS)}") from None
+
+
+def predict_shapes(candidate: MethodConfig, drop: Sequence[int], base: Mapping[int, Sequence[BlockShape]],
+                   moe_layers: Collection[int]) -> tuple[dict[int, list[BlockShape]], set[int], list[list[int]]] | None:
+    """The FF block shapes, removed layers and tied windows a candidate will have, from its
+    settings and the base model's block shapes alone (no tensor read), or None where only the
+    build can tell (a score-driven allocation, a merged MoE window's shared router)."""
+    d = method_def(candidate.method)
+    n = len(base)
+    shapes = {i: list(base[i]) for i in range(n)}
+    skip = {int(i) for i in drop}
+    tied: list[list[int]] = []
+    if d.build_block is not None:
+        if d.width is None:
+            return None
+        for i in method_layers(candidate, n):
+            new = [d.width(candidate, b.size) for b in shapes[i]]
+            if any(w is None for w in new):
+                return None
+            shapes[i] = [b.resized(int(w)) for b, w in zip(shapes[i], new, strict=True)]  # type: ignore[arg-type]
+    elif isinstance(candidate, LayerDropMethod):
+        skip |= set(method_layers(candidate, n))
+    elif isinstance(candidate, MergeMethod):
+        window = list(range(candidate.start, candidate.start + candidate.size))
+        if window[-1] >= n or any(i in moe_layers for i in window):
+            return None
+        tied = [window]
+    else:
+        return None
+    return shapes, skip, tied

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -49,3 +50,15 @@ def moefy_block(m: MoefyMethod, ctx: BuildContext, i: int, ref: FFBlockRef, ff: 
     ctx.branches[f"L{i:05d}/{ref.name}/branch"], ctx.branches[f"L{i:05d}/{ref.name}/alpha"] = branch, alpha
     ctx.kept[f"L{i:05d}/{ref.name}"] = torch.nonzero(branch >= 0).reshape(-1).long()
     return to_dense(moe)
+
+
+def moefy_width(m: MoefyMethod, n: int) -> int | None:
+    """Neurons an MLPMoE block of width ``n`` keeps: Fractal Fade removes exactly ``ceil(s·n)``;
+    Compensated Pruning keeps whole branches, of equal width when ``branches`` divides ``n``."""
+    if m.op == "none":
+        return n
+    if m.op == "fade":
+        return n - math.ceil(m.sparsity * n - 1e-9)
+    if n % m.branches:
+        return None
+    return max(1, round(m.keep_branches * m.branches)) * (n // m.branches)
