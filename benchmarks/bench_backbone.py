@@ -9,8 +9,8 @@ generation. Every phase runs in its own subprocess so peak RSS is per phase: the
 
 Phases:
   import     python + torch + transformers + stages imported, nothing else (the RSS floor)
-  shard      ``stages.shard.run`` on the checkpoint into a fresh directory
-  streamed   ``LayerStreamedModel`` + ``stages.evaluate.perplexity`` (float32 compute)
+  shard      ``mlpfuse.stages.shard.run`` on the checkpoint into a fresh directory
+  streamed   ``LayerStreamedModel`` + ``mlpfuse.stages.evaluate.perplexity`` (float32 compute)
   in-memory  ``AutoModelForCausalLM.from_pretrained(ckpt, dtype=float32)`` over the same windows,
              the same batches, the same NLL code
 Both evaluations score the same random-but-valid token ids (``--tokens``, windows of
@@ -20,7 +20,7 @@ the load other users put on a shared machine; the ratio is also given per CPU-se
 process (less sensitive to that load). Throughput counts every token fed through the model
 (windows x length), excluding model construction/loading (reported separately).
 The shard and streamed phases fix glibc's mmap threshold at 1 MiB first, as every pipeline task
-does (``stages.heap.bound_malloc_cache``); the in-memory baseline runs as a user would
+does (``mlpfuse.core.heap.bound_malloc_cache``); the in-memory baseline runs as a user would
 run it. ``--child-env KEY=VALUE`` sets the environment of every phase.
 
 Targets: shard peak RSS <= 0.25 x checkpoint size; streamed tokens/s >= 0.8 x in-memory.

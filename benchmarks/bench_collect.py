@@ -7,13 +7,13 @@ blocks (bundled Shakespeare, ``--tokens`` tokens in blocks of 256):
 - ``collect``: the ``collect_part`` stage (one worker: streamed layer by layer from the shard,
   FF inputs x and features up / gate / hidden written to Parquet, float16, plus float64 sums and
   HᵀH), then the ``collect`` merge, as a pipeline task runs them (``TASK_ENV``: OpenMP threads
-  wait passively; the task's heap bound, ``stages.heap``);
+  wait passively; the task's heap bound, ``mlpfuse.core.heap``);
 - ``hooks``: ``AutoModelForCausalLM.from_pretrained`` (float32, the whole model in memory) and a
   forward over the same batches with hooks that keep the same tensors (x, up, gate, hidden, as
   float16 numpy) in memory, run as a user would run it: what a user would write without mlpfuse;
 - ``hooks-env``: the same with collect's settings (its environment and its heap policy);
 - ``read``: one middle layer's features (every kind: up, gate, hidden) read back with
-  ``stages.collect.read_features`` (best of 5; MB/s of float16 feature bytes returned);
+  ``mlpfuse.stages.collect.read_features`` (best of 5; MB/s of float16 feature bytes returned);
 - ``encode``: every Parquet file collect wrote, read back (untimed) and written again with the
   stage's writer settings: the CPU time the Parquet encoding alone costs;
 - ``parts``: each piece of the work collect does beyond the forward, priced alone in CPU seconds

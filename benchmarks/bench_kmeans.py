@@ -1,11 +1,11 @@
-"""k-means for MLP Fusion on real weights: stages.kmeans (faiss) vs scikit-learn KMeans.
+"""k-means for MLP Fusion on real weights: mlpfuse.stages.math.kmeans (faiss) vs scikit-learn KMeans.
 
 The sub-MLPs of one SmolLM2-135M-Instruct layer (1536 neurons, 3 x 576 = 1728 dims each, SwiGLU)
-are clustered into k centroids by both, at the same restarts and iteration budget (stages.kmeans
+are clustered into k centroids by both, at the same restarts and iteration budget (mlpfuse.stages.math.kmeans
 with each of its seedings: greedy k-means++, the default, and faiss's uniform random), and by
 scikit-learn at the authors' reference setting (n_init=30, its default max_iter=300, tol=1e-4).
 scikit-learn seeds with greedy k-means++ and stops when the labels stop changing;
-stages.kmeans always runs the iterations it is given.
+mlpfuse.stages.math.kmeans always runs the iterations it is given.
 Inertia = sum of squared distances of the sub-MLP vectors to their assigned centroid (lower is
 better), computed the same way for every row.
 
@@ -93,7 +93,7 @@ def main() -> None:
         res = kmeans(x, args.k, iters=args.iters, seed=args.seed, n_init=args.n_init, init=init)
         rows.append(
             (
-                f"stages.kmeans (faiss) init={init} n_init={args.n_init} iters={args.iters}",
+                f"mlpfuse.stages.math.kmeans (faiss) init={init} n_init={args.n_init} iters={args.iters}",
                 time.perf_counter() - t0,
                 inertia(x, res.centroids, res.assign),
                 f"{res.iters} iterations",

@@ -30,7 +30,7 @@ import time
 
 import numpy as np
 
-from mlpfuse.stages.math.alignment import assignment_total, solve_assignment
+from mlpfuse.stages.math.assignment import assignment_total, solve_assignment
 
 # (intermediate size, hidden size) pairs: SmolLM2-135M is 576/1536; the others keep I ≈ 4H.
 HIDDEN_FOR = {1536: 576, 3072: 768, 8192: 2048, 14336: 4096}

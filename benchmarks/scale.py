@@ -4,7 +4,7 @@ checkpoint, on a small machine, with each stage's time, peak memory and disk.
 A random-weight checkpoint (bf16, sharded safetensors with ``model.safetensors.index.json``,
 written tensor by tensor by ``benchmarks/generate.py``) is cached under ``--cache`` (default
 /tmp/mlpfuse-scale/<arch>-<params>). Then every stage runs as its plain function
-(``stages.registry.STAGES[name].run(config, inputs, out_dir)``) in its own child process, so each
+(``mlpfuse.stages.registry.STAGES[name].run(config, inputs, out_dir)``) in its own child process, so each
 peak RSS is that stage's alone, wired the way ``orchestrator/pipeline.py`` and
 ``orchestrator/job.py`` wire them (same input roles), with artifacts under
 ``--cache``/work-<arch>/<node> (not the store under ~/.cache/mlpfuse):

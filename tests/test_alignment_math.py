@@ -1,4 +1,4 @@
-"""Invariants of the FF merging math (stages/alignment.py): streamed correlation, LAP, permutation,
+"""Invariants of the FF merging math (stages/math/alignment.py): streamed correlation, LAP, permutation,
 merging and CKA."""
 
 from __future__ import annotations
@@ -10,11 +10,10 @@ import torch
 from mlpfuse.stages.math.alignment import (
     CorrelationAccumulator,
     align_window,
-    assignment_total,
     merge_window,
     permute_ff,
-    solve_assignment,
 )
+from mlpfuse.stages.math.assignment import assignment_total, solve_assignment
 from mlpfuse.stages.math.cka import cka, gram_products, normalized_gram
 from mlpfuse.stages.math.ffweights import FFWeights
 

@@ -223,7 +223,7 @@ def test_stage_tasks_run_with_passive_openmp_waiting(tmp_path: Path) -> None:
     assert TASK_ENV.items() <= runtime_env(root)["env_vars"].items()
     code = (
         "import os, ray\n"
-        "from orchestrator.pipeline import ray_session\n"
+        "from mlpfuse.orchestrator.pipeline import ray_session\n"
         "with ray_session(None, 1):\n"
         "    seen = ray.get(ray.remote(lambda: os.environ.get('OMP_WAIT_POLICY')).remote())\n"
         "print('seen', seen)\n"

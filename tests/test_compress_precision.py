@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from mlpfuse.stages import compress, shard
 from mlpfuse.stages.compress import CompressConfig
 from mlpfuse.stages.math import alignment
+from mlpfuse.stages.math.assignment import solve_assignment
 from mlpfuse.stages.math.ffweights import FFWeights
 from mlpfuse.stages.model.features import read_stats
 from tests.test_collect import _collect, _data
@@ -126,8 +127,8 @@ def test_correlation_and_assignment_in_place_equal_the_copying_forms() -> None:
     accs[1].update(a, b)
     np.testing.assert_allclose(accs[1].corr(), copy, rtol=1e-12, atol=1e-12)
     kept = consumed.copy()
-    perm = alignment.solve_assignment(consumed, maximize=True, overwrite=True)
-    assert np.array_equal(perm, alignment.solve_assignment(kept, maximize=True, solver="scipy"))
+    perm = solve_assignment(consumed, maximize=True, overwrite=True)
+    assert np.array_equal(perm, solve_assignment(kept, maximize=True, solver="scipy"))
     np.testing.assert_allclose(consumed, kept, rtol=0, atol=1e-15)  # turned back into the correlation
 
 

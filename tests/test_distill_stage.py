@@ -53,7 +53,7 @@ def _make_llama(path: Path) -> Path:
 
 
 def _data(root: Path, n_blocks: int = 8, seed: int = 0) -> Path:
-    """A data artifact with ``calib.parquet`` (as stages.data writes it)."""
+    """A data artifact with ``calib.parquet`` (as mlpfuse.stages.data writes it)."""
     d = root / "data"
     d.mkdir()
     ids = np.random.default_rng(seed).integers(0, VOCAB, size=(n_blocks, BLOCK)).astype(np.int32)

@@ -398,7 +398,7 @@ def test_two_concurrent_runs_compute_each_stage_once(tmp_path: Path, assets: dic
 
 # ----- 5. the disk fills up while a run writes ------------------------------------------------------
 # A driver that makes every process of the run (itself and each Ray worker, through Ray's
-# worker_process_setup_hook) see a full disk: from the (skip+1)-th stages.artifacts.write_atomic
+# worker_process_setup_hook) see a full disk: from the (skip+1)-th mlpfuse.core.artifacts.write_atomic
 # call whose path matches FT_ENOSPC_MATCH on, every write_atomic call writes 4 KiB of its temporary
 # file and then fails with ENOSPC, as a real full disk would.
 ENOSPC_DRIVER = textwrap.dedent('''
@@ -680,7 +680,7 @@ def _plain_env() -> dict[str, str]:
 
 
 def test_embedded_ray_session_listens_on_loopback_only(tmp_path: Path) -> None:
-    code = ("import sys\nfrom orchestrator.pipeline import ray_session\nwith ray_session(None, 1):\n"
+    code = ("import sys\nfrom mlpfuse.orchestrator.pipeline import ray_session\nwith ray_session(None, 1):\n"
             "    import ray\n    ray.get(ray.remote(lambda: 1).remote())\n    print('UP', flush=True)\n"
             "    sys.stdin.readline()\n")
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=_plain_env(), stdin=subprocess.PIPE,

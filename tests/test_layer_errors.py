@@ -25,7 +25,7 @@ CFG = LayerErrorsConfig(ntk_tokens=24, seed=1)
 
 
 def _data(d: Path, vocab: int = 128) -> Path:
-    """A data artifact's held-out split (``eval.parquet`` as stages.data writes it)."""
+    """A data artifact's held-out split (``eval.parquet`` as mlpfuse.stages.data writes it)."""
     d.mkdir()
     rng = np.random.default_rng(0)
     ids = [rng.integers(0, vocab, n).astype(np.int32).tolist() for n in (70, 50)]

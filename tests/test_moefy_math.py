@@ -1,4 +1,4 @@
-"""Invariants of the MLPMoE math (stages/moefy.py): exact slicing, structured fade, compensated
+"""Invariants of the MLPMoE math (stages/math/moefy.py): exact slicing, structured fade, compensated
 pruning and export to a plain MLP."""
 
 from __future__ import annotations

@@ -150,7 +150,7 @@ def fuse_ff(
 
     ``counts`` P are always the plain number of neurons per cluster: a centroid replaces that
     many neurons however they were weighted. ``iters``, ``seed``, ``n_init``, ``init`` and
-    ``gpu`` go to :func:`stages.kmeans.kmeans`.
+    ``gpu`` go to :func:`mlpfuse.stages.math.kmeans.kmeans`.
     """
     n = ff.intermediate_size
     if not 1 <= k <= n:

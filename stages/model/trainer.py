@@ -51,7 +51,7 @@ ADAMW_WEIGHT_DECAY = 0.0
 
 
 # Names of the modules that are a decoder layer's feed-forward sublayer, across the families in
-# stages.families: ``mlp`` (GPT-2 c_fc/c_proj, Llama/Gemma/Qwen and MoE blocks), ``intermediate``
+# mlpfuse.stages.model.families: ``mlp`` (GPT-2 c_fc/c_proj, Llama/Gemma/Qwen and MoE blocks), ``intermediate``
 # (BERT's first FF linear), ``fc1``/``fc2`` (OPT). BERT's second FF linear is the ``output`` module
 # that sits beside ``intermediate`` (not ``attention.output``); see :func:`ff_parameter_names`.
 FF_MODULE_NAMES = frozenset({"mlp", "intermediate", "fc1", "fc2"})
