@@ -90,6 +90,9 @@ def build_spec(spec: str | Path | Mapping[str, Any] | PipelineSpec | None = None
         doc["cache"] = str(cache)
     if address is not None:
         doc["ray"] = {**doc.get("ray", {}), "address": address}
+    for section, value in sections.items():  # merged into the spec's section of that name
+        doc[section] = {**doc[section], **value} if isinstance(doc.get(section), dict) and isinstance(value, Mapping) \
+            else value
     if target is not None or methods is not None:
         budget = dict(doc.get("budget") or {})
         if target is not None:
@@ -97,7 +100,6 @@ def build_spec(spec: str | Path | Mapping[str, Any] | PipelineSpec | None = None
         if methods is not None:
             budget["methods"] = list(methods)
         doc["budget"] = budget
-    doc.update(sections)
     return parse_spec(doc, "(mlpfuse.compress arguments)")
 
 

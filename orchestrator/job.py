@@ -103,8 +103,8 @@ def run_budget(session: Session, spec: PipelineSpec) -> dict[str, Any]:
     counted, counted_ff = counted_keys(spec.budget.export)
     alive = []
     for c in cands:
-        r = built[f"compress.{c.name}"]
-        c.result, c.key = r["result"], r["key"]
+        b = built[f"compress.{c.name}"]
+        c.result, c.key = b["result"], b["key"]
         size = c.result[counted if kind == "params" else counted_ff]
         if c.predicted is not None and c.predicted != size:
             log.warning("%s: built at %s %s, predicted %s", c.name, f"{size:,}", kind, f"{c.predicted:,}")
@@ -248,7 +248,7 @@ def run_job(spec: PipelineSpec, store: ArtifactStore, force: set[str] | None = N
             extra["export"] = {**session.results["export"]["result"], "path": str(dest)}
     finally:
         session.close()
-    report = build_report(spec, session.results, time.time() - t0, store.root)
+    report = build_report(spec, session.results, time.time() - t0, Path(store.root))
     report.update(extra)
     path = write_report(report, spec.output_dir())
     from mlpfuse.orchestrator.report_html import write_html

@@ -21,7 +21,7 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -87,10 +87,12 @@ def _offline() -> Iterator[None]:
     old = {k: os.environ.get(k) for k in keys}
     for k in keys:
         os.environ[k] = "1"
-    cfg_mod, cfg_old = None, None
+    cfg_mod: Any = None
+    cfg_old = None
     try:
-        import datasets.config as cfg_mod  # read at import: patch it too if already imported
+        import datasets.config  # read at import: patch it too if already imported
 
+        cfg_mod = datasets.config
         cfg_old = cfg_mod.HF_HUB_OFFLINE
         cfg_mod.HF_HUB_OFFLINE = True
     except (ImportError, AttributeError):
@@ -120,7 +122,8 @@ def _model(model_dir: Path, dtype: str, batch_size: int, device: str, max_length
 
         from mlpfuse.stages.model.hf import load_export
 
-        model = load_export(model_dir, dtype=getattr(torch, dtype)).to(device)
+        model = load_export(model_dir, dtype=getattr(torch, dtype))
+        torch.nn.Module.to(model, device)
         return HFLM(pretrained=model, tokenizer=str(model_dir), batch_size=batch_size, device=device,
                     max_length=max_length), None
     if (model_dir / "config.json").exists():
@@ -142,7 +145,7 @@ def _metrics(task_results: dict) -> dict[str, float]:
     return out
 
 
-def run_lm_eval(model_dir: str | Path, tasks: list[str] | str = (SHIPPED_TASK,), data: str | None = None,
+def run_lm_eval(model_dir: str | Path, tasks: Sequence[str] | str = (SHIPPED_TASK,), data: str | None = None,
                 limit: int | None = None, batch_size: int = 1, device: str = "cpu", *,
                 include_path: str | Path | None = None, dtype: str = "float32", text_field: str = "text",
                 max_length: int | None = None, task_dir: str | Path | None = None) -> dict[str, dict[str, float]]:

@@ -26,7 +26,7 @@ from mlpfuse.orchestrator.spec import PipelineSpec
 from mlpfuse.orchestrator.store import ArtifactStore, cache_key
 from mlpfuse.stages.collect import CollectPartConfig
 from mlpfuse.stages.data import corpus_key
-from mlpfuse.stages.model.checkpoint import resolve_source, source_key
+from mlpfuse.stages.model.checkpoint import model_key
 from mlpfuse.stages.registry import STAGES
 
 log = logging.getLogger("mlpfuse.pipeline")
@@ -73,7 +73,7 @@ def build_plan(spec: PipelineSpec) -> list[PlanNode]:
         known[name] = node.key
         nodes.append(node)
 
-    add("shard", "shard", spec.shard_config(source_key(resolve_source(spec.model))))
+    add("shard", "shard", spec.shard_config(model_key(spec.model)))
     add("data", "data", spec.data_config(corpus_key(spec.data.corpus)), {"shard": "shard"})
     add("evaluate", "evaluate", spec.evaluate, {"shard": "shard", "data": "data"})
     workers = spec.collect.num_workers
@@ -206,13 +206,13 @@ class Session:
             bound[node.name] = task.options(**opts).bind(str(self.store.root), asdict(node), *upstream)
         dag = MultiOutputNode([bound[n.name] for n in todo])
         for node in todo:
-            log.info("%s: started (%s)", node.name, node.key)
+            log.info("%s: queued (%s)", node.name, node.key)
         results: dict[str, dict[str, Any]] = {}
         try:
             with warnings.catch_warnings():
                 # Ray 2.60 marks DAGNode.execute() deprecated without a replacement for task DAGs.
                 warnings.filterwarnings("ignore", message="DAGNode.execute")
-                refs = dag.execute()
+                refs: Any = dag.execute()
             pending = list(refs)
             while pending:  # one driver-side line per stage as it finishes
                 done, pending = ray.wait(pending, num_returns=1)

@@ -108,8 +108,8 @@ def _winner_name(report: dict) -> str | None:
 
 def _max_tokens(cands: list[dict]) -> float | None:
     toks = [_num(r.get("tokens")) for c in cands for r in c.get("rounds") or [] if isinstance(r, dict)]
-    toks = [t for t in toks if t is not None]
-    return max(toks) if toks else None
+    found = [t for t in toks if t is not None]
+    return max(found) if found else None
 
 
 def _finalist(c: dict, max_tokens: float | None) -> bool:
@@ -232,10 +232,10 @@ def plot_pareto(report: dict, path: Path) -> bool:
 
 def plot_halving(report: dict, path: Path) -> bool:
     cands = [c for c in _candidates(report) if c.get("rounds")]
-    series = []
+    series: list[tuple[dict, list[tuple[float, float]]]] = []
     for c in cands:
-        pts = [(_num(r.get("tokens")), _num(r.get("perplexity"))) for r in c["rounds"] if isinstance(r, dict)]
-        pts = [(t, p) for t, p in pts if t is not None and p is not None]
+        raw = [(_num(r.get("tokens")), _num(r.get("perplexity"))) for r in c["rounds"] if isinstance(r, dict)]
+        pts = [(t, p) for t, p in raw if t is not None and p is not None]
         if pts:
             series.append((c, pts))
     if not series or all(len(p) < 2 for _, p in series) and len(series) < 2:
@@ -323,7 +323,7 @@ def plot_layer_errors(report: dict, path: Path, key: str = "layer_errors",
 
 
 def _loss_points(losses: Any) -> list[tuple[float, float]]:
-    pts = []
+    pts: list[tuple[float, float]] = []
     if not isinstance(losses, (list, tuple)):
         return pts
     for i, v in enumerate(losses):

@@ -23,6 +23,7 @@ by a crash are ignored by readers and overwritten by the next commit.
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import json
 import os
@@ -267,7 +268,7 @@ class ArtifactStore:
             names = [(s.name, d.name) for s in top for d in sorted(s.iterdir())]
         return [a for s, k in names if (a := self.get(s, k, verify=False)) is not None]
 
-    def unreachable(self, versions: dict[str, int], *, older_than_s: float | None = None) -> list[Artifact]:
+    def unreachable(self, versions: dict[str, int], *, older_than_s: float | None = None) -> builtins.list[Artifact]:
         """Artifacts no run can hit again: a stage that is gone or at another version (``versions``,
         stage name -> current version), or an input that is itself unreachable or missing. With
         ``older_than_s``, also every artifact not used (committed or hit) for that long."""

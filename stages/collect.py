@@ -42,6 +42,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -338,7 +339,7 @@ def _commit_layer(out_dir: Path, i: int, writes: list[tuple[str, pa.Table]], sta
     """Commit layer i: its Parquet parts, the hidden state carried past it, then its statistics,
     the layer's completion marker (last)."""
     for rel, table in writes:
-        commit_part(out_dir, rel, lambda p, t=table: _write_parquet(t, p))
+        commit_part(out_dir, rel, partial(_write_parquet, table))
     commit_part(out_dir, f"carry/L{i:05d}.safetensors", lambda p: save_file(carry, str(p)))
     commit_part(out_dir, stats_file(i), lambda p: save_np(stats, str(p)))
     if i > 0:  # only the latest carry is ever needed
@@ -363,7 +364,7 @@ def _layer_blocks(sd: dict[str, Tensor], cap: _LayerCapture, model: LayerStreame
     for ref in refs:
         ff = family.read_ff(hf_config, sd, ref)
         if ref.kind == "expert":
-            hit = (experts == ref.expert)
+            hit = torch.as_tensor(experts == ref.expert)
             rows = hit.any(dim=-1).nonzero().squeeze(-1)
             extra = {"router_weight": (weights * hit).sum(-1)[rows].numpy()}
         else:

@@ -41,7 +41,7 @@ from mlpfuse.core.errors import InputError
 from mlpfuse.stages.math import alignment, fusion, moefy, pruning  # noqa: F401
 from mlpfuse.stages.math.ffweights import FFWeights
 from mlpfuse.stages.methods import Method, method_def
-from mlpfuse.stages.methods.base import BuildContext, MethodConfig, method_layers, shape_only
+from mlpfuse.stages.methods.base import BuildContext, method_layers, shape_only
 from mlpfuse.stages.methods.drop import LayerDropMethod
 from mlpfuse.stages.methods.merge import MergeMethod
 from mlpfuse.stages.methods.refit import RefitConfig, refit_overlay
@@ -68,21 +68,23 @@ KEPT = "kept.safetensors"
 BRANCHES = "moefy_branches.safetensors"
 
 
-def _build(m: MethodConfig, ctx: BuildContext) -> Overlay:
+def _build(m: Method, ctx: BuildContext) -> Overlay:
     d = method_def(m.method)
     if d.build_model is not None:
         return d.build_model(m, ctx)
     return Overlay(blocks=dict(_iter_layers(m, ctx)))
 
 
-def _iter_layers(m: MethodConfig, ctx: BuildContext) -> Iterator[tuple[int, dict[FFBlockRef, FFWeights]]]:
+def _iter_layers(m: Method, ctx: BuildContext) -> Iterator[tuple[int, dict[FFBlockRef, FFWeights]]]:
     """(layer, its compressed FF blocks), one layer at a time (per-block methods)."""
     d = method_def(m.method)
+    build = d.build_block
+    assert build is not None, f"{m.method} is not a per-block method"
     sizes = d.sizes(m, ctx) if d.sizes is not None else {}
     for i in method_layers(m, ctx.num_layers):
         # One block in float32 at a time (an MoE layer's experts are not all upcast at once); each
         # result is kept in the stored precision it will be written in.
-        yield i, {ref: d.build_block(m, ctx, i, ref, ctx.block(i, ref), sizes.get((i, ref))).to(ctx.dtype)
+        yield i, {ref: build(m, ctx, i, ref, ctx.block(i, ref), sizes.get((i, ref))).to(ctx.dtype)
                   for ref in ctx.refs(i)}
 
 
@@ -138,7 +140,7 @@ def run(config: CompressConfig, inputs: dict[str, Path], out_dir: Path) -> dict:
     changed: dict[int, dict[FFBlockRef, FFWeights]] = {}
     tied_other = 0
     if streamed:
-        overlap = sorted(drop & set(method_layers(m, ctx.num_layers)))  # type: ignore[arg-type]
+        overlap = sorted(drop & set(method_layers(m, ctx.num_layers)))
         if overlap:
             raise InputError(f"layers {overlap} are both dropped and compressed")
         errors: dict[str, list] | None = {"layers": [], "before": [], "after": []} if config.refit else None
@@ -182,10 +184,10 @@ def run(config: CompressConfig, inputs: dict[str, Path], out_dir: Path) -> dict:
         ov.extra = {}
         ov.blocks = {}
     # Every layer's blocks after compression, for parameter accounting.
-    blocks = {i: [BlockShape.of(ctx.family, ref, ff) for ref, ff in {**ctx.shapes(i), **changed.get(i, {})}.items()]
+    shapes = {i: [BlockShape.of(ctx.family, ref, ff) for ref, ff in {**ctx.shapes(i), **changed.get(i, {})}.items()]
               for i in range(ctx.num_layers)}
     shard_meta = json.loads((inputs["shard"] / "shard.json").read_text())
-    counts = count_params(shard_meta["params"], blocks, ov.skip, ov.tied, tied_other=tied_other)
+    counts = count_params(shard_meta["params"], shapes, ov.skip, ov.tied, tied_other=tied_other)
     writer.finish(ov.skip, ov.tied)
     if ctx.counts:
         write_atomic(out_dir / COUNTS, lambda p: save_file(ctx.counts, str(p)))

@@ -39,12 +39,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
-from torch import Tensor, nn
+from torch import Tensor
 
 from mlpfuse.core.errors import InputError
 from mlpfuse.stages.math.distill_loss import layer_map_for
@@ -62,7 +64,7 @@ from mlpfuse.stages.model.hf import (
 from mlpfuse.stages.model.trainer import DistillConfig, distill, layer_index, trainable_names
 
 if TYPE_CHECKING:
-    pass
+    from transformers import PreTrainedModel
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,7 +179,7 @@ def run_stage(config: DistillStageConfig, inputs: dict[str, Path], out_dir: Path
             f"one micro-batch of {train.micro_batch}"
         )
     blocks = blocks[: n_batches * train.micro_batch]
-    vocab = min(int(m.get_input_embeddings().num_embeddings) for m in (teacher, student))
+    vocab = min(int(m.get_input_embeddings().get_parameter("weight").shape[0]) for m in (teacher, student))
     if int(blocks.max()) >= vocab:
         raise InputError(
             f"calibration token id {int(blocks.max())} is outside the models' vocabulary ({vocab})"
@@ -299,7 +301,7 @@ def _patched_layers(overlay_dir: Path) -> set[int]:
     return {int(i) for i, entry in layers.items() if entry.get("patch")}
 
 
-def write_overlay(student: nn.Module, trained: set[str], winner_dir: Path, out_dir: Path, kept: list[int],
+def write_overlay(student: PreTrainedModel, trained: set[str], winner_dir: Path, out_dir: Path, kept: list[int],
                   dtype: torch.dtype) -> bool:
     """Write the trained student as an overlay on the winner's base shard at ``out_dir``
     (``overlay.json`` and ``ff/`` patches, in the form the compress stage writes): every layer the
@@ -327,7 +329,7 @@ def write_overlay(student: nn.Module, trained: set[str], winner_dir: Path, out_d
         assert j is not None
         moved.setdefault(kept[j], set()).add(n[len(prefix.format(j)):])
     group_of: dict[int, tuple[int, ...]] = {}
-    refs: dict[int, dict[str, Tensor]] = {}
+    refs: dict[int, dict[str, Any]] = {}  # the winner's patch tensors as safetensors slices
     for i, entry in meta["layers"].items():
         if entry.get("patch"):
             group_of[int(i)] = tuple(entry.get("tied") or [int(i)])
@@ -358,13 +360,13 @@ def write_overlay(student: nn.Module, trained: set[str], winner_dir: Path, out_d
         return patch
 
     for i in sorted(set(refs) | set(moved)):
-        writer.add_patch(i, group_of.get(i, (i,)), lambda g, i=i: trained_patch(i))
+        writer.add_patch(i, group_of.get(i, (i,)), partial(_patch_of_layer, trained_patch, i))
     writer.finish({int(i) for i, e in meta["layers"].items() if e.get("skip")}, meta.get("tied", []))
     return True
 
 
 def _write_student(
-    student: nn.Module, student_dir: Path, model_dir: Path, dtype: torch.dtype, *, tied: bool
+    student: PreTrainedModel, student_dir: Path, model_dir: Path, dtype: torch.dtype, *, tied: bool
 ) -> None:
     """Write ``student`` at ``model_dir`` in the form of ``student_dir``: stock
     (``save_pretrained``, safetensors) or the export's tied form (the same tensor names stored,
@@ -373,7 +375,7 @@ def _write_student(
     tmp = model_dir.with_name(f".{model_dir.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    student.to(dtype)
+    torch.nn.Module.to(student, dtype)
     student.config.dtype = dtype
     if not tied:
         student.save_pretrained(tmp, max_shard_size="2GB")
@@ -425,3 +427,8 @@ def _append_card(model_dir: Path, summary: dict) -> None:
     if losses:
         lines.append(f"- loss: {losses[0]:.4g} → {losses[-1]:.4g}")
     card.write_text(card.read_text().rstrip("\n") + "\n" + "\n".join(lines) + "\n")
+
+
+def _patch_of_layer(make: Callable[[int], dict[str, Tensor]], i: int, group: tuple[int, ...]) -> dict[str, Tensor]:
+    """Layer ``i``'s patch for its tied ``group`` (the first member's: the group shares it)."""
+    return make(i)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -195,9 +196,8 @@ def run_prefix(config: PrefixConfig, inputs: dict[str, Path], out_dir: Path) -> 
     """One base-model pass over the evaluation windows, keeping the hidden state that enters each
     of ``config.layers`` (float32 safetensors, one file per layer, one tensor per window). Each
     layer's file is committed as a part, so an interrupted pass keeps what it finished."""
-    from safetensors.torch import save_file
 
-    from mlpfuse.core.artifacts import commit_part, part_done, write_json_atomic
+    from mlpfuse.core.artifacts import commit_part, part_done, save_safetensors, write_json_atomic
 
     model = LayerStreamedModel(inputs["shard"])
     bad = [s for s in config.layers if not 0 < s < model.num_layers]
@@ -214,7 +214,7 @@ def run_prefix(config: PrefixConfig, inputs: dict[str, Path], out_dir: Path) -> 
             if i + 1 in todo:
                 tensors = {f"w{j}": s.hidden[r].contiguous().clone()
                            for s, (_, _, idx) in zip(states, batches, strict=True) for r, j in enumerate(idx)}
-                commit_part(out_dir, _prefix_file(i + 1), lambda p, t=tensors: save_file(t, str(p)))
+                commit_part(out_dir, _prefix_file(i + 1), partial(save_safetensors, tensors))
 
         model.run(states, stop=max(todo), on_layer=keep, progress=True)
     meta = {"layers": sorted(wanted), "window": config.window, "stride": config.stride,

@@ -41,7 +41,7 @@ import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -285,7 +285,7 @@ def run(config: ExportConfig, inputs: dict[str, Path], out_dir: Path) -> dict:
     # Re-read: what a user's from_pretrained will see (validates the edited config).
     new_cfg = AutoConfig.from_pretrained(model_dir)
     skeleton = build_skeleton(new_cfg)
-    sk_layers = skeleton.get_submodule(family.layers_path)
+    sk_layers = cast(torch.nn.ModuleList, skeleton.get_submodule(family.layers_path))
     skeleton.tie_weights()  # a tied head counts once, as from_pretrained's model counts it
     params = sum(p.numel() for p in skeleton.parameters())
 

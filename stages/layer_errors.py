@@ -43,15 +43,16 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 
-from mlpfuse.core.artifacts import write_atomic, write_json_atomic
+from mlpfuse.core.artifacts import save_safetensors, write_atomic, write_json_atomic
 from mlpfuse.core.errors import DataError, NumericalError
 from mlpfuse.stages.data import read_eval
 from mlpfuse.stages.math.ffweights import FFWeights
@@ -117,19 +118,19 @@ def run_probe(config: ProbeConfig, inputs: dict[str, Path], out_dir: Path) -> di
     for i in range(model.num_layers):
         captured: list[Tensor] = []
 
-        def pre(module: torch.nn.Module, args: tuple) -> None:
+        def pre(module: torch.nn.Module, args: tuple, captured: list[Tensor] = captured) -> None:
             captured.append(args[0].detach().reshape(-1, args[0].shape[-1]).float())
 
         with model.layer(i) as layer:
             handle = layer.get_submodule(model.family.ff_module).register_forward_pre_hook(pre)
             try:
                 with torch.no_grad():
-                    for s in states:
-                        s.hidden = model.apply(layer, i, s)
+                    for state in states:
+                        state.hidden = model.apply(layer, i, state)
             finally:
                 handle.remove()
         x = torch.cat(captured).contiguous()
-        write_atomic(out_dir / _x_rel(i), lambda p, t=x: save_file({"x": t}, str(p)))
+        write_atomic(out_dir / _x_rel(i), partial(save_safetensors, {"x": x}))
     n = sum(len(s) for s in seqs)
     meta = {"tokens": n, "sequences": len(seqs), "layers": model.num_layers,
             "hidden": int(x.shape[1]), "ff_module": model.family.ff_module}
@@ -242,7 +243,8 @@ def _mixing(model: LayerStreamedModel, i: int, sd: dict[str, Tensor], refs: list
                 out[r] = g
         module_y = moe(x[None].to(model.dtype))
         module_y = (module_y[0] if isinstance(module_y, tuple) else module_y).reshape(x.shape).double()
-    mix = sum(out[r][:, None] * ff.forward(x.double()) for r, ff in _blocks(family, model.config, sd).items())
+    mix = sum((out[r][:, None] * ff.forward(x.double()) for r, ff in _blocks(family, model.config, sd).items()),
+              torch.zeros((), dtype=torch.float64))
     err = rel_error(mix, module_y)
     if not err < 1e-3:
         raise NumericalError(f"layer {i}: the routed mixture of FF blocks differs from the MoE module's "

@@ -14,7 +14,7 @@ import math
 import re
 import shutil
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -111,7 +111,7 @@ def _layer_plan(family: FamilyAdapter, keys: dict[str, str], lazy: LazyCheckpoin
     origin = {id(v): keys[rk] for rk, v in metas.items()}
     source = {k: origin[id(v)] for k, v in family.renamed(metas).items()}
     fused = family.legacy_experts(list(source))
-    plan = {}
+    plan: dict[str, tuple[tuple[int, ...], torch.dtype, list[tuple[str, ...]]]] = {}
     for k, v in family.canonicalize(metas).items():
         if id(v) in origin:
             plan[k] = (tuple(v.shape), v.dtype, [(origin[id(v)],)])
@@ -152,10 +152,10 @@ def run(config: ShardConfig, inputs: dict[str, Path], out_dir: Path) -> dict:
 
     skeleton = build_skeleton(hf_config, trust_remote_code=config.trust_remote_code)
     expected = set(skeleton.state_dict())
-    base_prefix = skeleton.base_model_prefix
+    base_prefix = str(skeleton.base_model_prefix)
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    params = {"total": 0, "ff": 0, "layers": [0] * n_layers, "ff_layers": [0] * n_layers}
+    params: dict[str, Any] = {"total": 0, "ff": 0, "layers": [0] * n_layers, "ff_layers": [0] * n_layers}
     reused = 0
 
     def cast(t: torch.Tensor) -> torch.Tensor:
@@ -175,6 +175,7 @@ def run(config: ShardConfig, inputs: dict[str, Path], out_dir: Path) -> dict:
                          for k, (shape, dt, _) in sorted(plan.items())]
 
                 def fetch(k: str, plan: dict = plan, i: int = i) -> Iterator[torch.Tensor]:
+                    assert lazy is not None
                     sources = plan[k][2]
                     if len(sources) == 1 and len(sources[0]) == 1:
                         chunks: Iterator[torch.Tensor] = lazy.row_chunks(sources[0][0], max_bytes=8 << 20)
@@ -185,14 +186,20 @@ def run(config: ShardConfig, inputs: dict[str, Path], out_dir: Path) -> dict:
                         _check_finite(i, k, chunk)
                         yield chunk
 
-                commit_part(out_dir, rel, lambda p, specs=specs, fetch=fetch: stream_safetensors(p, specs, fetch))
+                def write(p: Path, specs: list = specs, fetch: Callable = fetch) -> None:
+                    stream_safetensors(p, specs, fetch)
+
+                commit_part(out_dir, rel, write)
             else:  # GGUF tensors (already in memory), or a layout the plan cannot stream
                 sd = family.canonicalize({rk: get(fk) for rk, fk in layer_keys[i].items()})
                 sd = {k: cast(v).contiguous() for k, v in sd.items()}
                 for k, v in sd.items():
                     _check_finite(i, k, v)
                 specs = [(k, tuple(v.shape), v.dtype) for k, v in sorted(sd.items())]
-                commit_part(out_dir, rel, lambda p, sd=sd, specs=specs: stream_safetensors(p, specs, sd.__getitem__))
+                def write_all(p: Path, sd: dict = sd, specs: list = specs) -> None:
+                    stream_safetensors(p, specs, sd.__getitem__)
+
+                commit_part(out_dir, rel, write_all)
                 del sd
             shapes = {k: torch.empty(shape, dtype=dt, device="meta") for k, shape, dt in specs}
         params["layers"][i] = sum(v.numel() for v in shapes.values())
@@ -215,10 +222,19 @@ def run(config: ShardConfig, inputs: dict[str, Path], out_dir: Path) -> dict:
         raise CheckpointError(f"checkpoint {src.path} lacks non-layer tensors {still_missing[:6]}")
     specs = []
     for name, k in sorted(rest.items()):
-        shape, src_dtype = lazy.meta(k) if src.format != "gguf" else (tuple(tensors[k].shape), tensors[k].dtype)
+        if src.format == "gguf":
+            shape, src_dtype = tuple(tensors[k].shape), tensors[k].dtype
+        else:
+            assert lazy is not None
+            shape, src_dtype = lazy.meta(k)
         specs.append((name, shape, dtype if dtype is not None and src_dtype.is_floating_point else src_dtype))
     if not part_done(out_dir, "rest.safetensors"):
-        read = (lambda n: lazy.row_chunks(rest[n])) if src.format != "gguf" else (lambda n: get(rest[n]))
+        def read(n: str) -> torch.Tensor | Iterator[torch.Tensor]:
+            if src.format == "gguf":
+                return get(rest[n])
+            assert lazy is not None
+            return lazy.row_chunks(rest[n])
+
         commit_part(out_dir, "rest.safetensors", lambda p: stream_safetensors(p, specs, read))
     params["rest"] = sum(math.prod(shape) for _, shape, _ in specs)
     params["total"] = params["rest"] + sum(params["layers"])

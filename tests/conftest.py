@@ -117,3 +117,17 @@ def write_corpus(path: Path, docs: int = 6) -> Path:
     for i in range(docs):
         (path / f"doc{i}.txt").write_text(" ".join(f"word{j % 97} line {i} of the text" for j in range(400)))
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tmp_path_factory: pytest.TempPathFactory, smollm2_tokenizer: Path) -> Path:
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tinylm")
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=49152, tie_word_embeddings=True)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
+    for f in smollm2_tokenizer.iterdir():
+        (path / f.name).write_bytes(f.read_bytes())
+    return path

@@ -7,6 +7,7 @@ included), and shown to fail on planted violations.
   method and no stage;
 - nothing under ``mlpfuse.stages`` imports ``mlpfuse.orchestrator`` or ``mlpfuse.cluster``;
 - Ray is imported only in ``mlpfuse.orchestrator`` and ``mlpfuse.cluster``;
+- stage modules import DeepSpeed, faiss and lm-eval only inside functions;
 - nothing imports the bare folder names (``stages``, ``orchestrator``, ``cluster``): the one
   installed name is ``mlpfuse``.
 """
@@ -53,6 +54,22 @@ def imported(name: str, source: str) -> set[str]:
     return found
 
 
+def top_level_imports(source: str) -> set[str]:
+    """Modules imported when the module itself is imported (its body, not its functions)."""
+    found: set[str] = set()
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            found.add(node.module)
+    return found
+
+
+#: Heavy or optional packages a stage module may use only inside its functions, so the stages
+#: import (and run as plain functions) on a machine that lacks them, such as a bare GPU box.
+DEFERRED = ("deepspeed", "faiss", "lm_eval")
+
+
 def _under(mod: str, pkg: str) -> bool:
     return mod == pkg or mod.startswith(pkg + ".")
 
@@ -66,6 +83,10 @@ def _is_stage_module(mod: str) -> bool:
 def violations(mods: dict[str, str]) -> list[str]:
     bad: list[str] = []
     for name, source in mods.items():
+        if _under(name, "mlpfuse.stages"):
+            for dep in top_level_imports(source):
+                if dep.split(".")[0] in DEFERRED:
+                    bad.append(f"{name} imports {dep} at module level: import it where it is used")
         for dep in imported(name, source):
             top = dep.split(".")[0]
             if top in BARE:
@@ -105,6 +126,7 @@ def test_the_package_keeps_its_import_rules() -> None:
     ("mlpfuse.stages.planted", "def f():\n    from ray.train import ScalingConfig\n", "Ray belongs"),
     ("mlpfuse.core.planted", "from mlpfuse.stages.model.families import family_for", "the core imports nothing"),
     ("mlpfuse.orchestrator.planted", "from stages.compress import run", "use the installed name"),
+    ("mlpfuse.stages.model.planted", "import deepspeed", "at module level"),
 ])
 def test_a_planted_violation_fails(name: str, source: str, rule: str) -> None:
     found = violations({**modules(), name: source})

@@ -20,20 +20,6 @@ from mlpfuse.orchestrator.budget import (
 from mlpfuse.orchestrator.cli import main
 
 
-@pytest.fixture(scope="module")
-def tiny_lm(tmp_path_factory: pytest.TempPathFactory, smollm2_tokenizer: Path) -> Path:
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tinylm")
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=49152, tie_word_embeddings=True)
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
-    for f in smollm2_tokenizer.iterdir():
-        (path / f.name).write_bytes(f.read_bytes())
-    return path
-
-
 def _spec(tmp: Path, model: Path, target: dict, cache: Path | None = None, methods: list[str] | None = None,
           **extra: object) -> Path:
     spec = {

@@ -14,7 +14,7 @@ import hashlib
 import json
 import os
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -89,3 +89,11 @@ def commit_part(out_dir: Path, rel: str, writer: Callable[[Path], Any], meta: di
 
 def part_meta(out_dir: Path, rel: str) -> dict:
     return json.loads(_marker(out_dir, rel).read_text())
+
+
+def save_safetensors(tensors: Mapping[str, Any], path: Path) -> None:
+    """``tensors`` as a safetensors file at ``path`` (the writer for :func:`write_atomic` and
+    :func:`commit_part`: ``partial(save_safetensors, tensors)``)."""
+    from safetensors.torch import save_file
+
+    save_file(dict(tensors), str(path))

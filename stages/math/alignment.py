@@ -254,7 +254,7 @@ class CorrelationAccumulator:
     ) -> CorrelationAccumulator:
         c_ab = np.asarray(state["c_ab"])
         acc = cls(int(c_ab.shape[0]), int(c_ab.shape[1]), device=device)
-        acc.n_rows = int(state["n_rows"])  # type: ignore[arg-type]
+        acc.n_rows = int(state["n_rows"])
         for key in ("mean_a", "mean_b", "m2_a", "m2_b", "c_ab"):
             setattr(
                 acc,

@@ -71,7 +71,7 @@ class FFWeights:
             return None if t is None else t.to(dtype)
 
         return replace(
-            self, up=cast(self.up), down=cast(self.down), gate=cast(self.gate),
+            self, up=self.up.to(dtype), down=self.down.to(dtype), gate=cast(self.gate),
             b_up=cast(self.b_up), b_down=cast(self.b_down),
         )
 

@@ -604,7 +604,7 @@ def to_dense(moe: StaticMoE) -> FFWeights:
         return torch.cat(tensors, dim).index_select(dim, order)  # type: ignore[arg-type]
 
     up = cat([ff.up for ff in ffs], 0)
-    down = cat(downs, 1)  # type: ignore[arg-type]
+    down = cat(downs, 1)
     assert up is not None and down is not None
     return FFWeights(
         up=up,

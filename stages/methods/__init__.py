@@ -75,7 +75,7 @@ def method_def(name: str) -> MethodDef:
         raise InputError(f"unknown method {name!r}; methods: {', '.join(METHODS)}") from None
 
 
-def predict_shapes(candidate: MethodConfig, drop: Sequence[int], base: Mapping[int, Sequence[BlockShape]],
+def predict_shapes(candidate: Method, drop: Sequence[int], base: Mapping[int, Sequence[BlockShape]],
                    moe_layers: Collection[int]) -> tuple[dict[int, list[BlockShape]], set[int], list[list[int]]] | None:
     """The FF block shapes, removed layers and tied windows a candidate will have, from its
     settings and the base model's block shapes alone (no tensor read), or None where only the

@@ -139,8 +139,9 @@ def shape_only(ff: FFWeights) -> FFWeights:
         return None if t is None else torch.empty(shape, device="meta")
 
     n, h = ff.intermediate_size, ff.hidden_size
-    return FFWeights(up=z(ff.up, (n, ff.up.shape[1])), gate=z(ff.gate, (n, ff.up.shape[1])),
-                     down=z(ff.down, (h, n)), b_up=z(ff.b_up, (n,)), b_down=z(ff.b_down, (h,)), act=ff.act)
+    return FFWeights(up=torch.empty((n, ff.up.shape[1]), device="meta"), gate=z(ff.gate, (n, ff.up.shape[1])),
+                     down=torch.empty((h, n), device="meta"), b_up=z(ff.b_up, (n,)), b_down=z(ff.b_down, (h,)),
+                     act=ff.act)
 
 
 def method_layers(m: MethodConfig, n: int) -> list[int]:

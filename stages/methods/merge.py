@@ -52,7 +52,7 @@ def build_merge(m: MergeMethod, ctx: BuildContext) -> Overlay:
         perms = alignment.align_window(feats, anchor).perms
         del feats
     else:
-        perms = [None] * m.size
+        perms = [None] * m.size  # type: ignore[list-item]  # identity: vanilla merging
     # Averaged one layer at a time from the stored weights (one layer's tensors resident).
     merged = alignment.merge_window((ctx.stored(i, ref) for i in window), list(perms))
     ov = Overlay()
@@ -139,7 +139,7 @@ def _merge_moe(m: MergeMethod, ctx: BuildContext, window: list[int], refs: list[
     merged = {r: alignment.merge_window((blocks[k][experts[match[k][e]]] for k in range(w)), perms[r])
               for e, r in enumerate(experts)}
     merged |= {r: alignment.merge_window((blocks[k][r] for k in range(w)), perms[r]) for r in others}
-    del blocks
+    blocks.clear()  # the window's stored blocks are no longer needed
     sums = {key: torch.zeros(t.shape) for key, t in extras[0].items()}
     for k, tensors in enumerate(extras):
         for key, t in tensors.items():

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -110,7 +111,7 @@ def refit_overlay(ov: Overlay, ctx: BuildContext, cfg: RefitConfig, data_dir: Pa
             raise InputError("sequential refit needs the calibration tokens: add the data stage's output")
         for i, x_own in _compressed_inputs(ov, ctx, data_dir):
             fit_group([i], {i: x_own})
-    layers = sorted(before)
+    layers: list[Any] = sorted(before)
     return {"layers": layers, "before": [before[i] for i in layers], "after": [after[i] for i in layers]}
 
 

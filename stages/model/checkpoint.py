@@ -35,6 +35,8 @@ class ModelSource:
     path: Path
     files: tuple[Path, ...]
     format: str  # "safetensors" | "bin" | "gguf"
+    # A hub checkpoint's commit (its snapshot directory's name); None for local ones.
+    commit: str | None = None
 
     @property
     def gguf_file(self) -> str | None:
@@ -61,16 +63,60 @@ def _bundled_dir(name: str) -> Path:
     raise CheckpointError(f"unknown bundled model {name!r}; bundled: {', '.join(BUNDLED_MODELS)}")
 
 
+#: What a hub checkpoint's download fetches (weights as safetensors, configs, tokenizer files).
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
+
+
+def _is_hub_id(model: str) -> bool:
+    return (model not in BUNDLED_MODELS and not Path(model).expanduser().exists()
+            and not model.startswith(("/", ".", "~")) and re.fullmatch(r"[\w.-]+/[\w.-]+", model) is not None)
+
+
+def _hub_key(repo_id: str, commit: str, files: list[tuple[str, int]]) -> str:
+    """A hub checkpoint's fingerprint: its repository, commit and weight files' names and sizes
+    (the same whether read from the hub's metadata or from a downloaded snapshot)."""
+    h = hashlib.sha256(f"hub:{repo_id}@{commit}".encode())
+    for name, size in sorted(files):
+        h.update(f"{name}:{size}".encode())
+    return h.hexdigest()[:32]
+
+
+def model_key(model: str) -> str:
+    """The fingerprint of a spec's ``model:`` that its cache keys use, without downloading any
+    weights: a bundled or local checkpoint through :func:`source_key`; a hub id from the local hub
+    cache when it holds a snapshot, else from the hub's file metadata."""
+    if not _is_hub_id(model):
+        return source_key(resolve_source(model))
+    from huggingface_hub import snapshot_download
+
+    try:
+        return source_key(_source_at(model, Path(snapshot_download(model, allow_patterns=HUB_PATTERNS,
+                                                                 local_files_only=True))))
+    except CheckpointError:
+        raise
+    except Exception:  # not in the local cache: ask the hub for names and sizes, fetch nothing
+        pass
+    try:
+        from huggingface_hub import HfApi
+
+        info = HfApi().model_info(model, files_metadata=True)
+    except Exception as e:  # the hub client raises many types; all mean "not obtainable"
+        raise CheckpointError(
+            f"could not read {model!r}'s file list from the Hugging Face hub ({type(e).__name__}: {e}). "
+            "Offline? Download it elsewhere and point `model:` at the local directory."
+        ) from e
+    files = [(s.rfilename, int(s.size or 0)) for s in info.siblings or []
+             if s.rfilename.endswith(".safetensors") and "/" not in s.rfilename]
+    if not files:
+        raise CheckpointError(f"{model!r} on the hub has no .safetensors weights")
+    return _hub_key(model, str(info.sha), files)
+
+
 def _download(repo_id: str) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(
-            snapshot_download(
-                repo_id,
-                allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "tokenizer*"],
-            )
-        )
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
     except Exception as e:  # the hub client raises many types; all mean "not obtainable"
         raise CheckpointError(
             f"could not fetch {repo_id!r} from the Hugging Face hub ({type(e).__name__}: {e}). "
@@ -93,8 +139,14 @@ def resolve_source(model: str) -> ModelSource:
             f"{', '.join(BUNDLED_MODELS)}, or a hub id like org/name)"
         )
     else:
-        path = _download(model)
-    path = path.resolve()
+        return _source_at(model, _download(model))
+    return _source_at(model, path)
+
+
+def _source_at(model: str, path: Path) -> ModelSource:
+    """The checkpoint in directory ``path`` (a hub snapshot keeps the hub id and its commit)."""
+    hub = _is_hub_id(model)
+    path = path.resolve()  # a hub snapshot's directory is named for its commit
     files = sorted(p for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file())
     by_format: dict[str, list[Path]] = {}
     for p in files:
@@ -106,7 +158,7 @@ def resolve_source(model: str) -> ModelSource:
                 chosen = chosen[:1]
             if fmt != "gguf" and not (path / "config.json").exists():
                 raise CheckpointError(f"{path} has weights but no config.json")
-            return ModelSource(model, path, tuple(chosen), fmt)
+            return ModelSource(model, path, tuple(chosen), fmt, path.name if hub else None)
     raise CheckpointError(f"no weights (*.safetensors, *.bin, *.gguf) in {path}")
 
 
@@ -132,7 +184,11 @@ def _safetensors_header(path: Path) -> bytes:
 
 
 def source_key(src: ModelSource) -> str:
-    """Fingerprint of a checkpoint: file names, sizes, safetensors headers, config.json."""
+    """Fingerprint of a checkpoint: file names, sizes, safetensors headers, config.json; for a hub
+    snapshot, the hub id, commit and weight files' names and sizes (as :func:`model_key` reads them
+    from the hub without downloading)."""
+    if src.commit is not None:
+        return _hub_key(src.name, src.commit, [(p.name, p.stat().st_size) for p in src.files])
     h = hashlib.sha256()
     for p in src.files:
         h.update(p.name.encode())
@@ -289,7 +345,7 @@ def stream_safetensors(path: Path, specs: list[tuple[str, tuple[int, ...], torch
                 if tuple(t.shape[1:]) != tuple(shape[1:]):
                     raise ValueError(f"{name}: shape {tuple(t.shape)} does not fit the header's {shape}")
                 rows += t.shape[0] if t.dim() else 1
-                f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+                f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))  # type: ignore[arg-type]
                 del t
             del got, chunks  # before the next tensor is read: one tensor alive at a time
             if rows != (shape[0] if shape else 1):

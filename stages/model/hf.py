@@ -9,6 +9,7 @@ import re
 import shutil
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
@@ -19,6 +20,9 @@ from mlpfuse.core.errors import InputError
 from mlpfuse.stages.model.checkpoint import stream_safetensors
 from mlpfuse.stages.model.families import family_for
 from mlpfuse.stages.model.shards import build_skeleton
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 TIES_FILE = "mlpfuse_ties.json"
 
@@ -156,7 +160,7 @@ def _row_chunks(path: Path, name: str, max_bytes: int = 32 << 20) -> Iterator[Te
             yield sl[a : a + step]
 
 
-def revert_names(skeleton: torch.nn.Module, sd: dict[str, Tensor]) -> dict[str, Tensor]:
+def revert_names(skeleton: PreTrainedModel, sd: dict[str, Tensor]) -> dict[str, Tensor]:
     """In-memory names -> the checkpoint names ``save_pretrained`` writes (per-expert MoE keys)."""
     try:
         from transformers.core_model_loading import revert_weight_conversion
@@ -180,7 +184,7 @@ def stored_tensors(files: list[Path], *, load: bool = True) -> Iterator[tuple[st
                 yield k, (f.get_tensor(k) if load else None)
 
 
-def load_export(path: str | Path, *, dtype: torch.dtype | None = None) -> torch.nn.Module:
+def load_export(path: str | Path, *, dtype: torch.dtype | None = None) -> PreTrainedModel:
     """Load an export. Stock form: ``from_pretrained``. Tied form: build the model from its config,
     load the stored tensors, and make every tied name the *same* ``nn.Parameter`` as its source."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
@@ -191,8 +195,9 @@ def load_export(path: str | Path, *, dtype: torch.dtype | None = None) -> torch.
     family = family_for(cfg)
     if not ties_path.exists():
         auto = AutoModelForCausalLM if family.causal else AutoModel
-        kwargs = {"dtype": dtype} if dtype is not None else {}
-        return auto.from_pretrained(model_dir, **kwargs).eval()
+        if dtype is not None:
+            return auto.from_pretrained(model_dir, dtype=dtype).eval()
+        return auto.from_pretrained(model_dir).eval()
 
     spec = json.loads(ties_path.read_text())
     model = build_skeleton(cfg)

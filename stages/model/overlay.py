@@ -91,7 +91,7 @@ class OverlayWriter:
         if g not in self.written:
             patch = make(g)
             name = f"ff/L{g[0]:05d}" + (f"-{g[-1]:05d}" if len(g) > 1 else "") + ".safetensors"
-            write_atomic(self.out_dir / name, lambda p, t=patch: save_file(t, str(p)))
+            write_atomic(self.out_dir / name, lambda p: save_file(patch, str(p)))
             self.written[g] = name
         self.layers[str(i)] = {"patch": self.written[g], "tied": list(g) if len(g) > 1 else None}
 
@@ -103,7 +103,7 @@ class OverlayWriter:
 
 
 def save_overlay(out_dir: Path, overlay: Overlay, family: FamilyAdapter, config: object,
-                 base_state: "callable", dtype: torch.dtype | None = None) -> dict:
+                 base_state: Callable[[int], dict[str, Tensor]], dtype: torch.dtype | None = None) -> dict:
     """Write the overlay's patch files and ``overlay.json``; returns the JSON."""
     writer = OverlayWriter(out_dir, family, config, base_state, dtype)
     group_of = {i: g for g in overlay.tied for i in g}

@@ -140,7 +140,7 @@ def _set_tensor(module: nn.Module, name: str, value: Tensor | _PerExpert | None)
 def _upcast_embedding(mod: nn.Module, dtype: torch.dtype, forward: Callable[[Tensor], Tensor], ids: Tensor) -> Tensor:
     """The embedding module's own forward (scaling included, e.g. Gemma's) on a ``dtype`` table
     of just the rows ``ids`` look up."""
-    table = mod.weight
+    table = mod.get_parameter("weight")
     uniq, inv = torch.unique(ids, return_inverse=True)
     mod._parameters["weight"] = nn.Parameter(table[uniq].to(dtype), requires_grad=False)
     try:
@@ -220,9 +220,9 @@ class LayerStreamedModel:
                 _set_tensor(self.model, k, t.to(device=self.device, dtype=t.dtype if keep else self._cast(t)))
                 del t
         for name in self.meta.get("tied_head", []):
-            _set_tensor(self.model, name, emb.weight.data)
+            _set_tensor(self.model, name, emb.get_parameter("weight").data)
         if emb.weight.dtype != dtype:
-            emb.forward = partial(_upcast_embedding, emb, dtype, emb.forward)  # type: ignore[method-assign]
+            emb.forward = partial(_upcast_embedding, emb, dtype, emb.forward)
         if isinstance(head, nn.Linear) and head.weight.dtype != dtype:
             head.forward = partial(_upcast_linear, head, dtype)  # type: ignore[method-assign]
 
@@ -266,6 +266,7 @@ class LayerStreamedModel:
             raise ValueError(f"layer {i}: tensors {sorted(unknown)[:5]} have no place in the layer")
         experts = f"{self.family.moe.path}." if self.family.moe is not None else None
         keys = list(sd)
+        v: Tensor | None = None
         for k in keys:
             # popped: the stored (memory-mapped) tensor that was cast goes, with its pages
             v = sd.pop(k)
@@ -275,8 +276,8 @@ class LayerStreamedModel:
                 _set_tensor(module, k, v.to(device=self.device, dtype=self._cast(v)))
         v = None
         for sub in module.modules():  # GPT-2's Conv1D reshapes by the width it was built with
-            if type(sub).__name__ == "Conv1D" and sub.weight.device.type != "meta":
-                sub.nf = sub.weight.shape[1]
+            if type(sub).__name__ == "Conv1D" and sub.get_parameter("weight").device.type != "meta":
+                setattr(sub, "nf", sub.get_parameter("weight").shape[1])  # noqa: B010
         try:
             yield module
         finally:

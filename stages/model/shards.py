@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from mlpfuse.stages.model.families import family_for
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json",
@@ -26,7 +29,7 @@ def layer_file(i: int) -> str:
     return f"layers/{i:05d}.safetensors"
 
 
-def build_skeleton(config: Any, *, trust_remote_code: bool = False) -> torch.nn.Module:
+def build_skeleton(config: Any, *, trust_remote_code: bool = False) -> PreTrainedModel:
     """The task model (causal LM, or base encoder) with parameters on the meta device and real
     buffers (rotary frequencies etc.), so nothing heavy is allocated."""
     from accelerate import init_empty_weights
