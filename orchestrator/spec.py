@@ -103,6 +103,9 @@ class PipelineSpec(BaseModel):
         if self.data.calib_tokens < self.data.block_size:
             raise ValueError(f"data.calib_tokens={self.data.calib_tokens} is less than one block of "
                              f"data.block_size={self.data.block_size}")
+        if self.similarity.skip_positions >= self.data.block_size:
+            raise ValueError(f"similarity.skip_positions={self.similarity.skip_positions} leaves nothing of "
+                             f"blocks of data.block_size={self.data.block_size} tokens")
         if self.budget is None:
             for section in ("distill", "export"):
                 if section in self.model_fields_set:

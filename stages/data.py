@@ -14,6 +14,7 @@ import importlib.util
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -66,7 +67,44 @@ def corpus_files(corpus: str) -> list[Path]:
     return files
 
 
+#: ``corpus: hf:ID[:CONFIG][@SPLIT]`` names a Hugging Face dataset in the local datasets cache.
+HF_PREFIX = "hf:"
+
+
+def _hf_dataset(corpus: str) -> Any:
+    """The cached Hugging Face dataset ``hf:ID[:CONFIG][@SPLIT]`` (split default ``train``), read
+    offline: a dataset not in the local datasets cache is an error, never a download."""
+    import os
+
+    spec = corpus.removeprefix(HF_PREFIX)
+    spec, _, split = spec.partition("@")
+    name, _, config = spec.partition(":")
+    import datasets
+
+    saved = {k: os.environ.get(k) for k in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")}
+    saved_config = datasets.config.HF_HUB_OFFLINE
+    os.environ.update({k: "1" for k in saved})
+    try:
+        datasets.config.HF_HUB_OFFLINE = True  # read at import: set for this call too
+        return datasets.load_dataset(name, config or None, split=split or "train")
+    except Exception as e:  # datasets raises many types; all mean "not in the local cache"
+        raise DataError(f"corpus {corpus!r}: the Hugging Face dataset {name!r} (config {config or 'default'}, "
+                        f"split {split or 'train'}) is not in the local datasets cache ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''}); load it once with datasets.load_dataset "
+                        "while online, or give a file") from None
+    finally:
+        datasets.config.HF_HUB_OFFLINE = saved_config
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def corpus_key(corpus: str) -> str:
+    if corpus.startswith(HF_PREFIX):
+        ds = _hf_dataset(corpus)
+        return hashlib.sha256(f"{corpus}:{ds._fingerprint}:{len(ds)}".encode()).hexdigest()[:32]
     h = hashlib.sha256()
     for f in corpus_files(corpus):
         h.update(f.name.encode())
@@ -76,8 +114,15 @@ def corpus_key(corpus: str) -> str:
 
 
 def load_documents(corpus: str, text_field: str = "text") -> list[tuple[str, str]]:
-    """(doc id, text) pairs; a .txt/.md file is one document, a .jsonl line or parquet row is one."""
+    """(doc id, text) pairs; a .txt/.md file is one document, a .jsonl line, parquet row or
+    Hugging Face dataset row is one."""
     docs: list[tuple[str, str]] = []
+    if corpus.startswith(HF_PREFIX):
+        ds = _hf_dataset(corpus)
+        if text_field not in ds.column_names:
+            raise DataError(f"{corpus} has no column {text_field!r}; columns: {ds.column_names}")
+        docs = [(f"{corpus}:{n}", t) for n, t in enumerate(ds[text_field])]
+        return [(d, t) for d, t in docs if isinstance(t, str) and t.strip()]
     for f in corpus_files(corpus):
         if f.suffix == ".md":
             docs.append((f.stem, _strip_markdown(f.read_text())))

@@ -97,3 +97,42 @@ def test_run_twice_second_is_all_hits(tmp_path: Path, ray_local) -> None:
     third = json.loads((tmp_path / "out" / "report.json").read_text())
     assert third["stages"]["evaluate"]["status"] == "run" and third["stages"]["shard"]["status"] == "hit"
     assert third["base"]["perplexity"] == pytest.approx(first["base"]["perplexity"], rel=1e-9)
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    from mlpfuse import __version__
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"mlpfuse {__version__}"
+
+
+@pytest.mark.parametrize(("over", "message"), [
+    ({"evaluate": {"window": 32, "stride": 64}}, "evaluate.stride=64 exceeds evaluate.window=32"),
+    ({"data": {"corpus": "shakespeare", "block_size": 64, "calib_tokens": 32}},
+     "data.calib_tokens=32 is less than one block of data.block_size=64"),
+    ({"export": {"dtype": "bfloat16"}}, "export: applies to the winner of a budget"),
+    ({"distill": {"train": {"steps": 1}}}, "distill: applies to the winner of a budget"),
+])
+def test_what_would_fail_later_exits_2_before_any_work(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                       over: dict, message: str) -> None:
+    spec = _spec(tmp_path, **over)
+    assert main(["run", str(spec)]) == 2
+    assert message in capsys.readouterr().err
+    assert _artifacts(tmp_path) == [] and not (tmp_path / "out").exists()
+
+
+def test_a_single_long_text_is_cut_into_sections(tmp_path: Path, ray_local) -> None:
+    """One .txt file of many paragraphs: split by whole sections, never mixing one between
+    calibration and evaluation, and the report says so."""
+    text = tmp_path / "book.txt"
+    text.write_text("\n\n".join(" ".join(f"para{p} word{j % 53}" for j in range(60)) for p in range(80)))
+    spec = _spec(tmp_path, data={"corpus": str(text), "block_size": 32, "calib_tokens": 128, "eval_tokens": 128})
+    assert main(["run", str(spec)]) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    data_dir = Path(report["stages"]["data"]["path"])
+    split = json.loads((data_dir / "split.json").read_text())
+    assert "cut into 20 sections" in split["note"] and report["data"]["note"] == split["note"]
+    assert split["eval_docs"] and split["calib_docs"]
+    assert not set(split["eval_docs"]) & set(split["calib_docs"])
+    assert all(d.startswith("book§") for d in split["eval_docs"] + split["calib_docs"])
