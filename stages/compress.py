@@ -46,7 +46,7 @@ from mlpfuse.stages.methods.drop import LayerDropMethod
 from mlpfuse.stages.methods.merge import MergeMethod
 from mlpfuse.stages.methods.refit import RefitConfig, refit_overlay
 from mlpfuse.stages.model.families import FFBlockRef
-from mlpfuse.stages.model.overlay import Overlay, OverlayWriter
+from mlpfuse.stages.model.overlay import Overlay, OverlayWriter, read_overlay
 from mlpfuse.stages.model.params import BlockShape, count_params
 
 
@@ -91,21 +91,24 @@ def _iter_layers(m: Method, ctx: BuildContext) -> Iterator[tuple[int, dict[FFBlo
 def _iter_overlay(overlay_dir: Path, ctx: BuildContext) -> Iterator[tuple[int, dict[FFBlockRef, FFWeights]]]:
     """(layer, its FF blocks) of an overlay written by :func:`save_overlay`, one layer at a time
     (skipped layers left out)."""
-    meta = json.loads((overlay_dir / "overlay.json").read_text())
-    for i, entry in sorted(meta["layers"].items(), key=lambda kv: int(kv[0])):
-        if entry.get("skip"):
-            continue
-        sd = {**ctx.state(int(i)), **load_file(str(overlay_dir / entry["patch"]))}
-        yield int(i), {r: ctx.family.read_ff(ctx.config, sd, r) for r in ctx.family.ff_blocks(ctx.config, sd)}
+    for i, sd in read_overlay(overlay_dir).iter_states(ctx.state):
+        yield i, {r: ctx.family.read_ff(ctx.config, sd, r) for r in ctx.family.ff_blocks(ctx.config, sd)}
 
 
 def _load_overlay(overlay_dir: Path, ctx: BuildContext) -> Overlay:
     """An overlay written by :func:`save_overlay`, read back as FF blocks."""
-    meta = json.loads((overlay_dir / "overlay.json").read_text())
-    ov = Overlay(tied=[list(g) for g in meta.get("tied", [])])
-    ov.skip = {int(i) for i, entry in meta["layers"].items() if entry.get("skip")}
+    meta = read_overlay(overlay_dir)
+    ov = Overlay(tied=meta.tied, skip=set(meta.skip))
     ov.blocks = dict(_iter_overlay(overlay_dir, ctx))
     return ov
+
+
+def _reuse_side_files(unrefit: Path, ctx: BuildContext) -> None:
+    """What the same candidate built without refit recorded beside its blocks (fusion counts,
+    MLPMoE branch maps, kept neuron indices), so the refit twin writes them too."""
+    for name, attr in ((COUNTS, "counts"), (BRANCHES, "branches"), (KEPT, "kept")):
+        if (unrefit / name).exists():
+            setattr(ctx, attr, load_file(str(unrefit / name)))
 
 
 def static_moe(candidate_dir: Path, shard_dir: Path, layer: int, block: str = "mlp") -> moefy.StaticMoE:
@@ -148,9 +151,7 @@ def run(config: CompressConfig, inputs: dict[str, Path], out_dir: Path) -> dict:
         layers = _iter_layers(m, ctx)
         if "unrefit" in inputs:  # reuse its blocks: no re-clustering
             layers = _iter_overlay(inputs["unrefit"], ctx)
-            for name, attr in ((COUNTS, "counts"), (BRANCHES, "branches"), (KEPT, "kept")):
-                if (inputs["unrefit"] / name).exists():
-                    setattr(ctx, attr, load_file(str(inputs["unrefit"] / name)))
+            _reuse_side_files(inputs["unrefit"], ctx)
         for i, blocks in layers:
             one = Overlay(blocks={i: blocks})
             if config.refit is not None and errors is not None:
@@ -165,9 +166,7 @@ def run(config: CompressConfig, inputs: dict[str, Path], out_dir: Path) -> dict:
         # are rebuilt (their expert matching is not stored with the overlay; it is cheap).
         if "unrefit" in inputs and not (isinstance(m, MergeMethod) and ctx.family.is_moe_layer(ctx.config, ctx.state(m.start))):
             ov = _load_overlay(inputs["unrefit"], ctx)
-            for name, attr in ((COUNTS, "counts"), (KEPT, "kept")):
-                if (inputs["unrefit"] / name).exists():
-                    setattr(ctx, attr, load_file(str(inputs["unrefit"] / name)))
+            _reuse_side_files(inputs["unrefit"], ctx)
         else:
             ov = _build(m, ctx)
         overlap = sorted(drop & set(ov.blocks))

@@ -61,6 +61,7 @@ from mlpfuse.stages.model.hf import (
     write_shards,
     write_ties_spec,
 )
+from mlpfuse.stages.model.overlay import read_overlay
 from mlpfuse.stages.model.trainer import DistillConfig, distill, layer_index, trainable_names
 
 if TYPE_CHECKING:
@@ -153,7 +154,7 @@ def run_stage(config: DistillStageConfig, inputs: dict[str, Path], out_dir: Path
         p.requires_grad_(False)
     n_t = int(teacher.config.num_hidden_layers)
     n_s = int(student.config.num_hidden_layers)
-    skipped = _skipped_layers(overlay_dir)
+    skipped = set(read_overlay(overlay_dir).skip)
     if overlay_dir is None and n_s != n_t:
         raise InputError(
             f"student has {n_s} decoder layers, teacher {n_t}: pass the winner's overlay (input "
@@ -169,7 +170,7 @@ def run_stage(config: DistillStageConfig, inputs: dict[str, Path], out_dir: Path
 
     train = config.train
     if train.trainable == "compressed" and train.train_layers is None and overlay_dir is not None:
-        changed = _patched_layers(overlay_dir)
+        changed = set(read_overlay(overlay_dir).patch_of)
         train = train.model_copy(update={"train_layers": [j for j, i in enumerate(kept) if i in changed]})
     blocks = read_calib(data_dir)[: config.max_blocks]
     n_batches = len(blocks) // train.micro_batch
@@ -289,18 +290,6 @@ def _check_teacher_artifact(teacher: Path, student: Path) -> None:
             )
 
 
-def _skipped_layers(overlay_dir: Path | None) -> set[int]:
-    if overlay_dir is None:
-        return set()
-    layers = json.loads((overlay_dir / "overlay.json").read_text()).get("layers", {})
-    return {int(i) for i, entry in layers.items() if entry.get("skip")}
-
-
-def _patched_layers(overlay_dir: Path) -> set[int]:
-    layers = json.loads((overlay_dir / "overlay.json").read_text()).get("layers", {})
-    return {int(i) for i, entry in layers.items() if entry.get("patch")}
-
-
 def write_overlay(student: PreTrainedModel, trained: set[str], winner_dir: Path, out_dir: Path, kept: list[int],
                   dtype: torch.dtype) -> bool:
     """Write the trained student as an overlay on the winner's base shard at ``out_dir``
@@ -317,7 +306,7 @@ def write_overlay(student: PreTrainedModel, trained: set[str], winner_dir: Path,
 
     if any(layer_index(n) is None for n in trained):
         return False
-    meta = json.loads((winner_dir / "overlay.json").read_text())
+    meta = read_overlay(winner_dir)
     family = family_for(student.config)
     state = student.state_dict()
     prefix = next((p for p in family.layer_prefixes if any(k.startswith(p.format(0)) for k in state)), None)
@@ -328,13 +317,10 @@ def write_overlay(student: PreTrainedModel, trained: set[str], winner_dir: Path,
         j = layer_index(n)
         assert j is not None
         moved.setdefault(kept[j], set()).add(n[len(prefix.format(j)):])
-    group_of: dict[int, tuple[int, ...]] = {}
     refs: dict[int, dict[str, Any]] = {}  # the winner's patch tensors as safetensors slices
-    for i, entry in meta["layers"].items():
-        if entry.get("patch"):
-            group_of[int(i)] = tuple(entry.get("tied") or [int(i)])
-            with safe_open(str(winner_dir / entry["patch"]), framework="pt") as f:
-                refs[int(i)] = {k: f.get_slice(k) for k in f.keys()}
+    for i, name in meta.patch_of.items():
+        with safe_open(str(winner_dir / name), framework="pt") as f:
+            refs[i] = {k: f.get_slice(k) for k in f.keys()}
     writer = OverlayWriter(out_dir)
 
     def trained_patch(i: int) -> dict[str, Tensor]:
@@ -360,8 +346,8 @@ def write_overlay(student: PreTrainedModel, trained: set[str], winner_dir: Path,
         return patch
 
     for i in sorted(set(refs) | set(moved)):
-        writer.add_patch(i, group_of.get(i, (i,)), partial(_patch_of_layer, trained_patch, i))
-    writer.finish({int(i) for i, e in meta["layers"].items() if e.get("skip")}, meta.get("tied", []))
+        writer.add_patch(i, meta.group_of(i), partial(_patch_of_layer, trained_patch, i))
+    writer.finish(set(meta.skip), meta.tied)
     return True
 
 

@@ -62,6 +62,7 @@ from mlpfuse.stages.model.hf import (
     write_shards,
     write_ties_spec,
 )
+from mlpfuse.stages.model.overlay import read_overlay
 from mlpfuse.stages.model.params import BlockShape, count_params, stock_widths
 from mlpfuse.stages.model.shards import (
     DTYPES,
@@ -198,12 +199,6 @@ def _check_layer(skeleton_layer: torch.nn.Module, sd: dict[str, Tensor], j: int)
 # ----- the stage ---------------------------------------------------------------------------------
 
 
-def _overlay_meta(overlay_dir: Path | None) -> dict:
-    if overlay_dir is None:
-        return {"layers": {}, "tied": []}
-    return json.loads((overlay_dir / "overlay.json").read_text())
-
-
 def _method_card(config: ExportConfig, overlay_dir: Path | None) -> dict | None:
     if config.card is not None:
         return dict(config.card)
@@ -222,17 +217,15 @@ def run(config: ExportConfig, inputs: dict[str, Path], out_dir: Path) -> dict:
     hf_config = AutoConfig.from_pretrained(shard_dir)
     family = family_for(hf_config)
     n_layers = family.num_layers(hf_config)
-    ov = _overlay_meta(overlay_dir)
-    entries = {int(i): e for i, e in ov.get("layers", {}).items()}
-    bad = sorted(i for i in entries if not 0 <= i < n_layers)
+    ov = read_overlay(overlay_dir)
+    bad = sorted(i for i in ov.changed if not 0 <= i < n_layers)
     if bad:
         raise ExportError(f"overlay names layers {bad} but the model has {n_layers}")
 
     # Pass 1: headers only. FF sizes before/after every layer, hence the padding targets.
     infos: list[_Layer] = []
     for i in range(n_layers):
-        e = entries.get(i, {})
-        info = _Layer(i, bool(e.get("skip")), e.get("patch"))
+        info = _Layer(i, i in ov.skip, ov.patch_of.get(i))
         base = _header(shard_dir / layer_file(i))
         before = _ff_info(family, hf_config, base)
         info.base_ff = sum(v.params for v in before.values())

@@ -57,7 +57,7 @@ from mlpfuse.core.errors import DataError, NumericalError
 from mlpfuse.stages.data import read_eval
 from mlpfuse.stages.math.ffweights import FFWeights
 from mlpfuse.stages.model.families import FamilyAdapter, FFBlockRef
-from mlpfuse.stages.model.overlay import OVERLAY
+from mlpfuse.stages.model.overlay import read_overlay
 from mlpfuse.stages.model.runner import LayerStreamedModel
 
 COUNTS = "counts.safetensors"
@@ -310,23 +310,16 @@ def run(config: LayerErrorsConfig, inputs: dict[str, Path], out_dir: Path) -> di
     artifact: the candidate). Writes and returns ``layer_errors.json``."""
     model = LayerStreamedModel(inputs["shard"])
     overlay_dir = inputs["overlay"]
-    meta = json.loads((overlay_dir / OVERLAY).read_text())
+    meta = read_overlay(overlay_dir)
     counts = load_file(str(overlay_dir / COUNTS)) if (overlay_dir / COUNTS).exists() else None
     n_layers = model.num_layers
     recon: list[float | None] = [None] * n_layers
     ntk: list[float | None] = [None] * n_layers
     ntk_sign: list[float | None] = [None] * n_layers
-    patches: dict[str, dict[str, Tensor]] = {}
-    for key, entry in sorted(meta["layers"].items(), key=lambda kv: int(kv[0])):
-        i = int(key)
-        if entry.get("skip"):
-            recon[i] = ntk[i] = ntk_sign[i] = 1.0
-            continue
-        name = entry["patch"]
-        if name not in patches:
-            patches = {name: load_file(str(overlay_dir / name))}  # tied windows: consecutive layers
-        e = layer_error(model, i, {**model.layer_state(i), **patches[name]}, read_probe(inputs["probe"], i),
-                        config, counts)
+    for i in meta.skip:
+        recon[i] = ntk[i] = ntk_sign[i] = 1.0
+    for i, state in meta.iter_states(model.layer_state):
+        e = layer_error(model, i, state, read_probe(inputs["probe"], i), config, counts)
         recon[i], ntk[i], ntk_sign[i] = e["recon"], e["ntk"], e["ntk_sign"]
     n = int(json.loads((inputs["probe"] / "probe.json").read_text())["tokens"])
     result = {

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from mlpfuse.core.artifacts import write_atomic, write_json_atomic
@@ -112,21 +112,61 @@ def save_overlay(out_dir: Path, overlay: Overlay, family: FamilyAdapter, config:
     return writer.finish(overlay.skip, overlay.tied)
 
 
+@dataclass(frozen=True)
+class OverlayMeta:
+    """An overlay as written (``overlay.json``): the one reader every stage goes through."""
+
+    dir: Path | None
+    skip: frozenset[int] = frozenset()
+    patch_of: dict[int, str] = field(default_factory=dict)  # layer -> its patch file (shared in a window)
+    tied: list[list[int]] = field(default_factory=list)
+
+    @property
+    def changed(self) -> list[int]:
+        """Every layer the overlay changes (skipped or patched), in order."""
+        return sorted(self.skip | set(self.patch_of))
+
+    def group_of(self, i: int) -> tuple[int, ...]:
+        """The tied window layer ``i`` belongs to, or ``(i,)``."""
+        return next((tuple(g) for g in self.tied if i in g), (i,))
+
+    def patch(self, i: int) -> dict[str, Tensor]:
+        """Layer ``i``'s patch tensors, read now."""
+        assert self.dir is not None
+        return load_file(str(self.dir / self.patch_of[i]))
+
+    def iter_states(self, base_state: Callable[[int], dict[str, Tensor]]) -> Iterator[tuple[int, dict[str, Tensor]]]:
+        """(layer, its base state with the patch applied) for every patched layer, in order; a
+        tied window's patch is read once for its consecutive layers, one patch resident."""
+        held: tuple[str, dict[str, Tensor]] | None = None
+        for i in sorted(self.patch_of):
+            name = self.patch_of[i]
+            if held is None or held[0] != name:
+                held = (name, self.patch(i))
+            yield i, {**base_state(i), **held[1]}
+
+
+def read_overlay(overlay_dir: Path | None) -> OverlayMeta:
+    """The overlay at ``overlay_dir`` (None: the base model, nothing changed)."""
+    if overlay_dir is None:
+        return OverlayMeta(None)
+    meta = json.loads((overlay_dir / OVERLAY).read_text())
+    layers = {int(i): e for i, e in meta.get("layers", {}).items()}
+    return OverlayMeta(overlay_dir, frozenset(i for i, e in layers.items() if e.get("skip")),
+                       {i: e["patch"] for i, e in layers.items() if e.get("patch")},
+                       [list(g) for g in meta.get("tied", [])])
+
+
 def load_overrides(overlay_dir: Path | None) -> dict[int, LayerOverride]:
     """The runner's layer overrides for an overlay directory (tied layers share tensors)."""
-    if overlay_dir is None:
-        return {}
-    meta = json.loads((overlay_dir / OVERLAY).read_text())
+    meta = read_overlay(overlay_dir)
+    assert overlay_dir is not None or not meta.patch_of
     cache: dict[str, Patch] = {}
-    out: dict[int, LayerOverride] = {}
-    for i, entry in meta["layers"].items():
-        if entry.get("skip"):
-            out[int(i)] = SKIP
-        else:
-            name = entry["patch"]
-            if name not in cache:
-                cache[name] = Patch(PatchFile(overlay_dir / name))
-            out[int(i)] = cache[name]
+    out: dict[int, LayerOverride] = dict.fromkeys(meta.skip, SKIP)
+    for i, name in meta.patch_of.items():
+        if name not in cache:
+            cache[name] = Patch(PatchFile(overlay_dir / name))  # type: ignore[operator]
+        out[i] = cache[name]
     return out
 
 
@@ -153,7 +193,4 @@ class PatchFile(Mapping[str, Tensor]):
 
 
 def first_changed_layer(overlay_dir: Path | None) -> int | None:
-    if overlay_dir is None:
-        return None
-    layers = json.loads((overlay_dir / OVERLAY).read_text())["layers"]
-    return min((int(i) for i in layers), default=None)
+    return next(iter(read_overlay(overlay_dir).changed), None)
