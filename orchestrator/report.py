@@ -24,10 +24,10 @@ def build_report(spec: PipelineSpec, results: dict[str, dict], seconds: float, s
         },
         "base": {"params": shard["params"], "ff_params": shard["ff_params"], "perplexity": base["perplexity"],
                  "eval_tokens": base["tokens"]},
-        # Calibration and held-out sizes, and how the corpus was split (a note when it was cut).
-        "data": {"corpus": spec.data.corpus, **results["data"]["result"]},
         "outputs": {"report": str(spec.output_dir() / "report.json"), "cache": str(store_root)},
     }
+    if "data" in results:  # calibration and held-out sizes, and how the corpus was split
+        report["data"] = {"corpus": spec.data.corpus, **results["data"]["result"]}
     sim = Path(results["similarity"]["path"]) / "similarity.json" if "similarity" in results else None
     if sim is not None and sim.exists():
         report["similarity"] = json.loads(sim.read_text())  # {"matrix": [L, L], "layers", ...}

@@ -1,6 +1,7 @@
 """compress: build one compressed candidate (an overlay on the base shards) with one method.
 
-Methods (papers' and baselines', all on equal footing; ``method:`` selects one):
+Methods (papers' and baselines', all on equal footing; ``method:`` selects one from the registry in
+``mlpfuse.stages.methods``, which this stage dispatches through):
 
 - ``fusion``     MLP Fusion: k-means of sub-MLPs per layer (per expert for MoE; router untouched),
                  counts P folded into the down projection (``mode: cluster`` = the paper's plain
@@ -38,7 +39,7 @@ from safetensors.torch import load_file, save_file
 
 from mlpfuse.core.artifacts import write_atomic, write_json_atomic
 from mlpfuse.core.errors import InputError
-from mlpfuse.stages.math import alignment, fusion, moefy, pruning  # noqa: F401
+from mlpfuse.stages.math import moefy
 from mlpfuse.stages.math.ffweights import FFWeights
 from mlpfuse.stages.methods import Method, method_def
 from mlpfuse.stages.methods.base import BuildContext, method_layers, shape_only

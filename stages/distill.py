@@ -1,37 +1,14 @@
-"""distill: layer-wise distillation of a compressed student against the original model.
+"""distill: layer-wise distillation of the compressed winner (the student) against the original
+model (the teacher), as a pipeline stage.
 
-The student (the compressed winner) learns to reproduce the teacher's (the original model's)
-hidden state after every decoder layer::
-
-    loss = mean_l MSE(h_student[l], h_teacher[l])  +  lm_loss_weight * LM loss(student)
-
-or, with ``layer_loss: relative``, each token's squared error relative to the teacher's hidden
-state at that token, ``mean_l mean_t ‖h_s[l, t] − h_t[l, t]‖² / ‖h_t[l, t]‖²``: in models with
-massive activations (SmolLM2's attention-sink token carries hidden states hundreds of times the
-norm of the others) plain MSE is dominated by a few tokens and dimensions; the relative form
-weighs every token alike.
-
-where ``h[l]`` for l = 1..L are the ``output_hidden_states`` entries after each decoder layer
-(entry 0, the embeddings, is left out; for Llama-style models the last entry is after the final
-norm). Training runs in a real DeepSpeed engine with ZeRO stage 0, 2 or 3, one process per
-worker: :func:`distill` on this machine (world size 1, gloo on CPU or one GPU),
-:func:`ray_train_distill` on a Ray cluster through Ray Train (one GPU per worker). Both run the same
-per-worker function, so what is tested locally is what runs on the cluster.
-
-A student with decoder layers dropped has fewer hidden states than the teacher: ``layer_map``
-(:func:`layer_map_for`) compares each student layer's output with the output of the original
-layer it is (the j-th kept layer), and the final output with the teacher's final output.
-
-The pipeline stage (:class:`DistillStageConfig`, :func:`run_stage`) wraps this around artifacts:
-the teacher and student exports (Hugging Face checkpoints), the calibration blocks of the data
-artifact and the winner's overlay (for the layer map); it writes the distilled student as a
-Hugging Face checkpoint in the student export's form (stock or tied).
-
-Determinism and resume: the micro-batch of every (step, micro-step, rank) is fixed by its index,
-the RNG is re-seeded from (seed, step, rank) before each step, and a checkpoint holds the module,
-the optimizer state and the loss history. A re-run with the same ``checkpoint_dir`` therefore
-continues from the last complete checkpoint and ends with the weights an uninterrupted run ends
-with (bit-identical on CPU).
+Inputs: the teacher and student exports (Hugging Face checkpoints), the calibration blocks of the
+data artifact, and the winner's overlay (for the layer map when layers were dropped: each student
+layer is compared with the original layer it is, :func:`~mlpfuse.stages.math.distill_loss.layer_map_for`).
+Training is the DeepSpeed trainer's (``mlpfuse.stages.model.trainer``: ZeRO 0/2/3, deterministic,
+checkpointed, resumable; the losses in ``mlpfuse.stages.math.distill_loss``); on a Ray cluster the
+same worker function runs on every Ray Train worker (``mlpfuse.cluster.ray_train``). The stage
+writes the distilled student as a Hugging Face checkpoint in the student export's form (stock or
+tied), and as an overlay on the base shard so it is scored like every candidate.
 """
 
 from __future__ import annotations
@@ -66,30 +43,6 @@ from mlpfuse.stages.model.trainer import DistillConfig, distill, layer_index, tr
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
-
-
-# ---------------------------------------------------------------------------------------------
-# Public entry points
-
-
-# ---------------------------------------------------------------------------------------------
-# The per-worker function: one DeepSpeed engine, run by distill() and by every Ray Train worker.
-
-
-# ---------------------------------------------------------------------------------------------
-# Checkpoints
-
-
-# ---------------------------------------------------------------------------------------------
-# Models, weights and ties
-
-
-# ---------------------------------------------------------------------------------------------
-# Process group and environment
-
-
-# ---------------------------------------------------------------------------------------------
-# Ray Train plumbing
 
 
 # ---------------------------------------------------------------------------------------------

@@ -324,7 +324,7 @@ def run(config: LayerErrorsConfig, inputs: dict[str, Path], out_dir: Path) -> di
     n = int(json.loads((inputs["probe"] / "probe.json").read_text())["tokens"])
     result = {
         "layers": list(range(n_layers)), "recon": recon, "ntk": ntk, "ntk_sign": ntk_sign,
-        "skipped": sorted(int(k) for k, v in meta["layers"].items() if v.get("skip")),
+        "skipped": sorted(meta.skip),
         "p_stored": counts is not None, "tokens": n, "ntk_tokens": min(config.ntk_tokens, n),
     }
     write_json_atomic(out_dir / "layer_errors.json", result)

@@ -112,7 +112,9 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     ({"data": {"corpus": "shakespeare", "block_size": 64, "calib_tokens": 32}},
      "data.calib_tokens=32 is less than one block of data.block_size=64"),
     ({"export": {"dtype": "bfloat16"}}, "export: applies to the winner of a budget"),
-    ({"distill": {"train": {"steps": 1}}}, "distill: applies to the winner of a budget"),
+    ({"distill": {"train": {"steps": 1, "lr": 1e-4, "zero_stage": 2, "micro_batch": 2, "grad_accum": 1,
+                            "checkpoint_every": 1, "seed": 0}, "max_blocks": 4}},
+     "distill: applies to the winner of a budget"),
 ])
 def test_what_would_fail_later_exits_2_before_any_work(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                        over: dict, message: str) -> None:

@@ -1,4 +1,5 @@
-"""drop"""
+"""The depth baselines: ``layer_drop`` removes whole decoder layers, ``ff_drop`` removes the FF
+sublayer of chosen layers (their residual path stays)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""fusion"""
+"""MLP Fusion (``method: fusion``): each FF block's sub-MLPs clustered by k-means into k, the
+per-cluster counts P kept (the NTK-preserving training form) and folded into the down projection
+for export; per expert for MoE, router untouched. ``mode: cluster`` is the paper's plain
+clustering baseline; ``weighting`` weights neurons by their activation energy."""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""merge"""
+"""FF merging (``method: merge``): a window of adjacent layers aligned to an anchor by feature
+correlation and linear assignment (``permute: false`` for vanilla averaging), averaged and tied;
+MoE windows tie whole MoE blocks, experts matched across layers by output correlation."""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""moefy"""
+"""MLPMoE (``method: moefy``): each FF block sliced into a static mixture of branches (their sum
+is the dense block), then Compensated Pruning of whole branches or Fractal Fade of neurons within
+them; written in its dense form, the branch map kept for inspection."""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""prune"""
+"""Structured neuron pruning (``method: prune``): each block keeps its best-scored neurons, by
+activation energy E[h²]·‖W_out[:, i]‖² from collect's statistics, by weight magnitude, or at random;
+``allocation: sensitivity`` spreads the same total over blocks by one global ranking."""
 
 from __future__ import annotations
 
