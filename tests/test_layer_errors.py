@@ -14,8 +14,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mlpfuse.stages import compress, layer_errors, shard
-from mlpfuse.stages.layer_errors import LayerErrorsConfig, ProbeConfig, ff_kernels, rel_error
+from mlpfuse.stages.layer_errors import LayerErrorsConfig, ProbeConfig
 from mlpfuse.stages.math.ffweights import FFWeights
+from mlpfuse.stages.math.ntk import ff_kernels, rel_error
 from mlpfuse.stages.model.overlay import Overlay, save_overlay
 from mlpfuse.stages.model.runner import LayerStreamedModel
 from mlpfuse.stages.model.shards import layer_file
