@@ -12,7 +12,10 @@ WORK=${1:-$(mktemp -d /tmp/mlpfuse-wheel.XXXXXX)}
 mkdir -p "$WORK"
 PY=${PYTHON:-python3}
 t0=$(date +%s)
-rm -rf "$WORK/dist" && "$REPO/.venv/bin/python" -m pip wheel --quiet --no-deps -w "$WORK/dist" "$REPO"
+# Built from a copy of the files git would commit (no stale build/ folder of the checkout).
+rm -rf "$WORK/dist" "$WORK/src" && mkdir -p "$WORK/src"
+git ls-files -co --exclude-standard -z | xargs -0 -I{} cp --parents {} "$WORK/src/" 2>/dev/null || true
+"$REPO/.venv/bin/python" -m pip wheel --quiet --no-deps -w "$WORK/dist" "$WORK/src"
 WHEEL=$(ls "$WORK"/dist/mlpfuse-*.whl)
 [ -x "$WORK/venv/bin/python" ] || "$PY" -m venv "$WORK/venv"
 V="$WORK/venv/bin/python"

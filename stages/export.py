@@ -45,12 +45,10 @@ from typing import Any, Literal, cast
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import Tensor
 
 from mlpfuse.stages.math.ffweights import FFWeights
-from mlpfuse.stages.model.checkpoint import SAFETENSORS_DTYPES
 from mlpfuse.stages.model.families import FamilyAdapter, FFBlockRef, family_for
 from mlpfuse.stages.model.hf import (
     STOCK_STEM,
@@ -69,6 +67,7 @@ from mlpfuse.stages.model.shards import (
     build_skeleton,
     layer_file,
     load_shard_meta,
+    tensor_header,
 )
 
 MODEL_DIR = "model"
@@ -98,17 +97,6 @@ class ExportConfig(BaseModel):
 
 
 # ----- reading the base and the overlay ----------------------------------------------------------
-
-
-def _header(path: Path) -> dict[str, Tensor]:
-    """A safetensors file's tensors as meta tensors of the right shape (reads only the header)."""
-    out = {}
-    with safe_open(str(path), framework="pt") as f:
-        for k in f.keys():
-            sl = f.get_slice(k)
-            dt = SAFETENSORS_DTYPES.get(sl.get_dtype(), torch.float32)
-            out[k] = torch.empty(sl.get_shape(), dtype=dt, device="meta")
-    return out
 
 
 def _load(path: Path) -> dict[str, Tensor]:
@@ -226,13 +214,13 @@ def run(config: ExportConfig, inputs: dict[str, Path], out_dir: Path) -> dict:
     infos: list[_Layer] = []
     for i in range(n_layers):
         info = _Layer(i, i in ov.skip, ov.patch_of.get(i))
-        base = _header(shard_dir / layer_file(i))
+        base = tensor_header(shard_dir / layer_file(i))
         before = _ff_info(family, hf_config, base)
         info.base_ff = sum(v.params for v in before.values())
         if not info.skip:
             new = dict(base)
             if info.patch:
-                new.update(_header(overlay_dir / info.patch))  # type: ignore[operator]
+                new.update(tensor_header(overlay_dir / info.patch))  # type: ignore[operator]
             after = _ff_info(family, hf_config, new)
             if set(after) != set(before):
                 raise ExportError(f"layer {i}: the overlay changes which FF blocks the layer has")
@@ -255,7 +243,7 @@ def run(config: ExportConfig, inputs: dict[str, Path], out_dir: Path) -> dict:
     if config.dtype != "auto":
         out_dtype = DTYPES[config.dtype]
     else:
-        rest_h = _header(shard_dir / "rest.safetensors")
+        rest_h = tensor_header(shard_dir / "rest.safetensors")
         floats = [t.dtype for t in rest_h.values() if t.dtype.is_floating_point]
         out_dtype = floats[0] if floats else torch.float32
 

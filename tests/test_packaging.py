@@ -21,7 +21,16 @@ FOLDERS = {"mlpfuse": "mlpfuse", "orchestrator": "mlpfuse/orchestrator", "stages
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("dist")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", str(out), str(ROOT)],
+    # Built from a copy of the files git would commit: a build/ folder left in the checkout by an
+    # earlier build must not leak stale modules into the wheel.
+    src = tmp_path_factory.mktemp("src")
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, check=True,
+                           capture_output=True, text=True).stdout.split()
+    for f in files:
+        if (ROOT / f).is_file():
+            (src / f).parent.mkdir(parents=True, exist_ok=True)
+            (src / f).write_bytes((ROOT / f).read_bytes())
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", str(out), str(src)],
                    check=True, capture_output=True, text=True, timeout=600)
     (whl,) = out.glob("mlpfuse-*.whl")
     return whl

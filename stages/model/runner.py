@@ -27,9 +27,8 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from torch import Tensor, nn
 
-from mlpfuse.stages.model.checkpoint import SAFETENSORS_DTYPES
 from mlpfuse.stages.model.families import FamilyAdapter, family_for
-from mlpfuse.stages.model.shards import build_skeleton, layer_file, load_shard_meta
+from mlpfuse.stages.model.shards import build_skeleton, layer_file, load_shard_meta, tensor_header
 
 # A layer override: SKIP drops the whole decoder layer (identity); a Patch replaces some of the
 # layer's tensors (a compressed FF block) on top of the shard; a plain mapping replaces them all.
@@ -248,9 +247,7 @@ class LayerStreamedModel:
     def layer_shapes(self, i: int) -> dict[str, Tensor]:
         """Layer i's base tensors on the meta device (shapes and dtypes from the shard file's
         header; nothing is read)."""
-        with safe_open(str(self.shard_dir / layer_file(i)), framework="pt") as f:
-            return {k: torch.empty(f.get_slice(k).get_shape(), dtype=SAFETENSORS_DTYPES[f.get_slice(k).get_dtype()], device="meta")
-                    for k in f.keys()}
+        return tensor_header(self.shard_dir / layer_file(i))
 
     @contextmanager
     def layer(self, i: int, state: Mapping[str, Tensor] | None = None) -> Iterator[nn.Module]:

@@ -44,3 +44,15 @@ def build_skeleton(config: Any, *, trust_remote_code: bool = False) -> PreTraine
 def load_shard_meta(shard_dir: Path) -> dict:
     return json.loads((shard_dir / "shard.json").read_text())
 
+
+def tensor_header(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors as meta tensors of their shapes and dtypes (only the header
+    is read): what counting and planning need of a layer without its bytes."""
+    from safetensors import safe_open
+
+    from mlpfuse.stages.model.checkpoint import SAFETENSORS_DTYPES
+
+    with safe_open(str(path), framework="pt") as f:
+        return {k: torch.empty(f.get_slice(k).get_shape(), device="meta",
+                               dtype=SAFETENSORS_DTYPES.get(f.get_slice(k).get_dtype(), torch.float32))
+                for k in f.keys()}
