@@ -9,3 +9,4 @@ demo: venv
 
 test: venv
 	bash scripts/run_tests.sh
+	bash scripts/lint.sh
