@@ -82,11 +82,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
         state = "cached" if store.get(node.stage, node.key, verify=False) else "to run"
         print(f"  {node.name:<12} {state:<7} {node.key}  inputs={node.input_keys or {}}")
     cands, skipped, target = plan_budget(spec, store)
-    if target is not None:
-        count = f" = {target['count']:,} of {target['base']:,} {target['kind']}" if "count" in target else ""
+    if target is not None and "pending" in target:
+        print(f"budget: {target.get('params', target.get('ff_params'))} over {', '.join(target['methods'])}: "
+              f"{target['pending']}")
+    elif target is not None:
+        count = f" = {target['count']:,} of {target['base']:,} {target['kind']}"
         print(f"budget: {target.get('params', target.get('ff_params'))}{count}; {len(cands)} candidates")
         for c in cands:
-            print(f"  {c['name']:<44} {c['family']}")
+            size = f"{c['predicted']:,} predicted" if c["predicted"] is not None else "sized when built"
+            print(f"  {c['name']:<44} {c['family']:<11} {size}")
         for s in skipped:
             print(f"  not planned: {s['method']}: {s['why']}")
     return 0

@@ -270,8 +270,9 @@ def plan_budget(spec: PipelineSpec, store: ArtifactStore) -> tuple[list[dict[str
     collect = store.get("collect", nodes["collect"].key, verify=False) if store.remote is None else None
     target = spec.budget.target.model_dump(exclude_none=True)
     if shard is None or collect is None:
-        why = "sized once the shard and collect stages are cached locally (mlpfuse run computes them)"
-        return [], [{"method": m, "why": why} for m in spec.budget.methods], target
+        return [], [], {**target, "methods": list(spec.budget.methods),
+                        "pending": "candidates are sized once the shard and collect stages are cached "
+                                   "locally (mlpfuse run computes them)"}
     facts = ModelFacts.read(shard.path, collect.path)
     kind, budget = target_params(spec.budget.target, facts)
     cands, skipped = plan_candidates(spec.budget, facts)
