@@ -31,7 +31,7 @@ from mlpfuse.stages.compress import CompressConfig
 from mlpfuse.stages.methods import METHODS, predict_shapes
 from mlpfuse.stages.methods.refit import RefitConfig
 from mlpfuse.stages.model.features import read_stats
-from mlpfuse.stages.model.params import BlockShape, base_blocks, count_params
+from mlpfuse.stages.model.params import BaseShapes, base_blocks, count_params
 
 # The registry's methods, and "combo" (layer drop + pruning of the rest), in the planner's order.
 METHOD_FAMILIES = (*METHODS, "combo")
@@ -117,16 +117,15 @@ class ModelFacts:
     layer_params: list[int]
     ff_layer_params: list[int]
     cos: list[float]  # mean cos(layer input, layer output) on calibration tokens
-    # The shard's parameter counts (shard.json "params"), every layer's FF block shapes (from the
-    # layer files' headers) and its MoE layers: what the budget is checked with before building.
+    # The shard's parameter counts (shard.json "params") and every layer's FF block shapes (from
+    # the layer files' headers): what the budget is checked with before building.
     base: dict[str, Any] = field(default_factory=dict)
-    blocks: dict[int, list[BlockShape]] = field(default_factory=dict)
-    moe_layers: set[int] = field(default_factory=set)
+    shapes: BaseShapes | None = None
 
     @classmethod
     def read(cls, shard_dir: Path, collect_dir: Path) -> ModelFacts:
         p = json.loads((shard_dir / "shard.json").read_text())["params"]
-        blocks, moe = base_blocks(shard_dir)
+        shapes = base_blocks(shard_dir)
         n = len(p["layers"])
         cos = []
         for i in range(n):
@@ -134,7 +133,7 @@ class ModelFacts:
             if st is None:
                 raise ValueError(f"collect artifact {collect_dir} has no layer statistics (written by an older version)")
             cos.append(float(st["cos.sum"][0] / max(st["count"][0], 1)))
-        return cls(n, p["total"], p["ff"], p["layers"], p["ff_layers"], cos, p, blocks, moe)
+        return cls(n, p["total"], p["ff"], p["layers"], p["ff_layers"], cos, p, shapes)
 
 
 def target_params(target: TargetSpec, facts: ModelFacts) -> tuple[str, int]:
@@ -148,8 +147,10 @@ def target_params(target: TargetSpec, facts: ModelFacts) -> tuple[str, int]:
     return kind, budget
 
 
-def plan_candidates(spec: BudgetSpec, facts: ModelFacts) -> tuple[list[Candidate], list[dict[str, str]]]:
-    """Every candidate that can meet the budget, and the method families that cannot (with why)."""
+def plan_candidates(spec: BudgetSpec, facts: ModelFacts, size_multiple: dict[str, int] | None = None
+                    ) -> tuple[list[Candidate], list[dict[str, str]]]:
+    """Every candidate that can meet the budget, and the method families that cannot (with why);
+    ``size_multiple``: the export's width multiples, counted against the budget."""
     kind, budget = target_params(spec.target, facts)
     base = facts.params if kind == "params" else facts.ff_params
     remove = base - budget
@@ -272,7 +273,7 @@ def plan_candidates(spec: BudgetSpec, facts: ModelFacts) -> tuple[list[Candidate
         method = c.candidate.method
         family = "combo" if c.drop and method == "prune" else method  # as the planner names its own
         cands.append(Candidate(f"custom-{j}-{method}", c, family, custom=True))
-    cands = _within_budget(cands, skipped, facts, spec.export, kind, budget)
+    cands = _within_budget(cands, skipped, facts, spec.export, kind, budget, size_multiple)
     if not cands:
         reasons = "; ".join(f"{s['method']}: {s['why']}" for s in skipped) or "no method selected"
         value = spec.target.params if spec.target.params is not None else spec.target.ff_params
@@ -287,16 +288,17 @@ def counted_keys(export: str) -> tuple[str, str]:
 
 
 def _within_budget(cands: list[Candidate], skipped: list[dict[str, str]], facts: ModelFacts, export: str,
-                   kind: str, budget: int) -> list[Candidate]:
+                   kind: str, budget: int, size_multiple: dict[str, int] | None) -> list[Candidate]:
     """The candidates whose predicted size meets the budget (counted by the same function compress
     and export count with); the others go to ``skipped`` without being built."""
     key = counted_keys(export)[0 if kind == "params" else 1]
     out = []
     for c in cands:
-        shapes = predict_shapes(c.config.candidate, c.config.drop, facts.blocks, facts.moe_layers) if facts.blocks else None
+        shapes = None if facts.shapes is None else predict_shapes(
+            c.config.candidate, c.config.drop, facts.shapes.blocks, facts.shapes.moe_layers)
         if shapes is not None:
             blocks, skip, tied = shapes
-            c.predicted = count_params(facts.base, blocks, skip, tied)[key]
+            c.predicted = count_params(facts.base, blocks, skip, tied, size_multiple=size_multiple)[key]
             if c.predicted > budget:
                 skipped.append({"method": c.name, "why": f"predicted at {c.predicted:,} {kind}, over the budget "
                                 f"{budget:,} (not built)"})

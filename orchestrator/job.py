@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from mlpfuse.orchestrator.budget import (
     Candidate,
     ModelFacts,
@@ -25,6 +27,7 @@ from mlpfuse.orchestrator.report import build_report, write_report
 from mlpfuse.orchestrator.spec import PipelineSpec
 from mlpfuse.orchestrator.store import ArtifactStore
 from mlpfuse.stages.export import ExportConfig
+from mlpfuse.stages.model.params import recount
 
 log = logging.getLogger("mlpfuse.job")
 
@@ -81,7 +84,8 @@ def run_budget(session: Session, spec: PipelineSpec) -> dict[str, Any]:
     assert spec.budget is not None
     facts = ModelFacts.read(session.path("shard"), session.path("collect"))
     kind, budget = target_params(spec.budget.target, facts)
-    cands, skipped = plan_candidates(spec.budget, facts)
+    multiple = export_multiples_for(spec, facts)
+    cands, skipped = plan_candidates(spec.budget, facts, multiple)
     t0 = time.time()
     # Refit candidates start from their un-refit twin (the same settings without refit, built
     # first), so nothing is clustered twice.
@@ -104,7 +108,10 @@ def run_budget(session: Session, spec: PipelineSpec) -> dict[str, Any]:
     alive = []
     for c in cands:
         b = built[f"compress.{c.name}"]
-        c.result, c.key = b["result"], b["key"]
+        # Counted as the export will store it (its width multiples), by the one count function.
+        c.result = {**b["result"], **recount(facts.base, facts.shapes, b["result"], multiple)} \
+            if facts.shapes is not None else b["result"]
+        c.key = b["key"]
         size = c.result[counted if kind == "params" else counted_ff]
         if c.predicted is not None and c.predicted != size:
             log.warning("%s: built at %s %s, predicted %s", c.name, f"{size:,}", kind, f"{c.predicted:,}")
@@ -275,7 +282,15 @@ def plan_budget(spec: PipelineSpec, store: ArtifactStore) -> tuple[list[dict[str
                                    "locally (mlpfuse run computes them)"}
     facts = ModelFacts.read(shard.path, collect.path)
     kind, budget = target_params(spec.budget.target, facts)
-    cands, skipped = plan_candidates(spec.budget, facts)
+    cands, skipped = plan_candidates(spec.budget, facts, export_multiples_for(spec, facts))
     return ([{"name": c.name, "family": c.family, "config": c.config.model_dump(mode="json"),
               "predicted": c.predicted} for c in cands],
             skipped, {**target, "kind": kind, "count": budget, "base": facts.params if kind == "params" else facts.ff_params})
+
+
+def export_multiples_for(spec: PipelineSpec, facts: ModelFacts) -> dict[str, int]:
+    """The width multiples the spec's export will align each config field to."""
+    if facts.shapes is None:
+        return {}
+    dtype = None if spec.export.dtype == "auto" else getattr(torch, spec.export.dtype)
+    return facts.shapes.multiples(spec.export.moe_size_multiple, dtype)

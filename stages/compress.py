@@ -198,7 +198,11 @@ def run(config: CompressConfig, inputs: dict[str, Path], out_dir: Path) -> dict:
     method = {"method": m.method, "settings": m.model_dump(mode="json"),
               "refit": None if config.refit is None else config.refit.model_dump()}
     write_json_atomic(out_dir / "method.json", method)
-    result = {**counts, "changed_layers": sorted(set(changed) | ov.skip), "skipped": sorted(ov.skip), "tied": ov.tied}
+    result = {**counts, "changed_layers": sorted(set(changed) | ov.skip), "skipped": sorted(ov.skip), "tied": ov.tied,
+              "tied_other": tied_other,
+              # The changed layers' block shapes [config field, width, per neuron, constant]: the
+              # planner recounts them with the export's width multiples.
+              "shapes": {str(i): [[b.key, b.size, b.per_neuron, b.const] for b in shapes[i]] for i in sorted(changed)}}
     if errors is not None:
         result["refit_errors"] = errors
     return result

@@ -12,9 +12,11 @@ Two forms:
   ``revert_weight_conversion``), so MoE experts are stored per expert
   (``block_sparse_moe.experts.E.w1.weight``, ``mlp.experts.E.gate_proj.weight``), the layout
   every loader (transformers, vLLM) reads. Tied windows are materialised as copies.
-- **tied** (``tied: true``): each tensor shared by a tied window (the layers whose overlay entries
-  point at one patch file) is stored once, under the in-memory names of the window's first layer; ``mlpfuse_ties.json`` maps every other layer's
-  tensor name to the stored one. The weights are named ``mlpfuse-tied*.safetensors`` on purpose:
+- **tied** (``tied: true``): each layer's FF blocks are stored at that layer's own widths (the
+  experts of an MoE layer padded to its widest expert, aligned like the stock form's), so
+  per-layer sizes save what they count; each tensor shared by a tied window (the layers whose
+  overlay entries point at one patch file) is stored once, under the in-memory names of the
+  window's first layer; ``mlpfuse_ties.json`` maps every other layer's tensor name to the stored one. The weights are named ``mlpfuse-tied*.safetensors`` on purpose:
   ``from_pretrained`` fails loudly on this directory instead of filling the missing tensors with
   random values. ``mlpfuse.load(path)`` builds the model from the config and re-ties: the layers of
   a window hold the very same ``nn.Parameter``.
@@ -24,6 +26,8 @@ Rules:
 - Skipped layers are removed and the rest renumbered (``num_hidden_layers`` reduced; per-layer
   config lists such as ``layer_types`` sliced; index lists such as Qwen-MoE's
   ``mlp_only_layers`` remapped).
+- Both forms store exactly what the planner counts for them (``stages/model/params.py``); the
+  stage checks it and fails loudly otherwise.
 - Stock configs have one FF size per kind of block (``intermediate_size``; MoE:
   ``moe_intermediate_size`` or ``intermediate_size`` for the experts,
   ``shared_expert_intermediate_size``). When layers differ, smaller blocks are **zero-padded** to
@@ -61,12 +65,19 @@ from mlpfuse.stages.model.hf import (
     write_ties_spec,
 )
 from mlpfuse.stages.model.overlay import read_overlay
-from mlpfuse.stages.model.params import BlockShape, count_params, stock_widths
+from mlpfuse.stages.model.params import (
+    BlockShape,
+    count_params,
+    export_multiples,
+    layer_widths,
+    stock_widths,
+)
 from mlpfuse.stages.model.shards import (
     DTYPES,
     build_skeleton,
     layer_file,
     load_shard_meta,
+    stored_dtype,
     tensor_header,
 )
 
@@ -173,12 +184,18 @@ def _new_config(hf_config: Any, family: FamilyAdapter, kept: list[int], sizes: d
     return cfg
 
 
-def _check_layer(skeleton_layer: torch.nn.Module, sd: dict[str, Tensor], j: int) -> None:
-    """Every tensor of exported layer ``j`` has its place and shape in the exported config's model."""
+def _check_layer(skeleton_layer: torch.nn.Module, sd: dict[str, Tensor], j: int, narrower: bool = False) -> None:
+    """Every tensor of exported layer ``j`` has its place and shape in the exported config's model
+    (``narrower``: the tied form, where a layer's FF tensors may be narrower than the config's)."""
     expected = {n: tuple(p.shape) for n, p in skeleton_layer.named_parameters()}
     buffers = {n for n, _ in skeleton_layer.named_buffers()}
     got = {k: tuple(v.shape) for k, v in sd.items() if k not in buffers}
-    wrong = sorted(set(got) ^ set(expected)) + sorted(k for k in set(got) & set(expected) if got[k] != expected[k])
+
+    def fits(k: str) -> bool:
+        return got[k] == expected[k] or (narrower and len(got[k]) == len(expected[k])
+                                          and all(g <= e for g, e in zip(got[k], expected[k])))
+
+    wrong = sorted(set(got) ^ set(expected)) + sorted(k for k in set(got) & set(expected) if not fits(k))
     if wrong:
         detail = [f"{k}: {got.get(k)} vs {expected.get(k)}" for k in wrong[:4]]
         raise ExportError(f"exported layer {j} does not fit the exported config: {detail}")
@@ -243,16 +260,16 @@ def run(config: ExportConfig, inputs: dict[str, Path], out_dir: Path) -> dict:
     if config.dtype != "auto":
         out_dtype = DTYPES[config.dtype]
     else:
-        rest_h = tensor_header(shard_dir / "rest.safetensors")
-        floats = [t.dtype for t in rest_h.values() if t.dtype.is_floating_point]
-        out_dtype = floats[0] if floats else torch.float32
+        out_dtype = stored_dtype(shard_dir)
 
-    multiple: dict[str, int] = {}
-    if family.moe is not None and any(x.num_experts for x in kept):
-        multiple[family.moe.size_key] = config.moe_size_multiple or max(
-            1, 16 // torch.empty(0, dtype=out_dtype).element_size())
+    expert_key = family.moe.size_key if family.moe is not None and any(x.num_experts for x in kept) else None
+    multiple = export_multiples(expert_key, out_dtype, config.moe_size_multiple)
     shapes = {x.index: x.shapes for x in kept}
+    # The config's widths (the stock form pads every block to them); the tied form stores each
+    # layer at its own widths (its experts padded to the layer's widest, aligned), loaded by
+    # mlpfuse.load into the config's model with each layer's tensors as stored.
     targets = stock_widths(shapes, shapes, multiple)
+    widths_of = {x.index: layer_widths(x.shapes, multiple) if config.tied else targets for x in kept}
 
     new_index = {x.index: j for j, x in enumerate(kept)}
     moe_flags = [x.num_experts is not None for x in kept]
@@ -280,7 +297,7 @@ def run(config: ExportConfig, inputs: dict[str, Path], out_dir: Path) -> dict:
     anchor_of = {m: w[0] for w in windows for m in w[1:]}
 
     ties: dict[str, str] = {}
-    counted = {"padded": 0, "duplicated": 0, "ff_params": 0}
+    counted = {"padded": 0, "duplicated": 0, "duplicated_ff": 0, "ff_params": 0}
     layers_report: list[dict[str, Any]] = []
     prefix = family.layers_path + ".{}."
 
@@ -306,8 +323,9 @@ def run(config: ExportConfig, inputs: dict[str, Path], out_dir: Path) -> dict:
             patch_keys = set(patch)
             del patch
         blocks = {r: family.read_ff(hf_config, sd, r) for r in family.ff_blocks(hf_config, sd)}
-        if any(ff.intermediate_size < targets[x.blocks[r][0]] for r, ff in blocks.items()):
-            new_blocks = {r: pad_ff(ff, targets[x.blocks[r][0]]) for r, ff in blocks.items()}
+        to = widths_of[x.index]
+        if any(ff.intermediate_size < to[x.blocks[r][0]] for r, ff in blocks.items()):
+            new_blocks = {r: pad_ff(ff, to[x.blocks[r][0]]) for r, ff in blocks.items()}
             layer_pad = sum(new_blocks[r].num_params() - blocks[r].num_params() for r in blocks)
             sd = family.write_ff(sd, new_blocks)
             blocks = new_blocks
@@ -315,11 +333,13 @@ def run(config: ExportConfig, inputs: dict[str, Path], out_dir: Path) -> dict:
             layer_pad = 0
         counted["padded"] += layer_pad
         counted["ff_params"] += sum(ff.num_params() for ff in blocks.values())
+        layer_ff = sum(ff.num_params() for ff in blocks.values())
         del blocks
         sd = {k: (v.to(out_dtype) if v.is_floating_point() else v) for k, v in sd.items()}
-        _check_layer(sk_layers[j], sd, j)
+        _check_layer(sk_layers[j], sd, j, narrower=config.tied)
         shared = patch_keys if j in anchor_of else set()
         counted["duplicated"] += sum(sd[k].numel() for k in shared)
+        counted["duplicated_ff"] += layer_ff if shared else 0  # a tied window shares every FF tensor
         layers_report.append({
             "layer": x.index, "exported_as": j, "patched": bool(x.patch),
             "tied_with": next((w for w in windows if j in w), None),
@@ -340,14 +360,13 @@ def run(config: ExportConfig, inputs: dict[str, Path], out_dir: Path) -> dict:
     # What was written, counted by the planner's and compress's function: it must agree.
     skipped = {x.index for x in infos if x.skip}
     base_windows = [[kept[j].index for j in w] for w in windows]
-    ff_only = count_params(meta["params"], shapes, skipped, base_windows, size_multiple=multiple, pad_unique=True)
-    tied_other = counted["duplicated"] - (ff_only["params"] - ff_only["unique_params"])
+    tied_other = counted["duplicated"] - counted["duplicated_ff"]  # a merged MoE window's router
     count = count_params(meta["params"], shapes, skipped, base_windows, tied_other=tied_other,
-                         size_multiple=multiple, pad_unique=True)
-    if (count["params"], count["padded_params"], count["ff_params"]) != (params, counted["padded"], counted["ff_params"]) \
-            or tied_other < 0:
-        raise RuntimeError(f"export wrote {params:,} parameters ({counted['padded']:,} padding, "
-                           f"{counted['ff_params']:,} FF) but counts {count}: a bug, please report it")
+                         size_multiple=multiple)
+    form = ("unique_params", "unique_padded_params") if config.tied else ("params", "padded_params")
+    if (stored, counted["padded"]) != (count[form[0]], count[form[1]]) or (not config.tied and params != stored):
+        raise RuntimeError(f"export stored {stored:,} parameters ({counted['padded']:,} padding) but counts "
+                           f"{count}: a bug, please report it")
     duplicated = counted["duplicated"]
 
     base_params = int(meta["params"]["total"])

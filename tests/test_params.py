@@ -10,7 +10,7 @@ import pytest
 
 from mlpfuse.stages import compress, export, shard
 from mlpfuse.stages.methods import METHODS, predict_shapes
-from mlpfuse.stages.model.params import BlockShape, base_blocks, count_params
+from mlpfuse.stages.model.params import BlockShape, base_blocks, count_params, recount
 
 # Data-free settings (no collect artifact needed), every method family that can be predicted.
 CANDIDATES = [
@@ -42,26 +42,45 @@ def test_block_shape_counts_like_the_tensors() -> None:
 
 @pytest.mark.parametrize("mt", ["llama", "gpt2", "mixtral", "qwen2_moe"])
 def test_predicted_equals_built_equals_exported(mt: str, tiny_checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    """For every predictable method: the count from the settings alone equals compress's count of
+    what it built; both export forms store exactly what is counted for them (the stock form padded
+    to one width per config field, the tied form at each layer's own widths, MoE experts aligned
+    per layer), and the tied form loads with that many parameters and the stock form's outputs."""
+    import torch
+
+    import mlpfuse
+
     sd = tmp_path / "shard"
     shard.run(shard.ShardConfig(model=str(tiny_checkpoints[mt])), {}, sd)
-    blocks, moe = base_blocks(sd)
+    shapes = base_blocks(sd)
     base = json.loads((sd / "shard.json").read_text())["params"]
+    mult = shapes.multiples(dtype=torch.float32)
+    assert (mult == {}) == (not shapes.moe_layers) and all(v == 4 for v in mult.values())
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(1))
     predicted_any = 0
     for k, spec in enumerate(CANDIDATES):
         cfg = compress.CompressConfig.model_validate(spec)
         out = tmp_path / f"c{k}"
         out.mkdir()
         built = compress.run(cfg, {"shard": sd}, out)
-        shapes = predict_shapes(cfg.candidate, cfg.drop, blocks, moe)
-        if shapes is None:
+        predicted = predict_shapes(cfg.candidate, cfg.drop, shapes.blocks, shapes.moe_layers)
+        if predicted is None:
             continue
         predicted_any += 1
-        counts = count_params(base, *shapes)
+        plain = count_params(base, *predicted)
         for key in ("params", "unique_params", "ff_params", "unique_ff_params", "padded_params"):
-            assert counts[key] == built[key], (spec, key, counts[key], built[key])
-        if k in (0, 6):  # the export stores what was counted
-            ex = export.run(export.ExportConfig(moe_size_multiple=1), {"shard": sd, "overlay": out}, tmp_path / f"e{k}")
-            assert ex["params"] == counts["params"] == ex["stored_params"]
+            assert plain[key] == built[key], (spec, key, plain[key], built[key])
+        counts = count_params(base, *predicted, size_multiple=mult)
+        assert recount(base, shapes, built, mult) == counts
+        if k in (1, 3, 6):  # per-layer widths, an MLPMoE width, dropped layers
+            stock = export.run(export.ExportConfig(), {"shard": sd, "overlay": out}, tmp_path / f"s{k}")
+            tied = export.run(export.ExportConfig(tied=True), {"shard": sd, "overlay": out}, tmp_path / f"t{k}")
+            assert stock["stored_params"] == stock["params"] == counts["params"]
+            assert tied["stored_params"] == tied["unique_params"] == counts["unique_params"]
+            loaded = mlpfuse.load(Path(tied["path"]))
+            assert sum(p.numel() for p in loaded.parameters()) == counts["unique_params"]
+            want = mlpfuse.load(Path(stock["path"]))(ids).logits
+            torch.testing.assert_close(loaded(ids).logits, want, rtol=1e-5, atol=1e-5)
     assert predicted_any >= 6
     assert {"prune", "fusion", "moefy", "ff_drop", "layer_drop"} <= {
         m for m, d in METHODS.items() if d.width is not None or d.build_model is not None}

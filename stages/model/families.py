@@ -310,3 +310,11 @@ def family_for(config: Any) -> FamilyAdapter:
         raise UnsupportedModelError(
             f"unsupported architecture model_type={model_type!r}; supported: {', '.join(sorted(FAMILIES))}"
         ) from None
+
+
+def sync_conv1d_widths(module: torch.nn.Module) -> None:
+    """GPT-2's ``Conv1D`` reshapes its output by the width it was built with (``nf``): after its
+    weight is replaced by one of another width (a compressed FF block), follow the weight."""
+    for sub in module.modules():
+        if type(sub).__name__ == "Conv1D" and sub.get_parameter("weight").device.type != "meta":
+            setattr(sub, "nf", sub.get_parameter("weight").shape[1])  # noqa: B010

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from mlpfuse.core.errors import InputError
 from mlpfuse.stages.model.checkpoint import stream_safetensors
-from mlpfuse.stages.model.families import family_for
+from mlpfuse.stages.model.families import family_for, sync_conv1d_widths
 from mlpfuse.stages.model.shards import build_skeleton
 
 if TYPE_CHECKING:
@@ -219,6 +219,7 @@ def load_export(path: str | Path, *, dtype: torch.dtype | None = None) -> PreTra
     if getattr(model.config, "tie_word_embeddings", False) or getattr(
             model.config.get_text_config(), "tie_word_embeddings", False):
         model.tie_weights()
+    sync_conv1d_widths(model)  # the tied form stores each layer at its own FF width
     meta_left = [n for n, p in model.named_parameters(remove_duplicate=False) if p.is_meta]
     if meta_left:
         raise ExportError(f"{model_dir}: no stored tensor for {meta_left[:5]}")

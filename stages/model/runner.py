@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from torch import Tensor, nn
 
-from mlpfuse.stages.model.families import FamilyAdapter, family_for
+from mlpfuse.stages.model.families import FamilyAdapter, family_for, sync_conv1d_widths
 from mlpfuse.stages.model.shards import build_skeleton, layer_file, load_shard_meta, tensor_header
 
 # A layer override: SKIP drops the whole decoder layer (identity); a Patch replaces some of the
@@ -272,9 +272,7 @@ class LayerStreamedModel:
             else:
                 _set_tensor(module, k, v.to(device=self.device, dtype=self._cast(v)))
         v = None
-        for sub in module.modules():  # GPT-2's Conv1D reshapes by the width it was built with
-            if type(sub).__name__ == "Conv1D" and sub.get_parameter("weight").device.type != "meta":
-                setattr(sub, "nf", sub.get_parameter("weight").shape[1])  # noqa: B010
+        sync_conv1d_widths(module)
         try:
             yield module
         finally:

@@ -56,3 +56,9 @@ def tensor_header(path: Path) -> dict[str, torch.Tensor]:
         return {k: torch.empty(f.get_slice(k).get_shape(), device="meta",
                                dtype=SAFETENSORS_DTYPES.get(f.get_slice(k).get_dtype(), torch.float32))
                 for k in f.keys()}
+
+
+def stored_dtype(shard_dir: Path) -> torch.dtype:
+    """The shard's stored floating-point precision (its embeddings'): an export's ``auto`` dtype."""
+    floats = [t.dtype for t in tensor_header(shard_dir / "rest.safetensors").values() if t.dtype.is_floating_point]
+    return floats[0] if floats else torch.float32
