@@ -3,11 +3,14 @@ halving, the winner exported, and the report."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import os
 import shutil
+import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -206,13 +209,32 @@ def _distill(session: Session, spec: PipelineSpec, winner: Candidate) -> dict[st
     return result
 
 
-def _publish(src: Path, dest: Path) -> None:
-    """Copy the exported checkpoint out of the store (hard links where possible)."""
-    tmp = dest.with_name(dest.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp, copy_function=_link_or_copy)
-    shutil.rmtree(dest, ignore_errors=True)
-    os.replace(tmp, dest)
+def publish(src: Path, dest: Path, files: dict[str, str] | None = None) -> None:
+    """Copy the exported checkpoint out of the store (hard links where possible), with ``files``
+    (name -> text) written beside it, then swap it in whole: each run writes its own temporary
+    copy and renames it into place, so runs publishing to one output at once never see each
+    other's half-written directory, and the last complete one stays."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        shutil.copytree(src, tmp, copy_function=_link_or_copy, dirs_exist_ok=True)
+        for name, text in (files or {}).items():
+            (tmp / name).unlink(missing_ok=True)  # a hard link into the store: never write through it
+            (tmp / name).write_text(text)
+        while True:
+            try:
+                os.rename(tmp, dest)
+                return
+            except OSError as e:
+                if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+            old = dest.with_name(f".{dest.name}.old.{uuid.uuid4().hex}")
+            try:
+                os.rename(dest, old)  # the previous output goes aside whole, then away
+            except FileNotFoundError:
+                continue  # another run moved it first
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _link_or_copy(src: str, dst: str) -> None:
@@ -251,7 +273,7 @@ def run_job(spec: PipelineSpec, store: ArtifactStore, force: set[str] | None = N
                                                 f"{after:.3f}; the undistilled winner is exported")
             dest = spec.output_dir() / "export"
             dest.parent.mkdir(parents=True, exist_ok=True)
-            _publish(final, dest)
+            publish(final, dest, _handover_files(spec, session, winner, extra))
             extra["export"] = {**session.results["export"]["result"], "path": str(dest)}
     finally:
         session.close()
@@ -294,3 +316,26 @@ def export_multiples_for(spec: PipelineSpec, facts: ModelFacts) -> dict[str, int
         return {}
     dtype = None if spec.export.dtype == "auto" else getattr(torch, spec.export.dtype)
     return facts.shapes.multiples(spec.export.moe_size_multiple, dtype)
+
+
+def _handover_files(spec: PipelineSpec, session: Session, winner: Candidate, extra: dict[str, Any]) -> dict[str, str]:
+    """What the exported checkpoint carries beside its weights: the spec that made it
+    (``mlpfuse.yaml``) and its model card with the quality figures of this run."""
+    import yaml
+
+    base = session.results["evaluate"]["result"]
+    card_path = (session.path("distill") if extra.get("distill", {}).get("kept") else session.path("export"))
+    card = (card_path / "model" / "README.md").read_text() if (card_path / "model" / "README.md").exists() else ""
+    w = winner.rounds[-1] if winner.rounds else {}
+    lines = ["", "## Quality (held-out split of the calibration corpus)", "",
+             "| model | perplexity | tokens |", "| --- | --- | --- |",
+             f"| base | {base['perplexity']:.3f} | {base['tokens']} |",
+             f"| compressed ({winner.name}) | {w.get('perplexity', float('nan')):.3f} | {w.get('tokens', 0)} |",
+             "", f"Parameters: {extra['winner']['params']:,} of the base model's {session.results['shard']['result']['params']:,}."]
+    d = extra.get("distill") or {}
+    if d.get("kept") and d.get("perplexity") is not None:
+        lines.append(f"| compressed + distilled | {d['perplexity']:.3f} | {base['tokens']} |")
+    lines += ["", f"Why this candidate: {extra['winner']['reason']}", "",
+              "Reproduce: `mlpfuse run mlpfuse.yaml` (the spec that made this checkpoint, beside it).", ""]
+    return {"mlpfuse.yaml": yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False),
+            "README.md": card.rstrip() + "\n" + "\n".join(lines)}

@@ -42,7 +42,7 @@ class StageDef:
 STAGES: dict[str, StageDef] = {
     s.name: s
     for s in (
-        StageDef("shard", 2, shard.ShardConfig, shard.run, num_cpus=2),
+        StageDef("shard", 3, shard.ShardConfig, shard.run, num_cpus=2),
         StageDef("data", 1, data.TokenizeConfig, data.run, inputs=("shard",)),
         StageDef("collect_part", 2, collect.CollectPartConfig, collect.run_part, inputs=("shard", "data"), num_cpus=2),
         # Inputs: shard, part0..part{n-1} (one per collect_part worker).

@@ -31,7 +31,7 @@ from mlpfuse.stages.model.checkpoint import (
     stream_safetensors,
 )
 from mlpfuse.stages.model.families import FamilyAdapter, family_for
-from mlpfuse.stages.model.shards import DTYPES, TOKENIZER_FILES, build_skeleton, layer_file
+from mlpfuse.stages.model.shards import DTYPES, build_skeleton, layer_file, model_files
 
 
 class ShardConfig(BaseModel):
@@ -241,12 +241,10 @@ def run(config: ShardConfig, inputs: dict[str, Path], out_dir: Path) -> dict:
     params["ff"] = sum(params["ff_layers"])
 
     hf_config.save_pretrained(out_dir)
-    if tokenizer is not None:
+    for f in model_files(src.path):  # everything of the source that is not weights travels
+        shutil.copy2(f, out_dir / f.name)
+    if tokenizer is not None:  # a GGUF source: its tokenizer comes out of the file
         tokenizer.save_pretrained(out_dir)
-    else:
-        for name in TOKENIZER_FILES:
-            if (src.path / name).exists():
-                shutil.copy2(src.path / name, out_dir / name)
     meta = {
         "model": config.model, "source_path": str(src.path), "format": src.format,
         "model_type": hf_config.model_type, "family": family.name, "num_layers": n_layers,

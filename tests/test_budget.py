@@ -109,6 +109,16 @@ def test_budget_run_picks_best_and_retargets(tiny_lm: Path, tmp_path: Path, ray_
 
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "export")
     assert exported.num_parameters() == rep["winner"]["params"]
+    # The checkpoint carries the spec that made it and its quality figures.
+    from mlpfuse.orchestrator.spec import load_spec
+
+    carried = load_spec(tmp_path / "out" / "export" / "mlpfuse.yaml")
+    assert carried.budget == load_spec(_spec(tmp_path, tiny_lm, {"params": 0.9}, cache)).budget
+    card = (tmp_path / "out" / "export" / "README.md").read_text()
+    assert f"{rep['base']['perplexity']:.3f}" in card and f"{rep['winner']['perplexity']:.3f}" in card
+    assert rep["winner"]["reason"] in card
+    cached_card = Path(rep["stages"]["export"]["path"]) / "model" / "README.md"
+    assert "## Quality" not in cached_card.read_text()  # the store's copy is untouched
 
     # Re-targeting: shard, data, collect and base evaluation come from the cache.
     assert main(["run", str(_spec(tmp_path, tiny_lm, {"params": 0.8}, cache))]) == 0
@@ -192,3 +202,42 @@ def test_impossible_budgets_exit_2(tiny_lm: Path, tmp_path: Path, ray_local, cap
     assert not any(a.startswith("artifacts/compress") for a in _artifacts(cache)) if cache.exists() else True
     if cache.exists():
         assert list((cache / "staging").iterdir()) == []
+
+
+def test_runs_publishing_one_output_at_once_never_collide(tmp_path: Path) -> None:
+    """Several runs hand over to one output directory at the same moment: none fails, and the
+    output is always one whole checkpoint (a user retrying while the first run still goes)."""
+    import threading
+
+    from mlpfuse.orchestrator.job import publish
+
+    srcs = []
+    for k in range(6):
+        src = tmp_path / f"src{k}"
+        src.mkdir()
+        for name in ("config.json", "model.safetensors", "README.md"):
+            (src / name).write_text(f"{k}:{name}" * 1000)
+        srcs.append(src)
+    dest = tmp_path / "out" / "export"
+    dest.parent.mkdir()
+    errors: list[BaseException] = []
+
+    def run(src: Path) -> None:
+        try:
+            for _ in range(5):
+                publish(src, dest, {"mlpfuse.yaml": f"name: {src.name}\n"})
+        except BaseException as e:  # noqa: BLE001 - collected for the assertion
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(s,)) for s in srcs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    files = {p.name: p.read_text() for p in dest.iterdir()}
+    k = files["config.json"].split(":")[0]
+    assert files == {"config.json": f"{k}:config.json" * 1000, "model.safetensors": f"{k}:model.safetensors" * 1000,
+                     "README.md": f"{k}:README.md" * 1000, "mlpfuse.yaml": f"name: src{k}\n"}
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["export"]  # no temporary copy left
+    assert (srcs[0] / "README.md").read_text() == "0:README.md" * 1000  # the sources are untouched

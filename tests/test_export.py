@@ -4,6 +4,7 @@ the same logits as the layer-streamed runner; the tied form stores windows once 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ import torch
 from safetensors import safe_open
 
 import mlpfuse
-from mlpfuse.stages import export, shard
+from mlpfuse.stages import compress, export, shard
 from mlpfuse.stages.model.families import family_for
 from mlpfuse.stages.model.hf import TIES_FILE
 from mlpfuse.stages.model.overlay import Overlay, load_overrides, save_overlay
@@ -292,3 +293,38 @@ def test_config_validation() -> None:
     with pytest.raises(ValueError):
         export.ExportConfig(tide=True)
     assert export.parse_size("2GB") == 2 * 10**9 and export.parse_size("1GiB") == 2**30
+
+
+def test_every_non_weight_file_reaches_the_export(tiny_checkpoints: dict[str, Path], smollm2_tokenizer: Path,
+                                                  tmp_path: Path) -> None:
+    """An instruct model's chat template, generation config and other files of its directory
+    travel through shard and compress to both export forms; its chat template renders the same."""
+    from transformers import AutoTokenizer
+
+    src = tmp_path / "instruct"
+    shutil.copytree(tiny_checkpoints["llama"], src)
+    for f in smollm2_tokenizer.iterdir():
+        shutil.copy2(f, src / f.name)
+    (src / "chat_template.jinja").write_text(
+        "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    (src / "generation_config.json").write_text('{"do_sample": true, "temperature": 0.6, "top_p": 0.9}')
+    (src / "notes.txt").write_text("anything a hub repository holds beside its weights")
+    (src / "README.md").write_text("the base model's card")
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"}]
+    before = AutoTokenizer.from_pretrained(src).apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    sd = tmp_path / "shard"
+    shard.run(shard.ShardConfig(model=str(src)), {}, sd)
+    ov = tmp_path / "ov"
+    ov.mkdir()
+    compress.run(compress.CompressConfig.model_validate(
+        {"candidate": {"method": "prune", "criterion": "magnitude", "ratio": 0.5}}), {"shard": sd}, ov)
+    for tied in (False, True):
+        model_dir = Path(export.run(export.ExportConfig(tied=tied), {"shard": sd, "overlay": ov},
+                                    tmp_path / f"e{tied}")["path"])
+        for name in ("chat_template.jinja", "generation_config.json", "notes.txt", "tokenizer.json"):
+            assert (model_dir / name).read_bytes() == (src / name).read_bytes(), name
+        assert "the base model's card" not in (model_dir / "README.md").read_text()  # the export's own card
+        after = AutoTokenizer.from_pretrained(model_dir).apply_chat_template(chat, tokenize=False,
+                                                                              add_generation_prompt=True)
+        assert after == before and "<|assistant|>" in after

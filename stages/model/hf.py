@@ -33,7 +33,6 @@ STOCK_STEM = "model"
 TIED_STEM = "mlpfuse-tied"
 
 
-EXTRA_TOKENIZER_FILES = ("chat_template.jinja", "chat_template.json", "preprocessor_config.json")
 
 
 _ST_SIZES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "BF16": 2, "F16": 2, "I16": 2,
@@ -265,10 +264,11 @@ def write_ties_spec(model_dir: Path, files: list[str], *, windows: list[list[int
 
 
 def copy_model_files(src: Path, dest: Path, extra: tuple[str, ...] = ()) -> None:
-    """Copy the tokenizer files, chat template and generation config of ``src`` (and ``extra``)
-    that ``dest`` does not have yet."""
-    from mlpfuse.stages.model.shards import TOKENIZER_FILES
+    """Copy the files of checkpoint ``src`` that travel with the model (tokenizer, chat template,
+    generation config, ...: everything but weights and the files a stage writes itself), and
+    ``extra`` of its own files, that ``dest`` does not have yet."""
+    from mlpfuse.stages.model.shards import model_files
 
-    for name in (*TOKENIZER_FILES, *EXTRA_TOKENIZER_FILES, *extra):
-        if (src / name).exists() and not (dest / name).exists():
-            shutil.copy2(src / name, dest / name)
+    for f in [*model_files(src), *(src / name for name in extra)]:
+        if f.exists() and not (dest / f.name).exists():
+            shutil.copy2(f, dest / f.name)

@@ -16,12 +16,6 @@ from mlpfuse.stages.model.families import family_for
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json",
-    "merges.txt", "tokenizer.model", "added_tokens.json", "generation_config.json",
-)
-
-
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -62,3 +56,18 @@ def stored_dtype(shard_dir: Path) -> torch.dtype:
     """The shard's stored floating-point precision (its embeddings'): an export's ``auto`` dtype."""
     floats = [t.dtype for t in tensor_header(shard_dir / "rest.safetensors").values() if t.dtype.is_floating_point]
     return floats[0] if floats else torch.float32
+
+
+#: Weight files (and their indexes) of a checkpoint directory: the shard re-writes them by layer.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx")
+#: Files a shard or an export writes itself, never carried over from a source directory.
+OWN_FILES = frozenset({"config.json", "shard.json", "manifest.json", "README.md", ".gitattributes",
+                       "mlpfuse_ties.json", "mlpfuse.yaml"})
+
+
+def model_files(directory: Path) -> list[Path]:
+    """The files of a checkpoint directory that travel with the model unchanged: tokenizer files,
+    chat template, generation config, processor configs and whatever else a hub repository holds
+    beside its weights (top level only)."""
+    return sorted(p for p in Path(directory).iterdir() if p.is_file() and p.name not in OWN_FILES
+                  and not p.name.endswith(WEIGHT_SUFFIXES) and not p.name.endswith(".index.json"))
