@@ -133,6 +133,12 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve_check(args: argparse.Namespace) -> int:
+    from mlpfuse.orchestrator.serve_check import main as serve_check
+
+    return serve_check(args.export, args.python, args.max_tokens)
+
+
 def cmd_lm_eval(args: argparse.Namespace) -> int:
     import json
 
@@ -191,6 +197,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--address", required=True, help="Ray dashboard address, e.g. http://head:8265")
     p.add_argument("--wait", action="store_true", help="stream the job's logs as they come, until it ends")
     p.set_defaults(func=cmd_submit)
+    p = sub.add_parser("serve-check", help="vLLM (CPU build, its own venv: scripts/setup_vllm.sh) serves a "
+                       "stock export: greedy tokens and log-probabilities against transformers")
+    p.add_argument("export", help="an export's model directory (the stock form)")
+    p.add_argument("--python", help="the vLLM venv's Python (default: $MLPFUSE_VLLM_PYTHON or .venv-vllm)")
+    p.add_argument("--max-tokens", type=int, default=16)
+    p.set_defaults(func=cmd_serve_check)
     p = sub.add_parser("lm-eval", help="lm-eval-harness on an exported model, offline (default task: "
                        "perplexity of the held-out documents)")
     p.add_argument("model_dir", help="a model directory (an export's model/)")
