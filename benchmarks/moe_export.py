@@ -29,8 +29,8 @@ def upcycle(out: Path, experts: int = 4) -> Path:
 
     from mlpfuse.stages.model.checkpoint import resolve_source
 
-    src = resolve_source("smollm2-135m").path
-    dense = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    src = resolve_source("smollm2-135m")  # a GGUF file in its package
+    dense = AutoModelForCausalLM.from_pretrained(src.path, gguf_file=src.gguf_file, dtype=torch.float32)
     c = dense.config
     cfg = MixtralConfig(hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
                         num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
@@ -54,7 +54,7 @@ def upcycle(out: Path, experts: int = 4) -> Path:
         new[p + "gate.weight"] = torch.zeros_like(new[p + "gate.weight"])
     moe.load_state_dict(new)
     moe.save_pretrained(out)
-    AutoTokenizer.from_pretrained(src).save_pretrained(out)
+    AutoTokenizer.from_pretrained(src.path, gguf_file=src.gguf_file).save_pretrained(out)
     return out
 
 
