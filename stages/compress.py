@@ -42,7 +42,7 @@ from mlpfuse.core.errors import InputError
 from mlpfuse.stages.math import moefy
 from mlpfuse.stages.math.ffweights import FFWeights
 from mlpfuse.stages.methods import Method, method_def
-from mlpfuse.stages.methods.base import BuildContext, method_layers, shape_only
+from mlpfuse.stages.methods.base import BuildContext, method_layers
 from mlpfuse.stages.methods.drop import LayerDropMethod
 from mlpfuse.stages.methods.merge import MergeMethod
 from mlpfuse.stages.methods.refit import RefitConfig, refit_overlay
@@ -141,7 +141,7 @@ def run(config: CompressConfig, inputs: dict[str, Path], out_dir: Path) -> dict:
     # one compressed layer is resident at a time.
     streamed = (method_def(m.method).streamed
                 and not (config.refit is not None and config.refit.sequential))
-    changed: dict[int, dict[FFBlockRef, FFWeights]] = {}
+    changed: dict[int, dict[FFBlockRef, BlockShape]] = {}  # the compressed blocks' shapes, for counting
     tied_other = 0
     if streamed:
         overlap = sorted(drop & set(method_layers(m, ctx.num_layers)))
@@ -159,7 +159,7 @@ def run(config: CompressConfig, inputs: dict[str, Path], out_dir: Path) -> dict:
                 for k, v in refit_overlay(one, ctx, config.refit).items():
                     errors[k] += v
             writer.add(i, one.blocks[i])
-            changed[i] = {ref: shape_only(ff) for ref, ff in one.blocks[i].items()}
+            changed[i] = {ref: BlockShape.of(ctx.family, ref, ff) for ref, ff in one.blocks[i].items()}
         if errors is not None and not errors["layers"]:
             errors = None
     else:
@@ -178,14 +178,14 @@ def run(config: CompressConfig, inputs: dict[str, Path], out_dir: Path) -> dict:
         group_of = {i: g for g in ov.tied for i in g}
         for i in sorted(ov.blocks):
             writer.add(i, ov.blocks[i], group_of.get(i), ov.extra.get(i))
-        changed = {i: {ref: shape_only(ff) for ref, ff in b.items()} for i, b in ov.blocks.items()}
+        changed = {i: {ref: BlockShape.of(ctx.family, ref, ff) for ref, ff in b.items()} for i, b in ov.blocks.items()}
         # Tied non-FF tensors (a merged MoE router) are stored once too.
         tied_other = sum((len(g) - 1) * sum(t.numel() for t in ov.extra.get(g[0], {}).values()) for g in ov.tied)
         ov.extra = {}
         ov.blocks = {}
     # Every layer's blocks after compression, for parameter accounting.
-    shapes = {i: [BlockShape.of(ctx.family, ref, ff) for ref, ff in {**ctx.shapes(i), **changed.get(i, {})}.items()]
-              for i in range(ctx.num_layers)}
+    shapes = {i: list({**{ref: BlockShape.of(ctx.family, ref, ff) for ref, ff in ctx.shapes(i).items()},
+                       **changed.get(i, {})}.values()) for i in range(ctx.num_layers)}
     shard_meta = json.loads((inputs["shard"] / "shard.json").read_text())
     counts = count_params(shard_meta["params"], shapes, ov.skip, ov.tied, tied_other=tied_other)
     writer.finish(ov.skip, ov.tied)

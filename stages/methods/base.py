@@ -132,17 +132,6 @@ class BuildContext:
         return torch.tensor(x, dtype=torch.float32)  # a copy: the read is a read-only view
 
 
-def shape_only(ff: FFWeights) -> FFWeights:
-    """``ff`` with zero-size storage but its sizes and layout (for parameter accounting after the
-    block's tensors were written and released)."""
-    def z(t: Tensor | None, shape: tuple[int, ...]) -> Tensor | None:
-        return None if t is None else torch.empty(shape, device="meta")
-
-    n, h = ff.intermediate_size, ff.hidden_size
-    return FFWeights(up=torch.empty((n, ff.up.shape[1]), device="meta"), gate=z(ff.gate, (n, ff.up.shape[1])),
-                     down=torch.empty((h, n), device="meta"), b_up=z(ff.b_up, (n,)), b_down=z(ff.b_down, (h,)),
-                     act=ff.act)
-
 
 def method_layers(m: MethodConfig, n: int) -> list[int]:
     layers = list(range(n)) if m.layers is None else sorted(set(m.layers))
