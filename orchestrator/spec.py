@@ -118,6 +118,8 @@ class PipelineSpec(BaseModel):
     def _safe_name(cls, v: str) -> str:
         if not re.fullmatch(r"[\w.-]+", v):
             raise ValueError(f"name {v!r} may hold only letters, digits, '.', '_' and '-'")
+        if v.startswith("."):  # "..", "." or a hidden name: {name} in output: would leave its folder
+            raise ValueError(f"name {v!r} may not start with '.'")
         return v
 
     def output_dir(self) -> Path:

@@ -101,6 +101,12 @@ def test_spec_cannot_name_code() -> None:
         parse_spec({"model": "x", "callback": "os.system"})
 
 
+@pytest.mark.parametrize("name", ["..", ".", ".hidden", "a/b", "../up"])
+def test_a_name_cannot_leave_its_output_folder(name: str) -> None:
+    with pytest.raises(SpecError, match="name"):
+        parse_spec({"model": "x", "name": name})
+
+
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
 def test_every_shipped_spec_validates(path: Path) -> None:
     spec = load_spec(path)
