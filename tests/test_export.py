@@ -311,6 +311,7 @@ def test_every_non_weight_file_reaches_the_export(tiny_checkpoints: dict[str, Pa
     (src / "generation_config.json").write_text('{"do_sample": true, "temperature": 0.6, "top_p": 0.9}')
     (src / "notes.txt").write_text("anything a hub repository holds beside its weights")
     (src / "README.md").write_text("the base model's card")
+    (src / "__init__.py").write_text("import os  # a bundled model's package: code never travels")
     chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"}]
     before = AutoTokenizer.from_pretrained(src).apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
     sd = tmp_path / "shard"
@@ -325,6 +326,7 @@ def test_every_non_weight_file_reaches_the_export(tiny_checkpoints: dict[str, Pa
         for name in ("chat_template.jinja", "generation_config.json", "notes.txt", "tokenizer.json"):
             assert (model_dir / name).read_bytes() == (src / name).read_bytes(), name
         assert "the base model's card" not in (model_dir / "README.md").read_text()  # the export's own card
+        assert not (model_dir / "__init__.py").exists()
         after = AutoTokenizer.from_pretrained(model_dir).apply_chat_template(chat, tokenize=False,
                                                                               add_generation_prompt=True)
         assert after == before and "<|assistant|>" in after

@@ -60,6 +60,8 @@ def stored_dtype(shard_dir: Path) -> torch.dtype:
 
 #: Weight files (and their indexes) of a checkpoint directory: the shard re-writes them by layer.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx")
+#: Code is never carried (a bundled model lives in a Python package; remote code needs an opt-in).
+CODE_SUFFIXES = (".py", ".pyc", ".pyo", ".so")
 #: Files a shard or an export writes itself, never carried over from a source directory.
 OWN_FILES = frozenset({"config.json", "shard.json", "manifest.json", "README.md", ".gitattributes",
                        "mlpfuse_ties.json", "mlpfuse.yaml"})
@@ -70,4 +72,5 @@ def model_files(directory: Path) -> list[Path]:
     chat template, generation config, processor configs and whatever else a hub repository holds
     beside its weights (top level only)."""
     return sorted(p for p in Path(directory).iterdir() if p.is_file() and p.name not in OWN_FILES
-                  and not p.name.endswith(WEIGHT_SUFFIXES) and not p.name.endswith(".index.json"))
+                  and not p.name.endswith(WEIGHT_SUFFIXES) and not p.name.endswith(".index.json")
+                  and not p.name.startswith(".") and p.suffix not in CODE_SUFFIXES)
