@@ -330,12 +330,13 @@ def _handover_files(spec: PipelineSpec, session: Session, winner: Candidate, ext
     lines = ["", "## Quality (held-out split of the calibration corpus)", "",
              "| model | perplexity | tokens |", "| --- | --- | --- |",
              f"| base | {base['perplexity']:.3f} | {base['tokens']} |",
-             f"| compressed ({winner.name}) | {w.get('perplexity', float('nan')):.3f} | {w.get('tokens', 0)} |",
-             "", f"Parameters: {extra['winner']['params']:,} of the base model's {session.results['shard']['result']['params']:,}."]
+             f"| compressed ({winner.name}) | {w.get('perplexity', float('nan')):.3f} | {w.get('tokens', 0)} |"]
     d = extra.get("distill") or {}
     if d.get("kept") and d.get("perplexity") is not None:
         lines.append(f"| compressed + distilled | {d['perplexity']:.3f} | {base['tokens']} |")
-    lines += ["", f"Why this candidate: {extra['winner']['reason']}", "",
+    lines += ["", f"Parameters: {extra['winner']['params']:,} of the base model's "
+                  f"{session.results['shard']['result']['params']:,}.",
+              "", f"Why this candidate: {extra['winner']['reason']}", "",
               "Reproduce: `mlpfuse run mlpfuse.yaml` (the spec that made this checkpoint, beside it).", ""]
     return {"mlpfuse.yaml": yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False),
             "README.md": card.rstrip() + "\n" + "\n".join(lines)}
