@@ -10,8 +10,7 @@ from pathlib import Path
 
 from mlpfuse import __version__
 from mlpfuse.core.errors import InputError
-from mlpfuse.orchestrator.job import plan_budget, run_job
-from mlpfuse.orchestrator.pipeline import build_plan
+from mlpfuse.orchestrator.job import run_job
 from mlpfuse.orchestrator.spec import PipelineSpec, load_spec
 from mlpfuse.orchestrator.store import ArtifactStore
 
@@ -76,12 +75,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    spec = _spec(args)
-    store = ArtifactStore(spec.cache)
-    for node in build_plan(spec):
-        state = "cached" if store.get(node.stage, node.key, verify=False) else "to run"
-        print(f"  {node.name:<12} {state:<7} {node.key}  inputs={node.input_keys or {}}")
-    cands, skipped, target = plan_budget(spec, store)
+    from mlpfuse.api import plan
+
+    p = plan(_spec(args))
+    for st in p.stages:
+        print(f"  {st.name:<12} {'cached' if st.cached else 'to run':<7} {st.key}  inputs={st.inputs or {}}")
+    cands, skipped, target = p.candidates, p.skipped, p.target
     if target is not None and "pending" in target:
         print(f"budget: {target.get('params', target.get('ff_params'))} over {', '.join(target['methods'])}: "
               f"{target['pending']}")

@@ -85,10 +85,7 @@ def _layer_errors(session: Session, spec: PipelineSpec, cands: list[Candidate]) 
 def run_budget(session: Session, spec: PipelineSpec) -> dict[str, Any]:
     """Plan, build and score candidates; returns the report's budget section and the winner."""
     assert spec.budget is not None
-    facts = ModelFacts.read(session.path("shard"), session.path("collect"))
-    kind, budget = target_params(spec.budget.target, facts)
-    multiple = export_multiples_for(spec, facts)
-    cands, skipped = plan_candidates(spec.budget, facts, multiple)
+    facts, kind, budget, multiple, cands, skipped = _planned(spec, session.path("shard"), session.path("collect"))
     t0 = time.time()
     # Refit candidates start from their un-refit twin (the same settings without refit, built
     # first), so nothing is clustered twice.
@@ -112,8 +109,8 @@ def run_budget(session: Session, spec: PipelineSpec) -> dict[str, Any]:
     for c in cands:
         b = built[f"compress.{c.name}"]
         # Counted as the export will store it (its width multiples), by the one count function.
-        c.result = {**b["result"], **recount(facts.base, facts.shapes, b["result"], multiple)} \
-            if facts.shapes is not None else b["result"]
+        assert facts.shapes is not None
+        c.result = {**b["result"], **recount(facts.base, facts.shapes, b["result"], multiple)}
         c.key = b["key"]
         size = c.result[counted if kind == "params" else counted_ff]
         if c.predicted is not None and c.predicted != size:
@@ -273,7 +270,7 @@ def run_job(spec: PipelineSpec, store: ArtifactStore, force: set[str] | None = N
                                                 f"{after:.3f}; the undistilled winner is exported")
             dest = spec.output_dir() / "export"
             dest.parent.mkdir(parents=True, exist_ok=True)
-            publish(final, dest, _handover_files(spec, session, winner, extra))
+            publish(final, dest, _handover_files(spec, session, winner, extra, final))
             extra["export"] = {**session.results["export"]["result"], "path": str(dest)}
     finally:
         session.close()
@@ -302,30 +299,34 @@ def plan_budget(spec: PipelineSpec, store: ArtifactStore) -> tuple[list[dict[str
         return [], [], {**target, "methods": list(spec.budget.methods),
                         "pending": "candidates are sized once the shard and collect stages are cached "
                                    "locally (mlpfuse run computes them)"}
-    facts = ModelFacts.read(shard.path, collect.path)
-    kind, budget = target_params(spec.budget.target, facts)
-    cands, skipped = plan_candidates(spec.budget, facts, export_multiples_for(spec, facts))
+    facts, kind, budget, _, cands, skipped = _planned(spec, shard.path, collect.path)
     return ([{"name": c.name, "family": c.family, "config": c.config.model_dump(mode="json"),
               "predicted": c.predicted} for c in cands],
             skipped, {**target, "kind": kind, "count": budget, "base": facts.params if kind == "params" else facts.ff_params})
 
 
-def export_multiples_for(spec: PipelineSpec, facts: ModelFacts) -> dict[str, int]:
-    """The width multiples the spec's export will align each config field to."""
-    if facts.shapes is None:
-        return {}
+def _planned(spec: PipelineSpec, shard_dir: Path, collect_dir: Path) -> tuple[
+        ModelFacts, str, int, dict[str, int], list[Candidate], list[dict[str, str]]]:
+    """The budget as a count, the export's width multiples and the planned candidates (sized with
+    them): what a run builds and what ``mlpfuse plan`` lists."""
+    assert spec.budget is not None
+    facts = ModelFacts.read(shard_dir, collect_dir)
+    kind, budget = target_params(spec.budget.target, facts)
+    assert facts.shapes is not None
     dtype = None if spec.export.dtype == "auto" else getattr(torch, spec.export.dtype)
-    return facts.shapes.multiples(spec.export.moe_size_multiple, dtype)
+    multiple = facts.shapes.multiples(spec.export.moe_size_multiple, dtype)
+    cands, skipped = plan_candidates(spec.budget, facts, multiple)
+    return facts, kind, budget, multiple, cands, skipped
 
 
-def _handover_files(spec: PipelineSpec, session: Session, winner: Candidate, extra: dict[str, Any]) -> dict[str, str]:
-    """What the exported checkpoint carries beside its weights: the spec that made it
-    (``mlpfuse.yaml``) and its model card with the quality figures of this run."""
+def _handover_files(spec: PipelineSpec, session: Session, winner: Candidate, extra: dict[str, Any],
+                    model_dir: Path) -> dict[str, str]:
+    """What the handed-over checkpoint (``model_dir``) carries beside its weights: the spec that
+    made it (``mlpfuse.yaml``) and its model card with the quality figures of this run."""
     import yaml
 
     base = session.results["evaluate"]["result"]
-    card_path = (session.path("distill") if extra.get("distill", {}).get("kept") else session.path("export"))
-    card = (card_path / "model" / "README.md").read_text() if (card_path / "model" / "README.md").exists() else ""
+    card = (model_dir / "README.md").read_text() if (model_dir / "README.md").exists() else ""
     w = winner.rounds[-1] if winner.rounds else {}
     lines = ["", "## Quality (held-out split of the calibration corpus)", "",
              "| model | perplexity | tokens |", "| --- | --- | --- |",

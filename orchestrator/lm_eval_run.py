@@ -19,9 +19,8 @@ import contextlib
 import difflib
 import json
 import math
-import os
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -81,34 +80,6 @@ def write_task_dir(task_dir: Path, docs: list[tuple[str, str]]) -> Path:
     return task_dir
 
 
-@contextlib.contextmanager
-def _offline() -> Iterator[None]:
-    keys = ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
-    old = {k: os.environ.get(k) for k in keys}
-    for k in keys:
-        os.environ[k] = "1"
-    cfg_mod: Any = None
-    cfg_old = None
-    try:
-        import datasets.config  # read at import: patch it too if already imported
-
-        cfg_mod = datasets.config
-        cfg_old = cfg_mod.HF_HUB_OFFLINE
-        cfg_mod.HF_HUB_OFFLINE = True
-    except (ImportError, AttributeError):
-        cfg_mod = None
-    try:
-        yield
-    finally:
-        if cfg_mod is not None:
-            cfg_mod.HF_HUB_OFFLINE = cfg_old
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def _model(model_dir: Path, dtype: str, batch_size: int, device: str, max_length: int | None) -> tuple[Any, str | None]:
     """(model for simple_evaluate, model_args): a stock export or checkpoint directory goes by
     name through ``hf``; a directory with only a GGUF file gets ``gguf_file``; a tied export
@@ -152,6 +123,8 @@ def run_lm_eval(model_dir: str | Path, tasks: Sequence[str] | str = (SHIPPED_TAS
     """Run lm-eval's ``simple_evaluate`` on ``model_dir``; returns ``{task: {metric: value, "docs": n}}``
     (metric names without lm-eval's ``,none`` filter suffix). ``data`` feeds the shipped task only;
     ``task_dir`` keeps the generated task files (default: a temporary directory)."""
+    from mlpfuse.stages.data import hub_offline
+
     model_dir = Path(model_dir).expanduser()
     if not model_dir.is_dir():
         raise InputError(f"model directory {str(model_dir)!r} does not exist" if not model_dir.exists()
@@ -165,7 +138,7 @@ def run_lm_eval(model_dir: str | Path, tasks: Sequence[str] | str = (SHIPPED_TAS
         raise InputError(f"include path {str(include_path)!r} is not a directory")
 
     with contextlib.ExitStack() as stack:
-        stack.enter_context(_offline())
+        stack.enter_context(hub_offline())
         if task_dir is None:
             task_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="mlpfuse-lm-eval-"))
         task_dir = Path(task_dir)

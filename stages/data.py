@@ -9,10 +9,13 @@ Output: ``calib.parquet`` (``input_ids``: fixed-size list<int32>) and ``eval.par
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
+import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -71,34 +74,52 @@ def corpus_files(corpus: str) -> list[Path]:
 HF_PREFIX = "hf:"
 
 
+@contextlib.contextmanager
+def hub_offline() -> Iterator[None]:
+    """Hugging Face hub and datasets offline for the duration: cached data only, never a download
+    (environment and the already-imported ``datasets.config``, restored after)."""
+    keys = ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
+    old = {k: os.environ.get(k) for k in keys}
+    for k in keys:
+        os.environ[k] = "1"
+    cfg_mod: Any = None
+    cfg_old = None
+    try:
+        import datasets.config  # read at import: patch it too if already imported
+
+        cfg_mod = datasets.config
+        cfg_old = cfg_mod.HF_HUB_OFFLINE
+        cfg_mod.HF_HUB_OFFLINE = True
+    except (ImportError, AttributeError):
+        cfg_mod = None
+    try:
+        yield
+    finally:
+        if cfg_mod is not None:
+            cfg_mod.HF_HUB_OFFLINE = cfg_old
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def _hf_dataset(corpus: str) -> Any:
     """The cached Hugging Face dataset ``hf:ID[:CONFIG][@SPLIT]`` (split default ``train``), read
     offline: a dataset not in the local datasets cache is an error, never a download."""
-    import os
-
     spec = corpus.removeprefix(HF_PREFIX)
     spec, _, split = spec.partition("@")
     name, _, config = spec.partition(":")
-    import datasets
-
-    saved = {k: os.environ.get(k) for k in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")}
-    saved_config = datasets.config.HF_HUB_OFFLINE
-    os.environ.update({k: "1" for k in saved})
     try:
-        datasets.config.HF_HUB_OFFLINE = True  # read at import: set for this call too
-        return datasets.load_dataset(name, config or None, split=split or "train")
+        with hub_offline():
+            import datasets
+
+            return datasets.load_dataset(name, config or None, split=split or "train")
     except Exception as e:  # datasets raises many types; all mean "not in the local cache"
         raise DataError(f"corpus {corpus!r}: the Hugging Face dataset {name!r} (config {config or 'default'}, "
                         f"split {split or 'train'}) is not in the local datasets cache ({type(e).__name__}: "
                         f"{str(e).splitlines()[0] if str(e) else ''}); load it once with datasets.load_dataset "
                         "while online, or give a file") from None
-    finally:
-        datasets.config.HF_HUB_OFFLINE = saved_config
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def corpus_key(corpus: str) -> str:

@@ -297,7 +297,7 @@ def run(config: ExportConfig, inputs: dict[str, Path], out_dir: Path) -> dict:
     anchor_of = {m: w[0] for w in windows for m in w[1:]}
 
     ties: dict[str, str] = {}
-    counted = {"padded": 0, "duplicated": 0, "duplicated_ff": 0, "ff_params": 0}
+    counted = {"padded": 0, "duplicated": 0, "duplicated_ff": 0}
     layers_report: list[dict[str, Any]] = []
     prefix = family.layers_path + ".{}."
 
@@ -332,7 +332,6 @@ def run(config: ExportConfig, inputs: dict[str, Path], out_dir: Path) -> dict:
         else:
             layer_pad = 0
         counted["padded"] += layer_pad
-        counted["ff_params"] += sum(ff.num_params() for ff in blocks.values())
         layer_ff = sum(ff.num_params() for ff in blocks.values())
         del blocks
         sd = {k: (v.to(out_dtype) if v.is_floating_point() else v) for k, v in sd.items()}
