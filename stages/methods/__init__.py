@@ -3,8 +3,9 @@
 A method is either per block (``build_block``: one FF block in, its compressed block out; the
 compress stage streams these layer by layer) or whole-model (``build_model``: an overlay, for
 methods that act across layers or remove them). The compress stage dispatches through
-:data:`METHODS`, the spec's ``Method`` union is made from it, and the planner enumerates it. A new
-method is a module here with its config and build function, and one entry below.
+:data:`METHODS` and the planner enumerates it. A new method is a module here with its config and
+build function, one entry below, and its config in the ``Method`` union (pydantic needs the union
+spelled out to choose a config by its ``method:`` tag).
 """
 
 from __future__ import annotations
