@@ -274,7 +274,7 @@ def run_job(spec: PipelineSpec, store: ArtifactStore, force: set[str] | None = N
             extra["export"] = {**session.results["export"]["result"], "path": str(dest)}
     finally:
         session.close()
-    report = build_report(spec, session.results, time.time() - t0, Path(store.root))
+    report = build_report(spec, session, time.time() - t0)
     report.update(extra)
     path = write_report(report, spec.output_dir())
     from mlpfuse.orchestrator.report_html import write_html

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import socket
 import time
 import warnings
 from collections.abc import Iterator
@@ -20,10 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from mlpfuse.cluster.runtime_env import TASK_ENV
+from mlpfuse.core.compute import Compute, resolve_device, use_compute
 from mlpfuse.core.errors import InputError
 from mlpfuse.core.heap import bound_malloc_cache
-from mlpfuse.orchestrator.spec import PipelineSpec
-from mlpfuse.orchestrator.store import ArtifactStore, cache_key
+from mlpfuse.orchestrator.spec import GPU_STAGES, PipelineSpec
+from mlpfuse.orchestrator.store import IDENTITY, ArtifactStore, cache_key, store_identity
 from mlpfuse.stages.collect import CollectPartConfig
 from mlpfuse.stages.data import corpus_key
 from mlpfuse.stages.model.checkpoint import model_key
@@ -86,13 +88,62 @@ def build_plan(spec: PipelineSpec) -> list[PlanNode]:
     return nodes
 
 
-def execute_node(store_root: str, node: dict[str, Any], *upstream: dict[str, Any]) -> dict[str, Any]:
+class CacheNotShared(InputError):
+    """A node cannot see the run's local cache: the cache must be shared or remote."""
+
+
+def _node_name() -> str:
+    """This process's node as Ray names it (address and id), or the host name outside Ray."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            ctx = ray.get_runtime_context()
+            return f"{ray.util.get_node_ip_address()} (node {ctx.get_node_id()[:12]})"
+    except Exception:  # not inside a Ray worker
+        pass
+    return socket.gethostname()
+
+
+def _not_shared(root: str, node: str) -> CacheNotShared:
+    return CacheNotShared(
+        f"the cache {root} is not shared: node {node} does not see the directory the driver wrote "
+        f"(no {IDENTITY} there, or another store's). On a cluster the cache must be a directory every "
+        "node mounts (NFS, a PVC) or an object store (cache: s3://bucket/prefix)")
+
+
+def open_store(store_root: str, store_id: str | None) -> ArtifactStore:
+    """The run's store as this node sees it. A local store must be the driver's (same identity):
+    a node that sees another directory at that path (or none) gets :class:`CacheNotShared` before
+    anything is written there."""
+    if (blind := check_shared(store_root, store_id)) is not None:
+        raise _not_shared(store_root, blind)
+    return ArtifactStore(store_root)
+
+
+def check_shared(store_root: str, store_id: str | None) -> str | None:
+    """The node's name when it does not see the local store ``store_id`` at ``store_root``."""
+    if store_id is not None and store_identity(Path(store_root)) != store_id:
+        return _node_name()
+    return None
+
+
+def execute_node(store_root: str, node: dict[str, Any], *upstream: dict[str, Any],
+                 store_id: str | None = None, compute: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run one node as a plain function: cache hit, or compute under the key's lock and commit.
-    Inside a Ray task this is the whole task body."""
+    Inside a Ray task this is the whole task body. Inputs are resolved by key through the store on
+    the node where it runs (a remote store downloads them into this node's mirror), never by the
+    path on the node that produced them. ``compute``: the device and precision of the task."""
     bound_malloc_cache()
-    store = ArtifactStore(store_root)
+    store = open_store(store_root, store_id)
     stage, key = node["stage"], node["key"]
-    inputs = {role: Path(u["path"]) for role, u in zip(node["inputs"], upstream, strict=True)}
+    inputs = {}
+    for role, u in zip(node["inputs"], upstream, strict=True):
+        found = store.get(u["stage"], u["key"], verify=store.remote is not None)
+        if found is None:
+            raise InputError(f"{node['name']}: its input {role} ({u['stage']} {u['key']}) is not in the "
+                             f"cache {store.location(u['stage'], u['key'])} as node {_node_name()} sees it")
+        inputs[role] = found.path
     t0 = time.time()
     art = store.get(stage, key)
     if art is None:
@@ -103,20 +154,23 @@ def execute_node(store_root: str, node: dict[str, Any], *upstream: dict[str, Any
                 staging = store.staging_dir(stage, key)
                 staging.mkdir(parents=True, exist_ok=True)
                 cfg = sdef.config.model_validate(node["config"])
+                c = compute or {}
+                device = resolve_device(float(c.get("gpus", 0)))
                 try:
-                    result = sdef.run(cfg, inputs, staging)
+                    with use_compute(Compute(device, c.get("precision", "auto"))):
+                        result = sdef.run(cfg, inputs, staging)
                 except InputError:
                     shutil.rmtree(staging, ignore_errors=True)  # bad input: nothing worth resuming
                     raise
                 manifest = {
                     "stage_version": sdef.version, "config": node["config"], "inputs": node["input_keys"],
-                    "result": result, "seconds": round(time.time() - t0, 3),
+                    "result": result, "seconds": round(time.time() - t0, 3), "node": _node_name(),
+                    "device": device,
                 }
                 art = store.commit(stage, key, staging, manifest)
-                return {"name": node["name"], "stage": stage, "key": key, "path": str(art.path),
-                        "status": "run", "seconds": time.time() - t0, "result": result}
-    return {"name": node["name"], "stage": stage, "key": key, "path": str(art.path), "status": "hit",
-            "seconds": time.time() - t0, "result": art.manifest.get("result", {})}
+                return {"name": node["name"], "stage": stage, "key": key, "status": "run", "seconds": time.time() - t0, "result": result,
+                        "node": manifest["node"], "device": device}
+    return {"name": node["name"], "stage": stage, "key": key, "status": "hit", "seconds": time.time() - t0, "result": art.manifest.get("result", {})}
 
 
 @contextmanager
@@ -157,21 +211,32 @@ class Session:
     def __init__(self, spec: PipelineSpec, store: ArtifactStore, force: set[str] | None = None):
         self.spec, self.store, self.force = spec, store, set(force or ())
         self.results: dict[str, dict[str, Any]] = {}
+        self._paths: dict[str, Path] = {}
         self._ray: Any = None
+        self._gpus: float | None = None  # per GPU-stage task, once the cluster is known
 
     @property
     def keys(self) -> dict[str, str]:
         return {n: r["key"] for n, r in self.results.items()}
 
     def path(self, name: str) -> Path:
-        return Path(self.results[name]["path"])
+        """Node ``name``'s artifact on this machine (a remote store downloads it into the mirror)."""
+        if name not in self._paths:
+            r = self.results[name]
+            art = self.store.get(r["stage"], r["key"])
+            if art is None:
+                raise InputError(f"{name}: artifact {self.store.location(r['stage'], r['key'])} is not in "
+                                 "the cache as the driver sees it (computed on a node that does not share it?)")
+            self._paths[name] = art.path
+        return self._paths[name]
 
     def _hit(self, node: PlanNode) -> dict[str, Any] | None:
-        art = self.store.get(node.stage, node.key)
+        # A remote artifact is verified where it is used (downloaded); a local one here.
+        art = self.store.get(node.stage, node.key, verify=self.store.remote is None)
         if art is None:
             return None
-        return {"name": node.name, "stage": node.stage, "key": node.key, "path": str(art.path),
-                "status": "hit", "seconds": 0.0, "result": art.manifest.get("result", {})}
+        self._paths[node.name] = art.path
+        return {"name": node.name, "stage": node.stage, "key": node.key, "status": "hit", "seconds": 0.0, "result": art.manifest.get("result", {})}
 
     def run(self, nodes: list[PlanNode]) -> dict[str, dict[str, Any]]:
         """Execute ``nodes`` (cache hits are answered without Ray); returns their results."""
@@ -187,10 +252,44 @@ class Session:
             self.results.update(self._execute(todo))
         return {n.name: self.results[n.name] for n in nodes}
 
+    def _start(self) -> None:
+        """Start or join Ray, then check every live node sees a local cache (exit 2 before any work
+        when one does not) and resolve ``resources.gpus: auto`` from the cluster's GPUs."""
+        self._ray = ray_session(self.spec.ray.address, self.spec.ray.num_cpus)
+        self._ray.__enter__()
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        alive = [n for n in ray.nodes() if n.get("Alive")]
+        if self.store.identity is not None and len(alive) > 1:
+            probe = ray.remote(check_shared)
+            refs = [probe.options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+                    .remote(str(self.store.root), self.store.identity) for n in alive]
+            blind = [b for b in ray.get(refs) if b is not None]
+            if blind:
+                raise _not_shared(str(self.store.root), ", ".join(blind))
+        want = self.spec.resources.gpus
+        has_gpu = any(float(n["Resources"].get("GPU", 0)) > 0 for n in alive)
+        self._gpus = (1.0 if has_gpu else 0.0) if want == "auto" else float(want)
+
+    def task_options(self, stage: str, cpus_cap: float) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Ray options of one stage's task, and the compute it is told (device, precision)."""
+        sdef = STAGES[stage]
+        res = self.spec.resources.stages.get(stage)
+        gpus = self._gpus if stage in GPU_STAGES else 0.0
+        if res is not None and res.gpus is not None:
+            gpus = res.gpus
+        cpus = res.cpus if res is not None and res.cpus is not None else min(sdef.num_cpus, cpus_cap)
+        opts: dict[str, Any] = {"num_cpus": cpus, "max_retries": self.spec.ray.max_retries}
+        if gpus:
+            opts["num_gpus"] = gpus
+        if res is not None and res.custom:
+            opts["resources"] = dict(res.custom)
+        return opts, {"gpus": gpus or 0.0, "precision": self.spec.resources.precision}
+
     def _execute(self, todo: list[PlanNode]) -> dict[str, dict[str, Any]]:
         if self._ray is None:
-            self._ray = ray_session(self.spec.ray.address, self.spec.ray.num_cpus)
-            self._ray.__enter__()
+            self._start()
         import ray
         from ray.dag import MultiOutputNode
 
@@ -200,10 +299,10 @@ class Session:
         bound: dict[str, Any] = {}
         names = {n.name for n in todo}
         for node in todo:
-            sdef = STAGES[node.stage]
-            opts = {"num_cpus": min(sdef.num_cpus, cpus), "max_retries": self.spec.ray.max_retries}
+            opts, compute = self.task_options(node.stage, cpus)
             upstream = [bound[n] if n in names else self.results[n] for n in node.inputs.values()]
-            bound[node.name] = task.options(**opts).bind(str(self.store.root), asdict(node), *upstream)
+            bound[node.name] = task.options(**opts).bind(str(self.store.root), asdict(node), *upstream,
+                                                         store_id=self.store.identity, compute=compute)
         dag = MultiOutputNode([bound[n.name] for n in todo])
         for node in todo:
             log.info("%s: queued (%s)", node.name, node.key)

@@ -7,7 +7,7 @@ import difflib
 import re
 import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -19,6 +19,7 @@ from mlpfuse.stages.data import TokenizeConfig
 from mlpfuse.stages.distill import DistillStageConfig
 from mlpfuse.stages.evaluate import EvaluateConfig
 from mlpfuse.stages.export import ExportConfig
+from mlpfuse.stages.registry import STAGES
 from mlpfuse.stages.shard import ShardConfig
 from mlpfuse.stages.similarity import SimilarityConfig
 
@@ -35,6 +36,57 @@ class RaySpec(BaseModel):
     num_cpus: int | None = Field(None, ge=1)
     # Retries of a stage task whose worker died (the stage resumes from its committed parts).
     max_retries: int = Field(2, ge=0)
+
+
+# Stages whose work is forward passes and dense linear algebra: with ``resources.gpus: auto`` each
+# of their tasks asks for one GPU when the cluster has GPUs.
+GPU_STAGES = ("collect_part", "evaluate", "prefix", "probe", "compress", "similarity", "layer_errors",
+              "distill")
+
+
+class StageResources(BaseModel):
+    """What one stage's tasks ask Ray for (None: the stage's default)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    cpus: float | None = Field(None, gt=0)
+    gpus: float | None = Field(None, ge=0)
+    # Ray custom resources (e.g. {"highmem": 1} to pin a stage to nodes started with that resource).
+    custom: dict[str, float] = {}
+
+
+class ResourcesSpec(BaseModel):
+    """Where stage tasks run and in what precision. Not part of any cache key: an artifact is
+    reused whichever device computed it (``--force STAGE`` recomputes one)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # GPUs per task of the GPU stages (fractions share a device): "auto" asks for one when the
+    # cluster has any GPU, else none; 0 keeps every stage on CPUs.
+    gpus: float | Literal["auto"] = Field("auto")
+    # Forward passes' precision. "auto": the checkpoint's stored precision (bf16, fp16) on a GPU,
+    # float32 on CPUs. Statistics, solves and k-means accumulate in float32/float64 whatever it is.
+    precision: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # Per-stage overrides, by stage name (shard, data, collect_part, collect, evaluate, prefix,
+    # probe, compress, similarity, layer_errors, export, distill).
+    stages: dict[str, StageResources] = {}
+
+    @field_validator("gpus")
+    @classmethod
+    def _gpus(cls, v: float | str) -> float | str:
+        if not isinstance(v, str) and v < 0:
+            raise ValueError("resources.gpus must be 'auto' or a number >= 0")
+        return v
+
+    @field_validator("stages")
+    @classmethod
+    def _known_stages(cls, v: dict[str, StageResources]) -> dict[str, StageResources]:
+        for name in v:
+            if name not in STAGES:
+                close = difflib.get_close_matches(name, list(STAGES), n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise ValueError(f"unknown stage {name!r}{hint} (stages: {', '.join(STAGES)})")
+        return v
 
 
 class ShardSpec(BaseModel):
@@ -69,6 +121,8 @@ class PipelineSpec(BaseModel):
     # Where report.json (and later the exported model) go; relative to the working directory.
     output: str = "runs/{name}"
     ray: RaySpec = RaySpec()
+    # CPUs, GPUs and custom Ray resources per stage task, and the forward passes' precision.
+    resources: ResourcesSpec = ResourcesSpec()
     shard: ShardSpec = ShardSpec()
     collect: CollectConfig = CollectConfig()
     evaluate: EvaluateConfig = EvaluateConfig()

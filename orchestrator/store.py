@@ -6,6 +6,8 @@ Layout under the store root::
     staging/<stage>-<key>/          work in progress; kept across crashes so a stage resumes
     locks/<key>.lock                held while a key is being computed
     quarantine/                     artifacts that failed verification, kept for inspection
+    store.json                      the store's identity: a node that reads another (or none) at
+                                    the same path does not share this store's disk
 
 An artifact exists only if its ``manifest.json`` parses and every file it lists has the recorded
 size and sha256. A staging directory becomes an artifact by one ``rename``, so readers never see
@@ -30,6 +32,7 @@ import os
 import posixpath
 import shutil
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -44,6 +47,7 @@ from filelock import FileLock
 from mlpfuse.core.artifacts import file_digest, fsync_dir, write_json_atomic
 
 MANIFEST = "manifest.json"
+IDENTITY = "store.json"
 MIRROR_ENV = "MLPFUSE_MIRROR"  # where remote stores keep their local working directories
 _CHUNK = 8 << 20
 
@@ -55,6 +59,13 @@ def cache_key(stage: str, version: int, config: dict[str, Any], input_keys: dict
         sort_keys=True, separators=(",", ":"), default=str,
     )
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _last_used(path: Path) -> float:
@@ -74,6 +85,15 @@ def _file_problem(f: Path, rel: str, info: dict[str, Any]) -> str | None:
     if file_digest(f) != info["sha256"]:
         return f"{rel} fails its checksum"
     return None
+
+
+def store_identity(local_dir: str | os.PathLike[str]) -> str | None:
+    """The id of the local store at ``local_dir`` as this machine sees it, or None (no store
+    there). Reads only: a node checking whether it shares a store's disk creates nothing."""
+    try:
+        return str(json.loads((Path(local_dir) / IDENTITY).read_text())["id"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 @dataclass(frozen=True)
@@ -156,6 +176,31 @@ class ArtifactStore:
             self.root = self.local = Path(root.removeprefix("file://")).expanduser().resolve()
         for sub in ("artifacts", "staging", "locks", "quarantine"):
             (self.local / sub).mkdir(parents=True, exist_ok=True)
+        self.identity = self._identity()
+
+    def _identity(self) -> str | None:
+        """A local store's id (made once, by whichever run opens it first), which lets a node check
+        with :func:`store_identity` that it sees the same directory. Remote stores: None (every
+        node reaches the URI; each keeps its own mirror)."""
+        if self.remote is not None:
+            return None
+        path = self.local / IDENTITY
+        if not path.exists():
+            tmp = path.with_name(f".{IDENTITY}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
+            tmp.write_text(json.dumps({"id": uuid.uuid4().hex}))
+            try:
+                os.link(tmp, path)  # atomic and exclusive: two runs opening a new store agree
+            except FileExistsError:
+                pass
+            finally:
+                tmp.unlink()
+        return store_identity(self.local)
+
+    def location(self, stage: str, key: str) -> str:
+        """Where the artifact lives, as every node names it (the URI for remote stores)."""
+        if self.remote is not None:
+            return f"{self.root}/artifacts/{stage}/{key}"
+        return str(self.artifact_dir(stage, key))
 
     # ----- paths -------------------------------------------------------------------------
     def artifact_dir(self, stage: str, key: str) -> Path:
@@ -217,8 +262,13 @@ class ArtifactStore:
             return None
         path = self.artifact_dir(stage, key)
         if verify:
+            # Files this mirror downloaded (or committed) for this very manifest were checked then;
+            # they are re-checked by size, not re-hashed on every use.
+            trusted = _read_json(path / MANIFEST) == manifest
             for name, info in manifest.get("files", {}).items():
                 f = path / name
+                if trusted and f.exists() and f.stat().st_size == info["size"]:
+                    continue
                 if _file_problem(f, name, info) is None:
                     continue
                 f.parent.mkdir(parents=True, exist_ok=True)

@@ -175,17 +175,17 @@ class _LayerCapture:
     def _hook(store: list[Tensor], side: str) -> Callable:
         def hook(module: torch.nn.Module, args: tuple, out: Tensor) -> None:
             t = args[0] if side == "in" else out
-            store.append(t.detach().reshape(-1, t.shape[-1]).float())
+            store.append(t.detach().reshape(-1, t.shape[-1]).float().cpu())
 
         return hook
 
     def _pre(self, module: torch.nn.Module, args: tuple) -> None:
         x = args[0]
-        self.x.append(x.detach().reshape(-1, x.shape[-1]).float())
+        self.x.append(x.detach().reshape(-1, x.shape[-1]).float().cpu())
 
     def _route(self, module: torch.nn.Module, args: tuple, out: tuple) -> None:
         logits, weights, experts = out[0], out[1], out[2]
-        self.router.append((logits.detach().float(), weights.detach().float(), experts.detach()))
+        self.router.append((logits.detach().float().cpu(), weights.detach().float().cpu(), experts.detach().cpu()))
 
     def close(self) -> None:
         for h in self.handles:
@@ -265,7 +265,7 @@ def run_part(config: CollectPartConfig, inputs: dict[str, Path], out_dir: Path) 
     elif start > 0 and carry_file.exists():
         carry = load_file(str(carry_file))
         for n, s in enumerate(states):
-            s.hidden = carry[f"b{n}"].to(s.hidden.dtype)
+            s.hidden = carry[f"b{n}"].to(device=s.hidden.device, dtype=s.hidden.dtype)
     else:
         start = 0  # no hidden state to continue from: recompute (committed parts are rewritten equal)
     from tqdm import tqdm
@@ -318,7 +318,7 @@ def _run_layer(i: int, model: LayerStreamedModel, states: list,
         finally:
             cap.close()
     blocks, x, router = _layer_blocks(sd, cap, model, config)
-    carry = {f"b{n}": s.hidden.clone() for n, s in enumerate(states)}
+    carry = {f"b{n}": s.hidden.detach().cpu().clone() for n, s in enumerate(states)}
     return _Layer(blocks, x, router, cos), carry
 
 

@@ -15,6 +15,7 @@ import json
 import os
 import random
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -760,8 +761,10 @@ def test_fixed_failed_commit_discards_committed_parts(tmp_path: Path, fresh: dic
     from mlpfuse.orchestrator.spec import load_spec
 
     (node,) = [n for n in build_plan(load_spec(_spec(tmp_path, assets, "commit"))) if n.name == "collect.part0"]
-    ups = [{"path": str(fresh["cache"] / "artifacts" / u / node.input_keys[u])} for u in node.inputs]
     store = str(tmp_path / "store")
+    for u, key in node.input_keys.items():  # the inputs, in this test's own store
+        shutil.copytree(fresh["cache"] / "artifacts" / u / key, Path(store) / "artifacts" / u / key)
+    ups = [{"stage": u, "key": node.input_keys[u]} for u in node.inputs]
     orig = mlpfuse.core.artifacts.write_atomic
 
     def full_at_manifest(path: Path, writer: object) -> None:

@@ -272,8 +272,9 @@ def test_score_layers_wires_probe_and_candidates(tmp_path: Path) -> None:
     s = FakeSession()
     ckpt = make_tiny("llama", root / "ckpt")
     s.run([make_node(s.keys, "shard", "shard", shard.ShardConfig(model=str(ckpt)))])
-    data_dir = _data(root / "data")
-    s.results["data"] = {"name": "data", "key": "d" * 24, "path": str(data_dir), "result": {}}
+    _data(store.staging_dir("data", "d" * 24))
+    store.commit("data", "d" * 24, store.staging_dir("data", "d" * 24), {"result": {}})
+    s.results["data"] = {"name": "data", "stage": "data", "key": "d" * 24, "result": {}}
     cands = {"p": {"method": "prune", "criterion": "magnitude", "ratio": 0.5, "layers": [1]},
              "f": {"method": "fusion", "ratio": 0.5, "layers": [0, 2], "iters": 5}}
     s.run([make_node(s.keys, f"compress.{n}", "compress", compress.CompressConfig.model_validate({"candidate": c}),

@@ -15,8 +15,10 @@ import pytest
 import torch
 
 from mlpfuse.core.errors import InputError
+from mlpfuse.orchestrator.pipeline import Session
 from mlpfuse.orchestrator.report import build_report
 from mlpfuse.orchestrator.spec import parse_spec
+from mlpfuse.orchestrator.store import ArtifactStore
 from mlpfuse.stages import collect, shard, similarity
 from mlpfuse.stages.collect import CollectConfig, CollectPartConfig
 from mlpfuse.stages.math.cka import cka
@@ -140,15 +142,20 @@ def test_moe_output_is_the_moe_blocks_output(tiny_checkpoints, tmp_path: Path) -
 
 def test_report_carries_the_matrix(llama, tmp_path: Path) -> None:
     sh, c, _ = llama
-    _run(sh, c, tmp_path, tokens=16)
+    _run(sh, c, tmp_path / "sim", tokens=16)
     spec = parse_spec({"model": "x", "output": str(tmp_path / "out")})
+    store = ArtifactStore(tmp_path / "cache")
+    session = Session(spec, store)
     res = {"shard": {"result": {"params": 1, "ff_params": 1}}, "evaluate": {"result": {"perplexity": 2.0, "tokens": 3}}}
-    res = {k: {**v, "stage": k, "key": k, "status": "hit", "seconds": 0.0, "path": "-"} for k, v in res.items()}
-    assert "similarity" not in build_report(spec, res, 0.0, tmp_path)
-    res["similarity"] = {"stage": "similarity", "key": "k", "status": "run", "seconds": 0.0, "path": str(tmp_path),
-                         "result": {}}
-    report = build_report(spec, res, 0.0, tmp_path)
+    session.results = {k: {**v, "stage": k, "key": k, "status": "hit", "seconds": 0.0} for k, v in res.items()}
+    assert "similarity" not in build_report(spec, session, 0.0)
+    staging = store.staging_dir("similarity", "k")
+    shutil.copytree(tmp_path / "sim", staging)
+    store.commit("similarity", "k", staging, {"result": {}})
+    session.results["similarity"] = {"stage": "similarity", "key": "k", "status": "run", "seconds": 0.0, "result": {}}
+    report = build_report(spec, session, 0.0)
     assert np.asarray(report["similarity"]["matrix"]).shape == (3, 3) and report["similarity"]["tokens"] == 16
+    assert report["stages"]["similarity"]["path"] == str(store.artifact_dir("similarity", "k"))
 
 
 def test_skip_positions_leaves_out_the_first_positions_of_every_block(llama, tiny_checkpoints, tmp_path: Path) -> None:

@@ -12,9 +12,11 @@ from pathlib import Path
 import fsspec
 import pytest
 
+from mlpfuse.core.errors import InputError
 from mlpfuse.orchestrator.pipeline import execute_node, make_node
 from mlpfuse.orchestrator.store import MIRROR_ENV, ArtifactStore
-from tests.conftest import make_tiny
+from mlpfuse.stages.shard import ShardConfig
+from tests.conftest import make_tiny, tiny_llama_with_tokenizer, write_corpus
 
 MEM = fsspec.filesystem("memory")
 MP = pytest.MonkeyPatch
@@ -137,6 +139,55 @@ def test_execute_node_on_remote_store(tmp_path: Path, monkeypatch: MP, uri: str)
     monkeypatch.setenv(MIRROR_ENV, str(tmp_path / "n2"))  # another node: a hit, by download
     second = execute_node(uri, node)
     assert second["status"] == "hit" and second["result"] == first["result"]
-    manifest = json.loads((Path(second["path"]) / "manifest.json").read_text())
-    assert all((Path(second["path"]) / rel).read_bytes() == (Path(first["path"]) / rel).read_bytes()
-               for rel in manifest["files"])
+    n2 = ArtifactStore(uri).artifact_dir("shard", node["key"])  # this node's mirror
+    monkeypatch.setenv(MIRROR_ENV, str(tmp_path / "n1"))
+    n1 = ArtifactStore(uri).artifact_dir("shard", node["key"])
+    manifest = json.loads((n2 / "manifest.json").read_text())
+    assert n1 != n2 and all((n2 / rel).read_bytes() == (n1 / rel).read_bytes() for rel in manifest["files"])
+
+
+def test_a_stage_reads_its_inputs_by_key_on_its_own_node(tmp_path: Path, monkeypatch: MP, uri: str,
+                                                         smollm2_tokenizer: Path) -> None:
+    """shard computed on one node, data on another with an empty mirror: data's input arrives by
+    download (verified), never through the path on the node that produced it."""
+    from mlpfuse.stages import data
+
+    ckpt = tiny_llama_with_tokenizer(tmp_path / "ckpt", smollm2_tokenizer, layers=2)
+    corpus = write_corpus(tmp_path / "corpus")
+    known: dict[str, str] = {}
+    sh = make_node(known, "shard", "shard", ShardConfig(model=str(ckpt)))
+    known["shard"] = sh.key
+    dt = make_node(known, "data", "data", data.TokenizeConfig(corpus=str(corpus), corpus_key="c", block_size=16,
+                                                              calib_tokens=64, eval_tokens=32), {"shard": "shard"})
+    monkeypatch.setenv(MIRROR_ENV, str(tmp_path / "n1"))
+    up = execute_node(uri, asdict(sh))
+    assert "path" not in up  # nothing node-local travels between tasks
+    n1_shard = ArtifactStore(uri).artifact_dir("shard", sh.key)
+    monkeypatch.setenv(MIRROR_ENV, str(tmp_path / "n2"))
+    assert execute_node(uri, asdict(dt), up)["status"] == "run"
+    n2_shard = ArtifactStore(uri).artifact_dir("shard", sh.key)
+    assert n2_shard != n1_shard and (n2_shard / "shard.json").read_bytes() == (n1_shard / "shard.json").read_bytes()
+    MEM.rm(_remote(uri, f"artifacts/shard/{sh.key}/manifest.json"))  # the input is gone from the store
+    monkeypatch.setenv(MIRROR_ENV, str(tmp_path / "n3"))
+    with pytest.raises(InputError, match=f"its input shard \\(shard {sh.key}\\) is not in the cache {uri}/artifacts"):
+        execute_node(uri, asdict(make_node(known, "data2", "data", data.TokenizeConfig(
+            corpus=str(corpus), corpus_key="c2", block_size=16, calib_tokens=64, eval_tokens=32), {"shard": "shard"})), up)
+
+
+def test_a_node_that_sees_another_local_cache_writes_nothing(tmp_path: Path) -> None:
+    """A local cache is checked by its identity: a node that sees no store, or another store, at
+    the driver's path gets an exit-2 error naming the path, and nothing is created there."""
+    from mlpfuse.orchestrator.pipeline import CacheNotShared, check_shared, open_store
+
+    driver = ArtifactStore(tmp_path / "cache")
+    assert driver.identity and check_shared(str(driver.root), driver.identity) is None
+    assert ArtifactStore(tmp_path / "cache").identity == driver.identity  # reopening keeps it
+    blind = tmp_path / "elsewhere"
+    assert check_shared(str(blind), driver.identity) is not None
+    with pytest.raises(CacheNotShared, match=f"the cache {blind} is not shared: node .* does not see"):
+        open_store(str(blind), driver.identity)
+    assert not blind.exists()
+    other = ArtifactStore(blind)  # another store at the same path on that node
+    with pytest.raises(CacheNotShared):
+        open_store(str(other.root), driver.identity)
+    assert isinstance(CacheNotShared("x"), InputError)

@@ -27,8 +27,15 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from torch import Tensor, nn
 
+from mlpfuse.core.compute import current_compute
 from mlpfuse.stages.model.families import FamilyAdapter, family_for, sync_conv1d_widths
-from mlpfuse.stages.model.shards import build_skeleton, layer_file, load_shard_meta, tensor_header
+from mlpfuse.stages.model.shards import (
+    build_skeleton,
+    layer_file,
+    load_shard_meta,
+    stored_dtype,
+    tensor_header,
+)
 
 # A layer override: SKIP drops the whole decoder layer (identity); a Patch replaces some of the
 # layer's tensors (a compressed FF block) on top of the shard; a plain mapping replaces them all.
@@ -168,10 +175,12 @@ class LayerStreamedModel:
         self,
         shard_dir: Path,
         *,
-        dtype: torch.dtype = torch.float32,
-        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+        device: str | torch.device | None = None,
         overrides: Mapping[int, LayerOverride] | None = None,
     ):
+        """``dtype``/``device`` default to the task's compute (:mod:`mlpfuse.core.compute`): the
+        CPU in float32 unless the orchestrator gave the task a GPU or a precision."""
         from transformers import AutoConfig
 
         self.shard_dir = Path(shard_dir)
@@ -180,7 +189,9 @@ class LayerStreamedModel:
         self.config.use_cache = False
         self.family: FamilyAdapter = family_for(self.config)
         self.num_layers = self.family.num_layers(self.config)
-        self.dtype, self.device = dtype, torch.device(device)
+        compute = current_compute()
+        self.dtype = dtype if dtype is not None else compute.dtype(stored_dtype(self.shard_dir))
+        self.device = torch.device(device) if device is not None else compute.torch_device
         self.overrides = dict(overrides or {})
         # Compressed experts can have any size; the grouped-matmul kernels need aligned strides.
         if getattr(self.config, "_experts_implementation", None) is not None or self.family.moe is not None:
