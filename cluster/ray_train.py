@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -117,6 +118,29 @@ def ray_train_distill(
 
 
 _FINAL_WEIGHTS = "student.safetensors"
+
+
+def stage_trainer(num_workers: int, *, cpus_per_worker: float = 1, gpus_per_worker: float = 0,
+                  max_failures: int = 2) -> Callable[..., DistillResult]:
+    """The distill stage's ``train_fn`` for ``num_workers`` Ray Train workers, called inside the
+    stage's Ray task. The workers are placed on the task's own node, where the stage's checkpoint
+    directory (in its staging directory) lies: every worker writes its ZeRO partition there and a
+    restarted worker group (up to ``max_failures`` times) resumes from the last checkpoint. Ray
+    Train's TCP rendezvous binds that node's address."""
+    import ray
+
+    node = ray.util.get_node_ip_address()
+    resources = {"CPU": cpus_per_worker, f"node:{node}": 0.001}
+    if gpus_per_worker:
+        resources["GPU"] = gpus_per_worker
+
+    def train(student: PreTrainedModel, teacher: PreTrainedModel, batches: list[Tensor], config: DistillConfig,
+              checkpoint_dir: Path, **kw: Any) -> DistillResult:
+        return ray_train_distill(student, teacher, batches, config, checkpoint_dir, num_workers=num_workers,
+                                 use_gpu=gpus_per_worker > 0, resources_per_worker=resources,
+                                 max_failures=max_failures, **kw)
+
+    return train
 
 
 def _ray_train_loop(loop_config: dict[str, Any]) -> None:

@@ -13,7 +13,8 @@ from mlpfuse.core.errors import InputError
 
 def submit(spec: Path, address: str, *, wait: bool = False) -> str:
     """Submit ``mlpfuse run SPEC --address auto`` as a Ray job; returns the job id. With ``wait``,
-    the job's logs are streamed as they come and a failed job raises."""
+    the job's logs are streamed as they come and a failed job raises (:class:`InputError`, exit 2,
+    when the run itself exited 2 on bad input)."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     from mlpfuse.cluster.runtime_env import package_dir, runtime_env
@@ -36,9 +37,12 @@ def submit(spec: Path, address: str, *, wait: bool = False) -> str:
     print(f"submitted job {job_id} to {address}", flush=True)
     if wait:
         _follow(client, job_id)
-        status = client.get_job_status(job_id)
-        if status != JobStatus.SUCCEEDED:
-            raise RuntimeError(f"job {job_id} ended {status}")
+        info = client.get_job_info(job_id)
+        if info.status != JobStatus.SUCCEEDED:
+            if info.driver_exit_code == 2:  # the run refused its input: the same exit code here
+                raise InputError(f"job {job_id} ended {info.status}: the run refused its input "
+                                 "(the job's log above says why)")
+            raise RuntimeError(f"job {job_id} ended {info.status} (driver exit code {info.driver_exit_code})")
     return job_id
 
 

@@ -43,6 +43,15 @@ def _setup_logging(args: argparse.Namespace, spec: PipelineSpec | None = None) -
         root.addHandler(log)
 
 
+def _error(text: str) -> None:
+    """A run's last word: on stderr, and in OUTPUT/run.log when the run has one."""
+    print(text, file=sys.stderr)
+    for h in logging.getLogger("mlpfuse").handlers:
+        if isinstance(h, logging.FileHandler):
+            h.stream.write(text + "\n")
+            h.flush()
+
+
 def _spec(args: argparse.Namespace) -> PipelineSpec:
     spec = load_spec(args.spec if args.spec is not None else demo_spec())
     updates = {}
@@ -221,25 +230,25 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
+        _error(f"error: {e}")
         return 2
     except KeyboardInterrupt:
-        print("interrupted; finished work is cached, re-run to resume", file=sys.stderr)
+        _error("interrupted; finished work is cached, re-run to resume")
         return 1
     except OSError as e:
         if e.errno == errno.ENOSPC:
-            print(f"error: No space left on device writing {e.filename or 'the cache'}; free disk space and "
-                  "re-run: finished work is cached", file=sys.stderr)
+            _error(f"error: No space left on device writing {e.filename or 'the cache'}; free disk space and "
+                   "re-run: finished work is cached")
         else:
-            print(f"error: {e}; finished work is cached, re-run to resume", file=sys.stderr)
+            _error(f"error: {e}; finished work is cached, re-run to resume")
         return 1
     except Exception as e:
         import ray.exceptions
 
         if not isinstance(e, ray.exceptions.RayError):
             raise
-        print(f"error: a stage's worker failed ({type(e).__name__}: {e}); finished work is cached, "
-              "re-run to resume", file=sys.stderr)
+        _error(f"error: a stage's worker failed ({type(e).__name__}: {e}); finished work is cached, "
+               "re-run to resume")
         return 1
 
 

@@ -128,6 +128,18 @@ def check_shared(store_root: str, store_id: str | None) -> str | None:
     return None
 
 
+def _launchers(stage: str, cfg: Any, compute: dict[str, Any]) -> dict[str, Any]:
+    """What a stage needs from the cluster beyond its own process: distillation with several
+    workers gets Ray Train's trainer (each worker with the stage's CPUs and GPUs)."""
+    if stage == "distill" and cfg.workers > 1:
+        from mlpfuse.cluster.ray_train import stage_trainer
+
+        return {"train_fn": stage_trainer(cfg.workers, cpus_per_worker=compute.get("worker_cpus", 1),
+                                          gpus_per_worker=float(compute.get("gpus", 0)),
+                                          max_failures=int(compute.get("max_failures", 2)))}
+    return {}
+
+
 def execute_node(store_root: str, node: dict[str, Any], *upstream: dict[str, Any],
                  store_id: str | None = None, compute: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run one node as a plain function: cache hit, or compute under the key's lock and commit.
@@ -158,7 +170,7 @@ def execute_node(store_root: str, node: dict[str, Any], *upstream: dict[str, Any
                 device = resolve_device(float(c.get("gpus", 0)))
                 try:
                     with use_compute(Compute(device, c.get("precision", "auto"))):
-                        result = sdef.run(cfg, inputs, staging)
+                        result = sdef.run(cfg, inputs, staging, **_launchers(stage, cfg, c))
                 except InputError:
                     shutil.rmtree(staging, ignore_errors=True)  # bad input: nothing worth resuming
                     raise
@@ -280,12 +292,18 @@ class Session:
         if res is not None and res.gpus is not None:
             gpus = res.gpus
         cpus = res.cpus if res is not None and res.cpus is not None else min(sdef.num_cpus, cpus_cap)
+        compute: dict[str, Any] = {"gpus": gpus or 0.0, "precision": self.spec.resources.precision}
+        if stage == "distill" and self.spec.distill is not None and self.spec.distill.workers > 1:
+            # The task only coordinates: its Ray Train workers hold the CPUs and GPUs asked for.
+            worker_cpus = res.cpus if res is not None and res.cpus is not None else 1
+            compute.update(worker_cpus=worker_cpus, max_failures=self.spec.ray.max_retries)
+            cpus, gpus = 0, 0.0
         opts: dict[str, Any] = {"num_cpus": cpus, "max_retries": self.spec.ray.max_retries}
         if gpus:
             opts["num_gpus"] = gpus
         if res is not None and res.custom:
             opts["resources"] = dict(res.custom)
-        return opts, {"gpus": gpus or 0.0, "precision": self.spec.resources.precision}
+        return opts, compute
 
     def _execute(self, todo: list[PlanNode]) -> dict[str, dict[str, Any]]:
         if self._ray is None:

@@ -70,9 +70,25 @@ class DistillStageConfig(BaseModel):
     tied: bool = False
     # Storage dtype of the written model; "auto": the student export's. Training is float32.
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # Data-parallel training processes. More than one: Ray Train workers (TorchTrainer, one
+    # process each, gloo on CPUs or NCCL on GPUs; resources.stages.distill sets each one's CPUs and
+    # GPUs), started by the pipeline. Worker r of W takes micro-batch ((s*grad_accum + j)*W + r):
+    # W workers with grad_accum g train exactly as one process with grad_accum W*g.
+    workers: int = Field(default=1, ge=1)
 
 
-def run_stage(config: DistillStageConfig, inputs: dict[str, Path], out_dir: Path) -> dict:
+def export_dtype(model_dir: Path) -> torch.dtype:
+    """The stored precision an export's config declares (float32 when it declares none)."""
+    from transformers import AutoConfig
+
+    stored = getattr(AutoConfig.from_pretrained(model_dir), "dtype", None)
+    if isinstance(stored, torch.dtype):
+        return stored
+    return _OUT_DTYPES.get(str(stored).removeprefix("torch."), torch.float32)
+
+
+def run_stage(config: DistillStageConfig, inputs: dict[str, Path], out_dir: Path, *,
+              train_fn: Callable[..., Any] | None = None) -> dict:
     """Distill the student export toward the teacher export on calibration blocks.
 
     ``inputs``: ``teacher``: an export artifact of the *original* model (``teacher/model``);
@@ -82,9 +98,14 @@ def run_stage(config: DistillStageConfig, inputs: dict[str, Path], out_dir: Path
     were dropped). Checkpoints go to ``out_dir/checkpoints``, so an attempt killed mid-way resumes
     from the last one when the stage runs again in the same ``out_dir``; they are removed once
     ``out_dir/model`` (a Hugging Face checkpoint in the student export's form) is written.
+    ``train_fn``: trains with :func:`~mlpfuse.stages.model.trainer.distill`'s signature; the
+    pipeline passes Ray Train's (``mlpfuse.cluster.ray_train``) when ``config.workers`` > 1.
     """
     from mlpfuse.stages.data import read_calib
 
+    if config.workers > 1 and train_fn is None:
+        raise InputError(f"distill.workers={config.workers}: several workers train through Ray Train, "
+                         "which the pipeline starts (mlpfuse run); a direct call trains in one process")
     out_dir = Path(out_dir)
     teacher_dir, student_dir, data_dir, overlay_dir = _stage_inputs(inputs)
     if teacher_dir.resolve() == student_dir.resolve():
@@ -101,7 +122,9 @@ def run_stage(config: DistillStageConfig, inputs: dict[str, Path], out_dir: Path
             "set tied to match the export form"
         )
 
-    teacher = load_export(teacher_dir, dtype=torch.float32)
+    # The teacher stays in its stored precision (computed in float32 one layer at a time by the
+    # trainer); the student trains in float32.
+    teacher = load_export(teacher_dir, dtype=export_dtype(teacher_dir))
     student = load_export(student_dir, dtype=torch.float32)
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -144,7 +167,7 @@ def run_stage(config: DistillStageConfig, inputs: dict[str, Path], out_dir: Path
     ]
 
     checkpoint_dir = out_dir / CHECKPOINTS_DIR
-    result = distill(
+    result = (train_fn or distill)(
         student,
         teacher,
         batches,
@@ -156,16 +179,7 @@ def run_stage(config: DistillStageConfig, inputs: dict[str, Path], out_dir: Path
     )
     del teacher
 
-    if config.dtype == "auto":
-        from transformers import AutoConfig
-
-        stored = getattr(AutoConfig.from_pretrained(student_dir), "dtype", None)
-        if isinstance(stored, torch.dtype):
-            out_dtype = stored
-        else:
-            out_dtype = _OUT_DTYPES.get(str(stored).removeprefix("torch."), torch.float32)
-    else:
-        out_dtype = _OUT_DTYPES[config.dtype]
+    out_dtype = export_dtype(student_dir) if config.dtype == "auto" else _OUT_DTYPES[config.dtype]
     model_dir = out_dir / MODEL_DIR
     overlay_written = False
     if overlay_dir is not None:
@@ -176,7 +190,8 @@ def run_stage(config: DistillStageConfig, inputs: dict[str, Path], out_dir: Path
         "losses": result.losses,
         "steps": result.steps_done,
         "steps_requested": train.steps,
-        "tokens": result.steps_done * train.grad_accum * train.micro_batch * block,
+        "tokens": result.steps_done * train.grad_accum * config.workers * train.micro_batch * block,
+        "workers": config.workers,
         "seconds": round(result.seconds, 3),
         "resumed_from": result.resumed_from,
         "minutes": config.minutes,

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 from pydantic import BaseModel
 
@@ -33,7 +31,9 @@ class StageDef:
     name: str
     version: int
     config: type[BaseModel]
-    run: Callable[[Any, dict[str, Path], Path], dict]
+    # run(config, inputs, out_dir, **launchers): launchers are what the orchestrator lends a stage
+    # from the cluster (distill's Ray Train trainer); a direct call passes none.
+    run: Callable[..., dict]
     # Input roles, each the name of the upstream stage that fills it.
     inputs: tuple[str, ...] = ()
     num_cpus: float = 1

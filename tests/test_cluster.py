@@ -99,15 +99,23 @@ def _kill(procs: list[psutil.Process]) -> int:
 class RayNode:
     """One ``ray start --block`` process (head or worker node) and everything it starts."""
 
-    def __init__(self, args: list[str], temp_dir: Path, log: Path):
+    def __init__(self, args: list[str], temp_dir: Path, log: Path, *, env: dict[str, str] | None = None,
+                 private: Path | None = None):
+        """``private``: a directory this node does not share with the machine: the node runs in its
+        own mount namespace with an empty tmpfs over it (as a node of a cluster sees only its own
+        disk there)."""
         self.temp_dir = temp_dir
         self.log = log
         self._log = open(log, "w")
         ray = [RAY] if "--head" in args else [sys.executable, "-c", RAY_START_NODE]
+        # unshare execs sh, which mounts and execs Ray: the pid is still the `ray start` process.
+        wrap = ([] if private is None else
+                ["unshare", "-m", "--propagation", "private", "sh", "-c", 'mount -t tmpfs tmpfs "$0" && exec "$@"',
+                 str(private)])
         self.proc = subprocess.Popen(
-            [*ray, "start", "--block", f"--temp-dir={temp_dir}", "--node-ip-address=127.0.0.1",
+            [*wrap, *ray, "start", "--block", f"--temp-dir={temp_dir}", "--node-ip-address=127.0.0.1",
              f"--dashboard-agent-listen-port={_free_port()}", *args],
-            env=_env(), stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**_env(), **(env or {})}, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
         )
 
     def wait_started(self, timeout: float = 90) -> None:
@@ -169,17 +177,19 @@ def spec_dir() -> Iterator[Path]:
             pass  # another run's spec is still there
 
 
-def _start_cluster(cpus: int, tmp: Path) -> tuple[list[RayNode], str, Path]:
+def _start_cluster(cpus: int, tmp: Path, *, env: dict[str, str] | None = None,
+                   private: Path | None = None) -> tuple[list[RayNode], str, Path]:
+    """A head (resource "head") and a second node (resource "node2"; ``private``: see RayNode)."""
     temp_root = Path(tempfile.mkdtemp(prefix="mfc-", dir="/tmp"))  # short: Ray's socket paths have a limit
     port, dash = _free_port(), _free_port()
     head = RayNode(["--head", f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
                     f"--ray-client-server-port={_free_port()}", f"--num-cpus={cpus}", '--resources={"head": 1}'],
-                   temp_root / "head", tmp / "head.log")
+                   temp_root / "head", tmp / "head.log", env=env)
     nodes = [head]
     try:
         head.wait_started()
         node2 = RayNode([f"--address=127.0.0.1:{port}", f"--num-cpus={cpus}", '--resources={"node2": 1}'],
-                        temp_root / "node2", tmp / "node2.log")
+                        temp_root / "node2", tmp / "node2.log", env=env, private=private)
         nodes.append(node2)
         node2.wait_started()
         url = f"http://127.0.0.1:{dash}"

@@ -447,3 +447,31 @@ def test_no_checkpoint_temp_files_left(process_group, tmp_path):
         progress=False,
     )
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_teacher_in_stored_precision_computes_as_in_float32():
+    """A bf16 teacher upcast one unit at a time gives exactly the hidden states of the same
+    weights loaded in float32, keeps its bf16 storage, and never holds more than one decoder layer
+    (plus the unit being run) in float32."""
+    from mlpfuse.stages.model.trainer import teacher_units, upcast_per_unit
+
+    teacher, _ = make_models()
+    low = copy.deepcopy(teacher).to(torch.bfloat16)
+    ref = copy.deepcopy(low).float()
+    ids = make_batches()[0]
+    units = teacher_units(low)
+    layers = [u for u in units if type(u).__name__.endswith("DecoderLayer")]
+    assert len(layers) == low.config.num_hidden_layers
+    handles = upcast_per_unit(low, units)
+    fp32_seen = []
+    for layer in layers:  # registered after the upcast: sees the layer as it computes
+        layer.register_forward_pre_hook(lambda m, a: fp32_seen.append(
+            sum(p.numel() for p in low.parameters() if p.dtype == torch.float32)))
+    with torch.no_grad():
+        got = low(input_ids=ids, output_hidden_states=True).hidden_states
+        want = ref(input_ids=ids, output_hidden_states=True).hidden_states
+    assert len(got) == len(want) and all(torch.equal(a, b) for a, b in zip(got, want))
+    assert all(p.dtype == torch.bfloat16 for p in low.parameters())
+    assert max(fp32_seen) == max(sum(p.numel() for p in layer.parameters()) for layer in layers)
+    for h in handles:
+        h.remove()

@@ -256,6 +256,10 @@ def distill_worker(
 
     _register_output_capture(student)
     _register_output_capture(teacher)
+    # A teacher kept in its stored precision (the distill stage loads it so) computes in float32
+    # one layer at a time: no worker holds a full float32 copy of it.
+    lowp = any(p.is_floating_point() and p.dtype != torch.float32 for p in teacher.parameters())
+    upcasts = upcast_per_unit(teacher, teacher_units(teacher)) if lowp else []
     ties = tied_groups(student)
     student_mode, teacher_mode = student.training, teacher.training
     requires_grad = {name: p.requires_grad for name, p in student.named_parameters()}
@@ -374,6 +378,8 @@ def distill_worker(
             p.requires_grad_(requires_grad[name])
         student.train(student_mode)
         teacher.train(teacher_mode)
+        for h in upcasts:
+            h.remove()
     check_ties(student, ties)
     return DistillResult(
         losses=losses,
@@ -520,6 +526,43 @@ def _batches_fingerprint(batches: list[Tensor]) -> str:
         h.update(f"{tuple(t.shape)}{t.dtype};".encode())
         h.update(t.numpy().tobytes())
     return h.hexdigest()
+
+
+def upcast_per_unit(model: nn.Module, units: list[nn.Module]) -> list[Any]:
+    """Forward passes in float32 over a model whose weights stay in their lower stored precision
+    (bf16/fp16): each of ``units`` (its decoder layers, and every module outside them that holds
+    parameters: embeddings, final norm, head) is upcast on entry and given back its stored weights
+    on exit, so at most one unit is in float32 at a time. The outputs are those of the model
+    loaded in float32 (the same upcast values), at half of its memory. Returns the hook handles."""
+    handles: list[Any] = []
+    held: dict[int, Tensor] = {}
+
+    def enter(module: nn.Module, args: Any) -> None:
+        for p in module.parameters():
+            if p.is_floating_point() and p.dtype != torch.float32 and id(p) not in held:
+                held[id(p)] = p.data
+                p.data = p.data.float()
+
+    def leave(module: nn.Module, args: Any, out: Any) -> None:
+        for p in module.parameters():
+            if id(p) in held:
+                p.data = held.pop(id(p))
+
+    for unit in units:
+        handles.append(unit.register_forward_pre_hook(enter))
+        handles.append(unit.register_forward_hook(leave))
+    return handles
+
+
+def teacher_units(model: nn.Module) -> list[nn.Module]:
+    """The units :func:`upcast_per_unit` upcasts one at a time: each decoder layer, and each module
+    outside the layers that holds parameters of its own."""
+    layers = next((m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 0
+                   and all(type(x) is type(m[0]) for x in m)), None)
+    inside = {id(p) for p in layers.parameters()} if layers is not None else set()
+    outer = [m for m in model.modules()
+             if any(id(p) not in inside for p in m.parameters(recurse=False))]
+    return [*(layers or []), *outer]
 
 
 def _register_output_capture(model: nn.Module) -> None:
