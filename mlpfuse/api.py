@@ -58,6 +58,9 @@ class Plan:
     candidates: list[dict[str, Any]]
     skipped: list[dict[str, str]]
     target: dict[str, Any] | None
+    # Each stage's disk, tokens and FLOPs, from the checkpoint's metadata (mlpfuse.orchestrator.estimate).
+    estimates: list[Any] = field(default_factory=list)
+    shape: Any = None
 
 
 def build_spec(spec: str | Path | Mapping[str, Any] | PipelineSpec | None = None, *,
@@ -127,13 +130,16 @@ def compress(spec: str | Path | Mapping[str, Any] | PipelineSpec | None = None, 
 
 def plan(spec: str | Path | Mapping[str, Any] | PipelineSpec | None = None, **kwargs: Any) -> Plan:
     """The stages and candidates a run would have, with their keys; runs and downloads nothing."""
+    from mlpfuse.orchestrator.estimate import ModelShape, estimate
     from mlpfuse.orchestrator.job import plan_budget
     from mlpfuse.orchestrator.pipeline import build_plan
     from mlpfuse.orchestrator.store import ArtifactStore
+    from mlpfuse.stages.model.checkpoint import model_metadata
 
     pipeline = build_spec(spec, **kwargs)
     store = ArtifactStore(pipeline.cache)
     stages = [PlannedStage(n.name, n.stage, n.key, store.get(n.stage, n.key, verify=False) is not None,
                            dict(n.input_keys)) for n in build_plan(pipeline)]
     candidates, skipped, target = plan_budget(pipeline, store)
-    return Plan(stages, candidates, skipped, target)
+    shape = ModelShape.from_config(*model_metadata(pipeline.model))
+    return Plan(stages, candidates, skipped, target, estimate(pipeline, shape), shape)

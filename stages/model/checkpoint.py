@@ -17,6 +17,7 @@ import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -110,6 +111,32 @@ def model_key(model: str) -> str:
     if not files:
         raise CheckpointError(f"{model!r} on the hub has no .safetensors weights")
     return _hub_key(model, str(info.sha), files)
+
+
+def model_metadata(model: str) -> tuple[Any, int]:
+    """(the checkpoint's transformers config, its weight files' bytes) for a spec's ``model:``,
+    reading only metadata: a bundled or local checkpoint's config and file sizes; a hub id's
+    ``config.json`` (from the local hub cache, else that one file from the hub) and the hub's file
+    sizes. No weights are read or downloaded: what planning needs of a 70B checkpoint."""
+    from transformers import AutoConfig
+
+    if not _is_hub_id(model):
+        src = resolve_source(model)
+        kw = {"gguf_file": src.files[0].name} if src.format == "gguf" else {}
+        return AutoConfig.from_pretrained(src.path, **kw), sum(f.stat().st_size for f in src.files)
+    from huggingface_hub import HfApi, hf_hub_download
+
+    try:
+        try:
+            cfg_path = hf_hub_download(model, "config.json", local_files_only=True)
+        except Exception:  # not in the local cache: that one small file from the hub
+            cfg_path = hf_hub_download(model, "config.json")
+        info = HfApi().model_info(model, files_metadata=True)
+    except Exception as e:  # the hub client raises many types; all mean "not obtainable"
+        raise CheckpointError(f"could not read {model!r}'s config and file sizes from the Hugging Face hub "
+                              f"({type(e).__name__}: {e})") from e
+    size = sum(int(s.size or 0) for s in info.siblings or [] if s.rfilename.endswith(".safetensors"))
+    return AutoConfig.from_pretrained(Path(cfg_path).parent), size
 
 
 def _download(repo_id: str) -> Path:
