@@ -47,7 +47,7 @@ def _error(text: str) -> None:
     """A run's last word: on stderr, and in OUTPUT/run.log when the run has one."""
     print(text, file=sys.stderr)
     for h in logging.getLogger("mlpfuse").handlers:
-        if isinstance(h, logging.FileHandler):
+        if isinstance(h, logging.FileHandler) and h.stream is not None:
             h.stream.write(text + "\n")
             h.flush()
 

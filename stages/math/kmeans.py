@@ -25,6 +25,7 @@ from typing import Literal
 import numpy as np
 import scipy.sparse
 
+from mlpfuse.core.compute import current_compute
 from mlpfuse.core.errors import NumericalError
 
 KMeansInit = Literal["kmeans++", "random"]
@@ -70,6 +71,9 @@ def kmeans(
     each restart with :func:`greedy_kmeanspp`, "random" lets faiss sample the initial centroids
     uniformly from the points (its default; several percent higher inertia on real sub-MLPs).
     ``gpu``: None uses a GPU when faiss sees one, True requires one, False never uses one.
+    Without faiss (a machine with only PyTorch), or when the task holds a GPU that faiss-cpu
+    cannot use, the same weighted Lloyd iterations run in torch on the task's device (seeded by
+    greedy k-means++ whatever ``init`` says).
     """
     x = np.ascontiguousarray(points, dtype=np.float32)
     if x.ndim != 2:
@@ -98,6 +102,8 @@ def kmeans(
     if len(uniq) <= k:
         assign_u = np.arange(len(uniq), dtype=np.int64)
         n_iters = 0
+    elif (device := _torch_device(gpu)) is not None:
+        assign_u, n_iters = _torch_assign(uniq, w_uniq, k, iters=iters, seed=seed, n_init=n_init, device=device)
     else:
         assign_u, n_iters = _faiss_assign(
             uniq, w_uniq, k, iters=iters, seed=seed, n_init=n_init, init=init, gpu=gpu
@@ -152,6 +158,58 @@ def _unique_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     rank = np.empty_like(order)
     rank[order] = np.arange(len(order))
     return x[first[order]], rank[inverse.ravel()].astype(np.int64)
+
+
+def _torch_device(gpu: bool | None) -> str | None:
+    """Where the torch Lloyd iterations run, or None for faiss: faiss when it is installed, unless
+    the task holds a GPU that faiss cannot use (faiss-cpu); torch, on the task's device, when faiss
+    is absent (a machine with only PyTorch)."""
+    try:
+        import faiss
+    except ImportError:
+        return "cuda" if gpu is not False and current_compute().device == "cuda" else "cpu"
+    if gpu is not False and faiss.get_num_gpus() == 0 and current_compute().device == "cuda":
+        return "cuda"
+    return None
+
+
+def _torch_assign(x: np.ndarray, w: np.ndarray, k: int, *, iters: int, seed: int, n_init: int,
+                  device: str) -> tuple[np.ndarray, int]:
+    """Weighted Lloyd iterations in torch (float32 distances, float64 centroid sums) from greedy
+    k-means++ seeds, on ``device``: the best restart's assignment [n] and the iterations run."""
+    import torch
+
+    xt = torch.from_numpy(x).to(device)
+    wt = torch.from_numpy(w).to(device=device, dtype=torch.float64)
+    sq = (xt * xt).sum(1)
+
+    def nearest(c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        dist, idx = [], []
+        step = max(1, (64 << 20) // (4 * max(k, 1)))  # [rows, k] float32 blocks of ~64 MB
+        csq = (c * c).sum(1)
+        for a in range(0, len(xt), step):
+            d = (sq[a : a + step, None] + csq[None, :] - 2 * xt[a : a + step] @ c.T).clamp_min_(0)
+            m = d.min(1)
+            dist.append(m.values)
+            idx.append(m.indices)
+        return torch.cat(dist), torch.cat(idx)
+
+    best: tuple[float, np.ndarray] | None = None
+    for r in range(n_init):
+        c = torch.from_numpy(greedy_kmeanspp(x, w, k, np.random.default_rng([seed, r]))).to(device)
+        for _ in range(iters):
+            _, a = nearest(c)
+            sums = torch.zeros(k, x.shape[1], dtype=torch.float64, device=device)
+            sums.index_add_(0, a, xt.double() * wt[:, None])
+            tot = torch.zeros(k, dtype=torch.float64, device=device).index_add_(0, a, wt)
+            keep = tot > 0  # an emptied cluster keeps its centre (filled after, as with faiss)
+            c[keep] = (sums[keep] / tot[keep, None]).float()
+        dist, a = nearest(c)
+        obj = float((wt * dist.double()).sum())
+        if best is None or obj < best[0]:
+            best = (obj, a.cpu().numpy().astype(np.int64))
+    assert best is not None
+    return best[1], iters * n_init
 
 
 def _faiss_assign(
