@@ -92,6 +92,18 @@ class CacheNotShared(InputError):
     """A node cannot see the run's local cache: the cache must be shared or remote."""
 
 
+class InputMissing(Exception):
+    """A task's input artifact is gone from the store, or failed verification there (and was
+    quarantined): the session recomputes it and runs the task again."""
+
+    def __init__(self, stage: str, key: str, why: str):
+        super().__init__(stage, key, why)
+        self.stage, self.key, self.why = stage, key, why
+
+    def __str__(self) -> str:
+        return self.why
+
+
 def _node_name() -> str:
     """This process's node as Ray names it (address and id), or the host name outside Ray."""
     try:
@@ -153,8 +165,10 @@ def execute_node(store_root: str, node: dict[str, Any], *upstream: dict[str, Any
     for role, u in zip(node["inputs"], upstream, strict=True):
         found = store.get(u["stage"], u["key"], verify=store.remote is not None)
         if found is None:
-            raise InputError(f"{node['name']}: its input {role} ({u['stage']} {u['key']}) is not in the "
-                             f"cache {store.location(u['stage'], u['key'])} as node {_node_name()} sees it")
+            raise InputMissing(u["stage"], u["key"], (
+                f"{node['name']}: its input {role} ({u['stage']} {u['key']}) is not in the cache "
+                f"{store.location(u['stage'], u['key'])} as node {_node_name()} sees it (gone, or "
+                "quarantined after failing verification)"))
         inputs[role] = found.path
     t0 = time.time()
     art = store.get(stage, key)
@@ -223,6 +237,7 @@ class Session:
     def __init__(self, spec: PipelineSpec, store: ArtifactStore, force: set[str] | None = None):
         self.spec, self.store, self.force = spec, store, set(force or ())
         self.results: dict[str, dict[str, Any]] = {}
+        self.nodes: dict[str, PlanNode] = {}  # every node run or hit, to recompute a lost one
         self._paths: dict[str, Path] = {}
         self._ray: Any = None
         self._gpus: float | None = None  # per GPU-stage task, once the cluster is known
@@ -259,9 +274,22 @@ class Session:
         for name in hits:
             log.info("%s: cached (%s)", name, hits[name]["key"])
         todo = [n for n in nodes if n.name not in hits]
+        self.nodes.update({n.name: n for n in nodes})
         self.results.update(hits)
-        if todo:
-            self.results.update(self._execute(todo))
+        lost: set[str] = set()
+        while todo:
+            try:
+                self.results.update(self._execute(todo))
+                break
+            except InputMissing as e:  # an input vanished or was corrupt: recompute it, then retry
+                name = next((n for n, r in self.results.items() if r["key"] == e.key), None)
+                if name is None or name in lost:
+                    raise InputError(str(e)) from None
+                lost.add(name)
+                log.warning("%s: its artifact is gone from the store or failed verification; recomputing it", name)
+                del self.results[name]
+                self._paths.pop(name, None)
+                self.run([self.nodes[name]])
         return {n.name: self.results[n.name] for n in nodes}
 
     def _start(self) -> None:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import builtins
 import hashlib
 import json
+import logging
 import os
 import posixpath
 import shutil
@@ -45,6 +46,9 @@ import pyarrow.fs as pafs
 from filelock import FileLock
 
 from mlpfuse.core.artifacts import file_digest, fsync_dir, write_json_atomic
+from mlpfuse.core.errors import InputError
+
+log = logging.getLogger("mlpfuse.store")
 
 MANIFEST = "manifest.json"
 IDENTITY = "store.json"
@@ -104,6 +108,10 @@ class Artifact:
     manifest: dict[str, Any]
 
 
+class StoreUnreachable(InputError):
+    """The remote store cannot be reached (or its bucket does not exist): nothing was run."""
+
+
 class _Remote:
     """Paths relative to a remote store's base, on a pyarrow filesystem (fsspec-backed for schemes
     pyarrow does not know, e.g. ``memory://``)."""
@@ -115,6 +123,15 @@ class _Remote:
             fs, base = fsspec.core.url_to_fs(uri)
             self.fs = pafs.PyFileSystem(pafs.FSSpecHandler(fs))
         self.base = base.rstrip("/")
+        try:  # one metadata request: an unreachable server or a missing bucket fails here, at once
+            bucket = self.base.split("/")[0]
+            missing = (isinstance(self.fs, (pafs.S3FileSystem, pafs.GcsFileSystem))
+                       and self.fs.get_file_info(bucket).type == pafs.FileType.NotFound)
+        except OSError as e:
+            raise StoreUnreachable(f"cannot reach the artifact store {uri}: {e}. Check the endpoint "
+                                   "(AWS_ENDPOINT_URL), the credentials and that the bucket exists") from None
+        if missing:
+            raise StoreUnreachable(f"the artifact store {uri}: bucket {bucket!r} does not exist")
 
     def path(self, rel: str) -> str:
         return f"{self.base}/{rel}"
@@ -234,6 +251,7 @@ class ArtifactStore:
         if problem is None and verify:
             problem = self._check(path, manifest)
         if problem is not None:
+            log.warning("artifact %s fails verification (%s): quarantined, to be recomputed", path, problem)
             self._quarantine(path, problem)
             return None
         if verify:
@@ -279,6 +297,8 @@ class ArtifactStore:
                     pass  # reported as missing below
                 if (problem := _file_problem(tmp, name, info)) is not None:
                     tmp.unlink(missing_ok=True)
+                    log.warning("artifact %s/%s/%s in %s fails verification (%s): quarantined, to be "
+                                "recomputed", "artifacts", stage, key, self.root, problem)
                     self._quarantine_remote(stage, key, raw, problem)
                     return None
                 os.replace(tmp, f)

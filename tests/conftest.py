@@ -4,6 +4,7 @@ embedded Ray for the session (stopped by this process at the end)."""
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -131,3 +132,53 @@ def tiny_lm(tmp_path_factory: pytest.TempPathFactory, smollm2_tokenizer: Path) -
     for f in smollm2_tokenizer.iterdir():
         (path / f.name).write_bytes(f.read_bytes())
     return path
+
+
+S3_BUCKET = "mlpfuse-test"
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """A real S3-compatible server (moto's server mode) on 127.0.0.1 with one bucket, S3_BUCKET;
+    yields the environment that points clients at it (also set in this process while it runs).
+    Stopped by pid afterwards."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
+                                stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+    saved = {k: os.environ.get(k) for k in env}
+    try:
+        end = time.time() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.time() > end or proc.poll() is not None:
+                    raise RuntimeError(f"moto server did not start:\n{log.read_text()[-2000:]}") from None
+                time.sleep(0.2)
+        import boto3
+
+        boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id="testing",
+                     aws_secret_access_key="testing", region_name="us-east-1").create_bucket(Bucket=S3_BUCKET)
+        os.environ.update(env)
+        yield env
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        os.killpg(proc.pid, signal.SIGKILL)  # its own session: the server and anything it started
+        proc.wait(timeout=10)

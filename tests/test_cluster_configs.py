@@ -168,6 +168,9 @@ def test_kuberay_rayjob_yaml():
         yaml.safe_load(by_kind["ConfigMap"]["data"]["pipeline.yaml"]), "kuberay-rayjob.yaml"
     )
     assert spec.cache.startswith("/artifacts/") and spec.ray.address == "auto"
+    # It compresses, exports and distils, on as many workers as the worker group has GPUs.
+    assert spec.budget is not None and spec.distill is not None
+    assert spec.distill.workers == gpu_group["replicas"] * int(worker["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
 
 
 def test_local_yaml_agrees_with_the_code():

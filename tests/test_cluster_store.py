@@ -15,61 +15,26 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
 
-from tests.test_cluster import ROOT, _env, _free_port, _kill, _start_cluster, _stop_cluster, _submit
+from tests.conftest import S3_BUCKET as BUCKET
+from tests.test_cluster import ROOT, _env, _start_cluster, _stop_cluster, _submit
 
 pytestmark = pytest.mark.cluster
 
-BUCKET = "mlpfuse-cluster"
 # Each stage pinned to one node, so that nearly every input crosses from one node to the other.
 ON = {"shard": "head", "data": "node2", "collect_part": "node2", "collect": "head", "evaluate": "node2",
       "similarity": "head", "compress": "node2", "prefix": "head", "probe": "node2", "layer_errors": "head",
       "export": "node2"}
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    """moto's S3 server on 127.0.0.1 with one bucket; stopped by pid afterwards."""
-    port = _free_port()
-    log = tmp_path_factory.mktemp("moto") / "moto.log"
-    server = str(Path(sys.executable).with_name("moto_server"))
-    with open(log, "w") as f:
-        proc = subprocess.Popen([server, "-H", "127.0.0.1", "-p", str(port)], stdout=f, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
-           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
-    try:
-        end = time.time() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.time() > end or proc.poll() is not None:
-                    raise RuntimeError(f"moto server did not start:\n{log.read_text()[-2000:]}") from None
-                time.sleep(0.2)
-        import boto3
-
-        boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id="testing",
-                     aws_secret_access_key="testing", region_name="us-east-1").create_bucket(Bucket=BUCKET)
-        yield env
-    finally:
-        root = psutil.Process(proc.pid)
-        _kill([root, *root.children(recursive=True)])
-        assert not psutil.pid_exists(proc.pid) or psutil.Process(proc.pid).status() == psutil.STATUS_ZOMBIE
-        proc.wait(timeout=10)
 
 
 @pytest.fixture(scope="module")
@@ -118,10 +83,10 @@ def _one_node(assets: dict[str, Path], tmp: Path) -> dict:
 
 
 def test_stages_on_two_disks_share_artifacts_through_s3(tmp_path: Path, assets: dict[str, Path],
-                                                         s3: dict[str, str], spec_dir: Path) -> None:
+                                                         s3_server: dict[str, str], spec_dir: Path) -> None:
     private = tmp_path / "node-disk"  # node2 sees an empty tmpfs here; the head sees this machine's
     private.mkdir()
-    env = {**s3, "MLPFUSE_MIRROR": str(private / "mirror")}
+    env = {**s3_server, "MLPFUSE_MIRROR": str(private / "mirror")}
     nodes, url, temp_root = _start_cluster(2, tmp_path, env=env, private=private)
     try:
         spec = _write(_spec(assets, f"s3://{BUCKET}/store", tmp_path / "out", pinned=True), spec_dir)

@@ -1,0 +1,225 @@
+"""The artifact store on a real S3-compatible server (moto's server mode on 127.0.0.1, through
+pyarrow's S3 filesystem and the standard AWS_* variables), failing the ways object stores fail:
+unreachable at start, an object corrupted on the server, an artifact gone."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import socket
+import uuid
+from pathlib import Path
+
+import pytest
+
+from mlpfuse.orchestrator.store import MIRROR_ENV, ArtifactStore, StoreUnreachable
+from tests.conftest import S3_BUCKET, tiny_llama_with_tokenizer, write_corpus
+
+
+def _s3(env: dict[str, str]):  # noqa: ANN202 - boto3's client type
+    import boto3
+
+    return boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id="testing",
+                        aws_secret_access_key="testing", region_name="us-east-1")
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # closed again when the socket is: nothing listens there
+
+
+def test_an_unreachable_store_is_refused_before_any_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    from mlpfuse.orchestrator.cli import main
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_closed_port()}")
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.setenv(k, "testing")
+    monkeypatch.setenv(MIRROR_ENV, str(tmp_path / "mirror"))
+    uri = "s3://nowhere-bucket/store"
+    with pytest.raises(StoreUnreachable, match=f"cannot reach the artifact store {uri}"):
+        ArtifactStore(uri)
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(json.dumps({"model": "smollm2-135m", "cache": uri, "output": str(tmp_path / "out")}))
+    assert main(["run", str(spec)]) == 2
+    err = capsys.readouterr().err
+    assert f"error: cannot reach the artifact store {uri}" in err and "Traceback" not in err
+    assert not (tmp_path / "mirror").exists() or not any((tmp_path / "mirror").rglob("manifest.json"))
+
+
+def test_a_missing_bucket_is_refused(s3_server: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(MIRROR_ENV, str(tmp_path / "mirror"))
+    with pytest.raises(StoreUnreachable, match="s3://no-such-bucket-here/x"):
+        ArtifactStore("s3://no-such-bucket-here/x")
+
+
+def test_an_object_corrupted_on_the_server_is_detected_named_and_quarantined(
+        s3_server: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    prefix = f"store-{uuid.uuid4().hex[:8]}"
+    uri = f"s3://{S3_BUCKET}/{prefix}"
+    monkeypatch.setenv(MIRROR_ENV, str(tmp_path / "node1"))
+    store = ArtifactStore(uri)
+    staging = store.staging_dir("s", "k")
+    staging.mkdir(parents=True)
+    payload = bytes(range(256)) * 4096  # 1 MiB
+    (staging / "w.bin").write_bytes(payload)
+    store.commit("s", "k", staging, {"result": {}})
+    s3 = _s3(s3_server)
+    bad = bytearray(payload)
+    bad[12345] ^= 0xFF  # one flipped byte, same size: only the checksum can tell
+    s3.put_object(Bucket=S3_BUCKET, Key=f"{prefix}/artifacts/s/k/w.bin", Body=bytes(bad))
+
+    monkeypatch.setenv(MIRROR_ENV, str(tmp_path / "node2"))  # a node that must download it
+    with caplog.at_level(logging.WARNING, logger="mlpfuse.store"):
+        assert ArtifactStore(uri).get("s", "k") is None
+    assert "w.bin fails its checksum" in caplog.text and f"artifacts/s/k in {uri}" in caplog.text
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=S3_BUCKET, Prefix=prefix)["Contents"]]
+    assert not any(k.startswith(f"{prefix}/artifacts/s/k/") for k in keys)  # gone: it will be recomputed
+    record = [k for k in keys if k.startswith(f"{prefix}/quarantine/s-k-") and k.endswith("QUARANTINED")]
+    assert len(record) == 1
+    why = s3.get_object(Bucket=S3_BUCKET, Key=record[0])["Body"].read().decode()
+    assert "w.bin fails its checksum" in why
+    assert not (ArtifactStore(uri).artifact_dir("s", "k") / "w.bin").exists()  # never handed out
+
+
+def test_a_run_recomputes_an_input_corrupted_on_the_server(s3_server: dict[str, str], tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch, ray_local,
+                                                           smollm2_tokenizer: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A second run on another node (an empty mirror) needs the shard, whose layer file was
+    corrupted on the server: the task detects it, the session recomputes the shard and runs the
+    task again; the run completes with the first run's perplexity."""
+    import mlpfuse
+
+    prefix = f"run-{uuid.uuid4().hex[:8]}"
+    spec = {"model": str(tiny_llama_with_tokenizer(tmp_path / "ckpt", smollm2_tokenizer, layers=2)),
+            "cache": f"s3://{S3_BUCKET}/{prefix}", "output": str(tmp_path / "out"),
+            "data": {"corpus": str(write_corpus(tmp_path / "corpus")), "block_size": 32, "calib_tokens": 256,
+                     "eval_tokens": 128},
+            "evaluate": {"window": 32, "stride": 16}}
+    monkeypatch.setenv(MIRROR_ENV, str(tmp_path / "node1"))
+    first = mlpfuse.compress(spec)
+    report = json.loads(first.report_path.read_text())
+    shard_key, eval_key = report["stages"]["shard"]["cache_key"], report["stages"]["evaluate"]["cache_key"]
+    s3 = _s3(s3_server)
+    layer = f"{prefix}/artifacts/shard/{shard_key}/layers/00001.safetensors"
+    body = bytearray(s3.get_object(Bucket=S3_BUCKET, Key=layer)["Body"].read())
+    body[-5] ^= 0xFF
+    s3.put_object(Bucket=S3_BUCKET, Key=layer, Body=bytes(body))
+    s3.delete_object(Bucket=S3_BUCKET, Key=f"{prefix}/artifacts/evaluate/{eval_key}/manifest.json")  # to redo
+
+    # The next run's nodes have no copy of the shard: its tasks' mirrors (Ray's worker processes
+    # keep theirs) and the driver's.
+    import ray
+
+    uri = spec["cache"]
+    workers = ray.get(ray.remote(lambda: str(ArtifactStore(uri).local)).remote())
+    for mirror in (Path(workers), ArtifactStore(uri).local):
+        shutil.rmtree(mirror / "artifacts" / "shard" / shard_key, ignore_errors=True)
+    with caplog.at_level(logging.WARNING):
+        second = mlpfuse.compress(spec)
+    again = json.loads(second.report_path.read_text())
+    assert "shard: its artifact is gone from the store or failed verification; recomputing it" in caplog.text
+    assert again["stages"]["shard"]["status"] == "run" and again["stages"]["evaluate"]["status"] == "run"
+    assert again["base"]["perplexity"] == report["base"]["perplexity"]
+    shutil.rmtree(workers, ignore_errors=True)  # the Ray workers' mirror of this test's store
+
+
+class _CuttingProxy:
+    """A TCP proxy on 127.0.0.1 in front of the S3 server that goes down (stops listening, drops
+    every connection) when a request line matching ``cut_at`` passes through it: the server as a
+    client sees it, unreachable mid-upload. ``restart()`` brings it back on the same port."""
+
+    def __init__(self, target_port: int, cut_at: bytes):
+        import threading
+
+        self.target, self.cut_at = target_port, cut_at
+        self.port = _closed_port()
+        self.cut = threading.Event()
+        self._conns: list[socket.socket] = []
+        self._listen()
+
+    def _listen(self) -> None:
+        import threading
+
+        self.server = socket.socket()
+        self.server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.server.bind(("127.0.0.1", self.port))
+        self.server.listen(16)
+        threading.Thread(target=self._accept, args=(self.server,), daemon=True).start()
+
+    def _accept(self, server: socket.socket) -> None:
+        import threading
+
+        while True:
+            try:
+                client, _ = server.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target))
+            self._conns += [client, upstream]
+            threading.Thread(target=self._pipe, args=(client, upstream, True), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, client, False), daemon=True).start()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket, inspect: bool) -> None:
+        try:
+            while data := src.recv(65536):
+                if inspect and self.cut_at in data and not self.cut.is_set():
+                    self.cut.set()
+                    self.down()
+                    return
+                dst.sendall(data)
+        except OSError:
+            pass
+
+    def down(self) -> None:
+        self.server.close()
+        for c in self._conns:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+                c.close()
+            except OSError:
+                pass
+        self._conns = []
+
+    def restart(self) -> None:
+        self._listen()
+
+
+def test_the_server_lost_mid_upload_leaves_nothing_visible_and_the_rerun_completes(
+        s3_server: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The shard stage's commit uploads every file, then the manifest; the server goes away as
+    the manifest's PUT arrives. The task fails, the files without a manifest are not an artifact
+    (for this node or any other), and the same task run again, the server back, commits it."""
+    from dataclasses import asdict
+
+    from mlpfuse.orchestrator.pipeline import execute_node, make_node
+    from mlpfuse.stages.shard import ShardConfig
+    from tests.conftest import make_tiny
+
+    prefix = f"cut-{uuid.uuid4().hex[:8]}"
+    uri = f"s3://{S3_BUCKET}/{prefix}"
+    node = asdict(make_node({}, "shard", "shard", ShardConfig(model=str(make_tiny("llama", tmp_path / "ckpt")))))
+    proxy = _CuttingProxy(int(s3_server["AWS_ENDPOINT_URL"].rsplit(":", 1)[1]),
+                          f"PUT /{S3_BUCKET}/{prefix}/artifacts/shard/{node['key']}/manifest.json".encode())
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{proxy.port}")
+    monkeypatch.setenv(MIRROR_ENV, str(tmp_path / "node1"))
+    try:
+        with pytest.raises(OSError):
+            execute_node(uri, node)
+        assert proxy.cut.is_set()
+        proxy.restart()
+        keys = [o["Key"] for o in _s3(s3_server).list_objects_v2(Bucket=S3_BUCKET, Prefix=prefix)["Contents"]]
+        uploaded = [k for k in keys if f"/artifacts/shard/{node['key']}/" in k]
+        assert uploaded and not any(k.endswith("/manifest.json") for k in uploaded)  # files, no manifest
+        monkeypatch.setenv(MIRROR_ENV, str(tmp_path / "node2"))
+        assert ArtifactStore(uri).get("shard", node["key"]) is None  # not an artifact, for any node
+        monkeypatch.setenv(MIRROR_ENV, str(tmp_path / "node1"))
+        assert execute_node(uri, node)["status"] == "run"  # the re-run completes
+        monkeypatch.setenv(MIRROR_ENV, str(tmp_path / "node3"))
+        art = ArtifactStore(uri).get("shard", node["key"])  # verified download on a fresh node
+        assert art is not None and (art.path / "shard.json").exists()
+    finally:
+        proxy.down()
