@@ -282,14 +282,14 @@ class Session:
                 self.results.update(self._execute(todo))
                 break
             except InputMissing as e:  # an input vanished or was corrupt: recompute it, then retry
-                name = next((n for n, r in self.results.items() if r["key"] == e.key), None)
-                if name is None or name in lost:
+                gone = next((n for n, r in self.results.items() if r["key"] == e.key), None)
+                if gone is None or gone in lost:
                     raise InputError(str(e)) from None
-                lost.add(name)
-                log.warning("%s: its artifact is gone from the store or failed verification; recomputing it", name)
-                del self.results[name]
-                self._paths.pop(name, None)
-                self.run([self.nodes[name]])
+                lost.add(gone)
+                log.warning("%s: its artifact is gone from the store or failed verification; recomputing it", gone)
+                del self.results[gone]
+                self._paths.pop(gone, None)
+                self.run([self.nodes[gone]])
         return {n.name: self.results[n.name] for n in nodes}
 
     def _start(self) -> None:
