@@ -176,6 +176,24 @@ class PipelineSpec(BaseModel):
             raise ValueError(f"name {v!r} may not start with '.'")
         return v
 
+    @field_validator("output")
+    @classmethod
+    def _safe_output(cls, v: str) -> str:
+        import string
+
+        try:
+            parts = [(f, fmt, conv) for _, f, fmt, conv in string.Formatter().parse(v) if f is not None]
+            bad = [f + (f"!{conv}" if conv else "") + (f":{fmt}" if fmt else "") for f, fmt, conv in parts
+                   if f != "name" or fmt or conv]
+        except ValueError as e:
+            raise ValueError(f"output {v!r} is not a valid path template ({e}); "
+                             "the one placeholder is {name}") from None
+        if bad:
+            raise ValueError(f"output {v!r} uses {{{bad[0]}}}; the one placeholder is {{name}}")
+        if ".." in Path(v).parts:
+            raise ValueError(f"output {v!r} climbs out of its directory ('..'); give the path without it")
+        return v
+
     def output_dir(self) -> Path:
         return Path(self.output.format(name=self.name)).expanduser()
 

@@ -262,7 +262,13 @@ class ArtifactStore:
         return Artifact(stage, key, path, manifest)
 
     def _check(self, path: Path, manifest: dict[str, Any]) -> str | None:
+        inside = self.local.resolve()
+        if path.is_symlink() or not path.resolve().is_relative_to(inside):
+            return f"{path} is a link out of the store"
         for rel, info in manifest.get("files", {}).items():
+            f = path / rel
+            if f.is_symlink() or not f.resolve().is_relative_to(inside):
+                return f"{rel} is a link out of the store (the store never follows links)"
             if (problem := _file_problem(path / rel, rel, info)) is not None:
                 return problem
         return None

@@ -122,6 +122,24 @@ def _layer_plan(family: FamilyAdapter, keys: dict[str, str], lazy: LazyCheckpoin
     return plan
 
 
+def _check_declared_size(hf_config: Any, trust_remote_code: bool, path: Path, stored: int) -> None:
+    """Refuse a config that declares far more parameters than the weight files hold (absurd sizes
+    in a hostile or broken config.json), before anything is allocated: the model is counted on the
+    meta device, buffers included."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    auto = AutoModelForCausalLM if family_for(hf_config).causal else AutoModel
+    with init_empty_weights(include_buffers=True):
+        meta = auto.from_config(hf_config, trust_remote_code=trust_remote_code)
+    meta.tie_weights()
+    declared = sum(p.numel() for p in meta.parameters())
+    if declared > 2 * stored + 1_000_000:
+        raise CheckpointError(
+            f"{path}: config.json declares {declared:,} parameters but the weight files hold {stored:,} "
+            "values: the config's sizes do not match its weights (refused before allocating anything)")
+
+
 def run(config: ShardConfig, inputs: dict[str, Path], out_dir: Path) -> dict:
     """Write ``layers/NNNNN.safetensors``, ``rest.safetensors``, ``config.json``, tokenizer files and
     ``shard.json``. Finished layer files are kept across interrupted attempts."""
@@ -150,6 +168,9 @@ def run(config: ShardConfig, inputs: dict[str, Path], out_dir: Path) -> dict:
     if missing:
         raise CheckpointError(f"checkpoint {src.path} has no tensors for layers {missing[:8]}")
 
+    _check_declared_size(hf_config, config.trust_remote_code, src.path,
+                         sum(math.prod(lazy.meta(k)[0]) for k in keys) if lazy is not None
+                         else sum(tensors[k].numel() for k in keys))
     skeleton = build_skeleton(hf_config, trust_remote_code=config.trust_remote_code)
     expected = set(skeleton.state_dict())
     base_prefix = str(skeleton.base_model_prefix)

@@ -815,3 +815,90 @@ def test_fixed_disk_full_message(tmp_path: Path, fresh: dict, monkeypatch: pytes
     err = capsys.readouterr().err
     assert rc == 1 and "Traceback" not in err
     assert "disk" in err.lower() or "space" in err.lower()
+
+
+# ----- 2b. the whole run is SIGKILLed inside each stage of a budget run ----------------------------
+BUDGET = {
+    "budget": {"target": {"ff_params": 0.7}, "methods": ["prune", "fusion", "moefy", "merge"],
+               "halving": {"min_tokens": 64}},
+    "distill": {"train": {"steps": 6, "lr": 1e-3, "zero_stage": 2, "micro_batch": 2, "grad_accum": 1,
+                          "checkpoint_every": 2, "seed": 0}, "max_blocks": 8},
+}
+# Where the kill lands: a compress candidate of each method (with and without the refit), and
+# every later stage of the run.
+BUDGET_KILLS = ("compress:prune", "compress:prune+refit", "compress:fusion", "compress:fusion+refit",
+                "compress:moefy", "compress:moefy+refit", "compress:merge", "compress:merge+refit",
+                "prefix", "probe", "layer_errors", "export", "distill")
+
+
+@pytest.fixture(scope="module")
+def fresh_budget(tmp_path_factory: pytest.TempPathFactory, assets: dict[str, Path], ray_local) -> dict:
+    """The reference budget run (candidates, prefix, layer errors, export, distillation), uninterrupted."""
+    tmp = tmp_path_factory.mktemp("fresh-budget")
+    spec = _spec(tmp, assets, "fresh", **BUDGET)
+    assert main(["run", str(spec)]) == 0
+    report = _report(spec)
+    cache = _cache(spec)
+    return {"cache": cache, "snapshot": _snapshot(cache), "base": report["base"], "report": report}
+
+
+def _target(report: dict, kill: str) -> tuple[str, str, float]:
+    """(stage, key, seconds in the reference run) of the node a kill aims at."""
+    stage, _, method = kill.partition(":")
+    for name, r in report["stages"].items():
+        if r["stage"] != stage:
+            continue
+        if method:
+            cand = name.removeprefix("compress.")
+            family, refit = method.removesuffix("+refit"), method.endswith("+refit")
+            if not (cand.startswith(family) and cand.endswith("+refit") == refit):
+                continue
+        return stage, r["cache_key"], r["seconds"]
+    raise AssertionError(f"the reference run has no {kill} node: {sorted(report['stages'])}")
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("kill", BUDGET_KILLS)
+def test_run_sigkill_in_each_budget_stage_resumes(kill: str, tmp_path: Path, assets: dict, fresh_budget: dict,
+                                                  ray_local) -> None:
+    """``mlpfuse run`` of a budget spec, killed with its Ray at a seeded random moment after the
+    aimed-at node's staging directory appears; the re-run recomputes nothing committed and ends
+    with every artifact, the export included, byte for byte the uninterrupted run's."""
+    stage, key, seconds = _target(fresh_budget["report"], kill)
+    delay = random.Random(f"mlpfuse-faults-{kill}").uniform(0.05, 0.95) * max(seconds, 0.05)
+    spec = _spec(tmp_path, assets, f"kill-{kill.replace(':', '-').replace('+', '-')}", **BUDGET)
+    cache = _cache(spec)
+    proc = _cli(spec, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    known: list[psutil.Process] = []
+    try:
+        deadline, scanned = time.time() + 300, 0.0
+        while time.time() < deadline and proc.poll() is None:
+            if (cache / "staging" / f"{stage}-{key}").exists() or (cache / "artifacts" / stage / key).exists():
+                break
+            if time.time() - scanned > 0.25:
+                known, scanned = _tree(proc.pid), time.time()
+            time.sleep(0.002)
+        else:
+            pytest.fail(f"{kill} never started (exit code {proc.poll()})")
+        time.sleep(delay)
+    finally:
+        n = _kill_tree(proc.pid, known)
+        proc.wait()
+    committed = {f"{m.parent.parent.name}/{m.parent.name}" for m in (cache / "artifacts").glob("*/*/manifest.json")}
+    mid = (cache / "staging" / f"{stage}-{key}").exists()
+    FAULTS["kills_mid_stage" if mid else "kills_between_stages"] += 1
+
+    assert main(["run", str(spec)]) == 0
+    report = _report(spec)
+    for name, r in report["stages"].items():
+        was = f"{r['stage']}/{r['cache_key']}" in committed
+        assert r["status"] == ("hit" if was else "run"), f"{name}: committed before the kill={was}, {r['status']}"
+    lost = _assert_equals_fresh(spec, fresh_budget)
+    got = Path(yaml.safe_load(spec.read_text())["output"]) / "export"
+    want = Path(fresh_budget["report"]["outputs"]["report"]).parent / "export"
+    weights = sorted(f.relative_to(got) for f in got.rglob("*.safetensors"))
+    assert weights and weights == sorted(f.relative_to(want) for f in want.rglob("*.safetensors"))
+    assert all((got / f).read_bytes() == (want / f).read_bytes() for f in weights)  # the handed-over model
+    _verify_all(cache)
+    _tally(f"run-sigkill[{kill}]", injected=1, recovered=1, bytes_lost=lost,
+           note=f"(delay {delay:.3f}s, {'mid-stage' if mid else 'after its commit'}, {n} processes killed)")
