@@ -25,7 +25,7 @@ from mlpfuse.core.compute import Compute, resolve_device, use_compute
 from mlpfuse.core.errors import InputError
 from mlpfuse.core.heap import bound_malloc_cache
 from mlpfuse.orchestrator.spec import GPU_STAGES, PipelineSpec
-from mlpfuse.orchestrator.store import IDENTITY, ArtifactStore, cache_key, store_identity
+from mlpfuse.orchestrator.store import IDENTITY, ArtifactStore, cache_key, client_env, store_identity
 from mlpfuse.stages.collect import CollectPartConfig
 from mlpfuse.stages.data import corpus_key
 from mlpfuse.stages.model.checkpoint import model_key
@@ -331,6 +331,10 @@ class Session:
             opts["num_gpus"] = gpus
         if res is not None and res.custom:
             opts["resources"] = dict(res.custom)
+        if self.store.remote is not None and (env := client_env()):
+            # The store the driver checked, reached the same way from every node (a joined cluster's
+            # workers do not inherit the driver's environment).
+            opts["runtime_env"] = {"env_vars": env}
         return opts, compute
 
     def _execute(self, todo: list[PlanNode]) -> dict[str, dict[str, Any]]:

@@ -108,6 +108,21 @@ class Artifact:
     manifest: dict[str, Any]
 
 
+# What a remote store's client reads from the environment (endpoint, region, credentials). A
+# driver's settings reach the run's tasks through Ray's runtime_env (see ``client_env``), so a
+# cluster joined by address reaches the same store as the driver that checked it.
+CLIENT_ENV_VARS: tuple[str, ...] = (
+    "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE",
+    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_EC2_METADATA_DISABLED",
+    "GOOGLE_APPLICATION_CREDENTIALS", "AZURE_STORAGE_ACCOUNT_NAME", "AZURE_STORAGE_ACCOUNT_KEY",
+)
+
+
+def client_env() -> dict[str, str]:
+    """The remote-store client settings this process has (those of :data:`CLIENT_ENV_VARS` set)."""
+    return {k: os.environ[k] for k in CLIENT_ENV_VARS if k in os.environ}
+
+
 class StoreUnreachable(InputError):
     """The remote store cannot be reached (or its bucket does not exist): nothing was run."""
 

@@ -75,11 +75,19 @@ def smollm2_shard(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """One embedded Ray on 127.0.0.1 for the whole session; ray.shutdown stops what it started."""
+    """One embedded Ray on 127.0.0.1 for the whole session; ray.shutdown stops what it started.
+    Its workers start without any object-store client settings (``s3_server``'s), as on a cluster
+    joined by address: a run must hand its tasks what they need to reach its store."""
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
-             log_to_driver=False)
+    from mlpfuse.orchestrator.store import CLIENT_ENV_VARS
+
+    saved = {k: os.environ.pop(k) for k in CLIENT_ENV_VARS if k in os.environ}
+    try:
+        ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
+                 log_to_driver=False)
+    finally:
+        os.environ.update(saved)
     yield ray
     ray.shutdown()
 

@@ -819,10 +819,12 @@ def test_fixed_disk_full_message(tmp_path: Path, fresh: dict, monkeypatch: pytes
 
 # ----- 2b. the whole run is SIGKILLed inside each stage of a budget run ----------------------------
 BUDGET = {
+    # The tied form: merge windows and per-layer widths (candidates that keep their first layers
+    # whole start from the base model's cached hidden states: the prefix stage).
     "budget": {"target": {"ff_params": 0.7}, "methods": ["prune", "fusion", "moefy", "merge"],
-               "halving": {"min_tokens": 64}},
+               "halving": {"min_tokens": 64}, "export": "tied"},
     "distill": {"train": {"steps": 6, "lr": 1e-3, "zero_stage": 2, "micro_batch": 2, "grad_accum": 1,
-                          "checkpoint_every": 2, "seed": 0}, "max_blocks": 8},
+                          "checkpoint_every": 2, "seed": 0}, "max_blocks": 8, "tied": True},
 }
 # Where the kill lands: a compress candidate of each method (with and without the refit), and
 # every later stage of the run.

@@ -13,7 +13,7 @@ import fsspec
 import pytest
 
 from mlpfuse.core.errors import InputError
-from mlpfuse.orchestrator.pipeline import execute_node, make_node
+from mlpfuse.orchestrator.pipeline import InputMissing, execute_node, make_node
 from mlpfuse.orchestrator.store import MIRROR_ENV, ArtifactStore
 from mlpfuse.stages.shard import ShardConfig
 from tests.conftest import make_tiny, tiny_llama_with_tokenizer, write_corpus
@@ -169,7 +169,8 @@ def test_a_stage_reads_its_inputs_by_key_on_its_own_node(tmp_path: Path, monkeyp
     assert n2_shard != n1_shard and (n2_shard / "shard.json").read_bytes() == (n1_shard / "shard.json").read_bytes()
     MEM.rm(_remote(uri, f"artifacts/shard/{sh.key}/manifest.json"))  # the input is gone from the store
     monkeypatch.setenv(MIRROR_ENV, str(tmp_path / "n3"))
-    with pytest.raises(InputError, match=f"its input shard \\(shard {sh.key}\\) is not in the cache {uri}/artifacts"):
+    # InputMissing, not an InputError: the session recomputes the input and runs the task again.
+    with pytest.raises(InputMissing, match=f"its input shard \\(shard {sh.key}\\) is not in the cache {uri}/artifacts"):
         execute_node(uri, asdict(make_node(known, "data2", "data", data.TokenizeConfig(
             corpus=str(corpus), corpus_key="c2", block_size=16, calib_tokens=64, eval_tokens=32), {"shard": "shard"})), up)
 

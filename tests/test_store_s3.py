@@ -85,12 +85,13 @@ def test_an_object_corrupted_on_the_server_is_detected_named_and_quarantined(
     assert not (ArtifactStore(uri).artifact_dir("s", "k") / "w.bin").exists()  # never handed out
 
 
-def test_a_run_recomputes_an_input_corrupted_on_the_server(s3_server: dict[str, str], tmp_path: Path,
-                                                           monkeypatch: pytest.MonkeyPatch, ray_local,
+def test_a_run_recomputes_an_input_corrupted_on_the_server(ray_local, s3_server: dict[str, str], tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch,
                                                            smollm2_tokenizer: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A second run on another node (an empty mirror) needs the shard, whose layer file was
     corrupted on the server: the task detects it, the session recomputes the shard and runs the
-    task again; the run completes with the first run's perplexity."""
+    task again; the run completes with the first run's perplexity. Ray's workers started without
+    the server's settings (``ray_local``): the runs hand them to their tasks."""
     import mlpfuse
 
     prefix = f"run-{uuid.uuid4().hex[:8]}"
@@ -115,7 +116,8 @@ def test_a_run_recomputes_an_input_corrupted_on_the_server(s3_server: dict[str, 
     import ray
 
     uri = spec["cache"]
-    workers = ray.get(ray.remote(lambda: str(ArtifactStore(uri).local)).remote())
+    workers = ray.get(ray.remote(lambda: str(ArtifactStore(uri).local)).options(
+        runtime_env={"env_vars": s3_server}).remote())
     for mirror in (Path(workers), ArtifactStore(uri).local):
         shutil.rmtree(mirror / "artifacts" / "shard" / shard_key, ignore_errors=True)
     with caplog.at_level(logging.WARNING):
@@ -223,3 +225,55 @@ def test_the_server_lost_mid_upload_leaves_nothing_visible_and_the_rerun_complet
         assert art is not None and (art.path / "shard.json").exists()
     finally:
         proxy.down()
+
+
+@pytest.mark.cluster
+def test_two_runs_on_two_clusters_share_one_remote_cache(s3_server: dict[str, str], tmp_path: Path,
+                                                         smollm2_tokenizer: Path) -> None:
+    """Two `mlpfuse run`s at once, each with its own Ray and its own mirror (two machines), of
+    overlapping specs against one S3 store: both succeed; every stage they share has one artifact
+    in the store, which verifies on a third machine, and both runs report the same result for it."""
+    import os
+    import subprocess
+    import sys
+
+    prefix = f"two-{uuid.uuid4().hex[:8]}"
+    base = {"model": str(tiny_llama_with_tokenizer(tmp_path / "ckpt", smollm2_tokenizer, layers=4)),
+            "cache": f"s3://{S3_BUCKET}/{prefix}",
+            "data": {"corpus": str(write_corpus(tmp_path / "corpus")), "block_size": 32, "calib_tokens": 512,
+                     "eval_tokens": 128},
+            "evaluate": {"window": 32, "stride": 16}, "ray": {"num_cpus": 1}}
+    specs = {"a": {**base, "budget": {"target": {"ff_params": 0.7}, "methods": ["prune"], "halving": {"min_tokens": 64}}},
+             "b": {**base, "budget": {"target": {"ff_params": 0.7}, "methods": ["prune", "layer_drop"],
+                                      "halving": {"min_tokens": 64}}}}
+    procs = {}
+    for name, spec in specs.items():
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(json.dumps({**spec, "name": name, "output": str(tmp_path / f"out-{name}")}))
+        env = {**os.environ, **s3_server, MIRROR_ENV: str(tmp_path / f"machine-{name}"), "OMP_NUM_THREADS": "1"}
+        env.pop("RAY_ADDRESS", None)
+        procs[name] = subprocess.Popen([sys.executable, "-m", "mlpfuse.orchestrator.cli", "run", str(path)], env=env,
+                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    outs = {n: p.communicate(timeout=900)[0] for n, p in procs.items()}
+    assert {n: p.returncode for n, p in procs.items()} == {"a": 0, "b": 0}, outs["a"][-2000:] + outs["b"][-2000:]
+    reports = {n: json.loads((tmp_path / f"out-{n}" / "report.json").read_text()) for n in specs}
+    shared = {s["cache_key"]: (s["stage"], name) for name, s in reports["a"]["stages"].items()}
+    b_keys = {s["cache_key"] for s in reports["b"]["stages"].values()}
+    shared = {k: v for k, v in shared.items() if k in b_keys}
+    assert len(shared) >= 8  # shard, data, collect, evaluate, similarity, prune candidates, ...
+    os.environ[MIRROR_ENV] = str(tmp_path / "machine-c")
+    try:
+        third = ArtifactStore(f"s3://{S3_BUCKET}/{prefix}")
+        for key, (stage, name) in shared.items():
+            art = third.get(stage, key)
+            assert art is not None, f"{name}: no verified artifact in the store"
+    finally:
+        os.environ.pop(MIRROR_ENV)
+    assert reports["a"]["base"] == reports["b"]["base"]
+    pa = {c["name"]: c["perplexity"] for c in reports["a"]["candidates"]}
+    pb = {c["name"]: c["perplexity"] for c in reports["b"]["candidates"]}
+    assert pa and all(pb[n] == p for n, p in pa.items())
+    both_ran = [n for n, s in reports["a"]["stages"].items()
+                if s["cache_key"] in b_keys and s["status"] == "run"
+                and any(t["cache_key"] == s["cache_key"] and t["status"] == "run" for t in reports["b"]["stages"].values())]
+    print(f"\n[two clusters] {len(shared)} shared stages; computed by both (identical, one artifact kept): {both_ran}")
