@@ -21,11 +21,18 @@ from pathlib import Path
 from typing import Any
 
 from mlpfuse.cluster.runtime_env import TASK_ENV
+from mlpfuse.core.artifacts import use_state_sync
 from mlpfuse.core.compute import Compute, resolve_device, use_compute
 from mlpfuse.core.errors import InputError
 from mlpfuse.core.heap import bound_malloc_cache
 from mlpfuse.orchestrator.spec import GPU_STAGES, PipelineSpec
-from mlpfuse.orchestrator.store import IDENTITY, ArtifactStore, cache_key, client_env, store_identity
+from mlpfuse.orchestrator.store import (
+    IDENTITY,
+    ArtifactStore,
+    cache_key,
+    client_env,
+    store_identity,
+)
 from mlpfuse.stages.collect import CollectPartConfig
 from mlpfuse.stages.data import corpus_key
 from mlpfuse.stages.model.checkpoint import model_key
@@ -183,7 +190,8 @@ def execute_node(store_root: str, node: dict[str, Any], *upstream: dict[str, Any
                 c = compute or {}
                 device = resolve_device(float(c.get("gpus", 0)))
                 try:
-                    with use_compute(Compute(device, c.get("precision", "auto"))):
+                    with use_compute(Compute(device, c.get("precision", "auto"))), \
+                            use_state_sync(store.state_sync(stage, key)):
                         result = sdef.run(cfg, inputs, staging, **_launchers(stage, cfg, c))
                 except InputError:
                     shutil.rmtree(staging, ignore_errors=True)  # bad input: nothing worth resuming

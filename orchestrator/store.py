@@ -20,7 +20,10 @@ write local paths: a local working directory (``$MLPFUSE_MIRROR/<sha of uri>/``,
 ``~/.cache/mlpfuse/remote``) holds ``staging/``, ``locks/`` and a read-through mirror of
 ``artifacts/``. Object stores have no atomic directory rename, so a commit uploads every file and
 ``manifest.json`` last: a remote artifact exists iff its manifest does, and files left without one
-by a crash are ignored by readers and overwritten by the next commit.
+by a crash are ignored by readers and overwritten by the next commit. A stage whose resumable
+state must outlive its node (distillation's checkpoints) also saves it at the URI, under
+``staging/<stage>-<key>/`` with ``state.json`` last (``save_state``), and a task on any node
+restores it from there (``restore_state``); the commit deletes it.
 """
 
 from __future__ import annotations
@@ -45,13 +48,14 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 from filelock import FileLock
 
-from mlpfuse.core.artifacts import file_digest, fsync_dir, write_json_atomic
+from mlpfuse.core.artifacts import StateSync, file_digest, fsync_dir, write_json_atomic
 from mlpfuse.core.errors import InputError
 
 log = logging.getLogger("mlpfuse.store")
 
 MANIFEST = "manifest.json"
 IDENTITY = "store.json"
+STATE = "state.json"  # a running stage's saved state, in a remote store's staging/<stage>-<key>/
 MIRROR_ENV = "MLPFUSE_MIRROR"  # where remote stores keep their local working directories
 _CHUNK = 8 << 20
 
@@ -408,6 +412,7 @@ class ArtifactStore:
                 self.remote.fs.create_dir(self.remote.path(d), recursive=True)
             for name in [*files, MANIFEST]:  # the manifest last: from then on the artifact exists
                 self.remote.upload(staging / name, f"{rel}/{name}")
+            self.remote.delete(f"staging/{stage}-{key}", tree=True)  # its saved state: done with
             shutil.rmtree(dest, ignore_errors=True)  # a stale mirror: the remote is the truth
         dest.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -421,6 +426,69 @@ class ArtifactStore:
         shutil.rmtree(dest / ".parts", ignore_errors=True)
         return Artifact(stage, key, dest, manifest)
 
+    # ----- resumable state of a stage in progress (remote stores) ------------------------------
+
+    def save_state(self, stage: str, key: str, src: Path, files: builtins.list[str]) -> None:
+        """Upload a running stage's resumable state (``files`` under ``src``, commit point last) to
+        the remote store's ``staging/<stage>-<key>/``: files not already there first, then
+        ``state.json`` (their order, sizes and sha256), then the previous state's other files are
+        deleted. A crash at any moment leaves the last complete state readable. Local stores keep
+        staging on their own disk: nothing to do."""
+        if self.remote is None:
+            return
+        rel = f"staging/{stage}-{key}"
+        old = self._state(stage, key) or {}
+        info = {name: {"size": (src / name).stat().st_size, "sha256": file_digest(src / name)} for name in files}
+        for d in sorted({posixpath.dirname(f"{rel}/{name}") for name in files} | {rel}):
+            self.remote.fs.create_dir(self.remote.path(d), recursive=True)
+        for name in files:
+            if old.get(name) != info[name]:
+                self.remote.upload(src / name, f"{rel}/{name}")
+        self.remote.write(f"{rel}/{STATE}", json.dumps({"files": info}).encode())
+        for name in set(old) - set(info):
+            self.remote.delete(f"{rel}/{name}")
+
+    def restore_state(self, stage: str, key: str, dest: Path) -> bool:
+        """Download the state :meth:`save_state` kept into ``dest``, each file verified and moved
+        into place in the saved order (the commit point last). False when there is none, or when a
+        file fails verification (logged; the stage then starts over)."""
+        if self.remote is None or (files := self._state(stage, key)) is None:
+            return False
+        rel = f"staging/{stage}-{key}"
+        tmp = dest.parent / f".{dest.name}.restore-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            for name, info in files.items():
+                if posixpath.isabs(name) or ".." in name.split("/"):
+                    raise ValueError(f"{name} is outside the state's directory")
+                (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+                self.remote.download(f"{rel}/{name}", tmp / name)
+                if (problem := _file_problem(tmp / name, name, info)) is not None:
+                    raise ValueError(problem)
+        except (OSError, ValueError) as e:
+            log.warning("the saved state of %s %s in %s is unusable (%s): starting over", stage, key, self.root, e)
+            return False
+        else:
+            for name in files:
+                (dest / name).parent.mkdir(parents=True, exist_ok=True)
+                os.replace(tmp / name, dest / name)
+            return True
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def _state(self, stage: str, key: str) -> dict[str, Any] | None:
+        assert self.remote is not None
+        raw = self.remote.read(f"staging/{stage}-{key}/{STATE}")
+        try:
+            files = json.loads(raw)["files"] if raw is not None else None
+        except (ValueError, KeyError, TypeError):
+            return None
+        return files if isinstance(files, dict) else None
+
+    def state_sync(self, stage: str, key: str) -> StateSync | None:
+        """The :class:`StateSync` of a task computing ``stage``/``key`` (None for local stores)."""
+        return None if self.remote is None else _StoreState(self, stage, key)
+
     def remove(self, stage: str, key: str) -> None:
         """Forget an artifact (``--force``): moved aside, then deleted (remote: manifest first)."""
         if self.remote is not None:
@@ -433,3 +501,18 @@ class ArtifactStore:
             trash = self.local / "quarantine" / f"forced-{stage}-{key}-{int(time.time() * 1000)}"
             os.rename(path, trash)
             shutil.rmtree(trash, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class _StoreState:
+    """A task's :class:`StateSync`: its stage's state in its store's remote staging."""
+
+    store: ArtifactStore
+    stage: str
+    key: str
+
+    def save(self, src: Path, files: list[str]) -> None:
+        self.store.save_state(self.stage, self.key, src, files)
+
+    def restore(self, dest: Path) -> bool:
+        return self.store.restore_state(self.stage, self.key, dest)

@@ -25,6 +25,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
+from mlpfuse.core.artifacts import mirrored_state
 from mlpfuse.core.errors import InputError
 from mlpfuse.stages.math.distill_loss import layer_map_for
 from mlpfuse.stages.model.hf import (
@@ -39,7 +40,13 @@ from mlpfuse.stages.model.hf import (
     write_ties_spec,
 )
 from mlpfuse.stages.model.overlay import read_overlay
-from mlpfuse.stages.model.trainer import DistillConfig, distill, layer_index, trainable_names
+from mlpfuse.stages.model.trainer import (
+    DistillConfig,
+    checkpoint_files,
+    distill,
+    layer_index,
+    trainable_names,
+)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -50,6 +57,7 @@ if TYPE_CHECKING:
 
 MODEL_DIR = "model"
 CHECKPOINTS_DIR = "checkpoints"
+STATE_SYNC_EVERY_S = 2.0  # how often a new checkpoint is looked for, to be kept in a remote store
 _OUT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -96,8 +104,9 @@ def run_stage(config: DistillStageConfig, inputs: dict[str, Path], out_dir: Path
     data artifact (``calib.parquet``); optionally ``overlay``: the winner's overlay directory, whose
     skipped layers map student layers to the teacher layers they came from (needed when layers
     were dropped). Checkpoints go to ``out_dir/checkpoints``, so an attempt killed mid-way resumes
-    from the last one when the stage runs again in the same ``out_dir``; they are removed once
-    ``out_dir/model`` (a Hugging Face checkpoint in the student export's form) is written.
+    from the last one when the stage runs again in the same ``out_dir`` (with a remote store, on any
+    node: each new checkpoint is also saved in the store, see ``mirrored_state``); they are removed
+    once ``out_dir/model`` (a Hugging Face checkpoint in the student export's form) is written.
     ``train_fn``: trains with :func:`~mlpfuse.stages.model.trainer.distill`'s signature; the
     pipeline passes Ray Train's (``mlpfuse.cluster.ray_train``) when ``config.workers`` > 1.
     """
@@ -167,16 +176,18 @@ def run_stage(config: DistillStageConfig, inputs: dict[str, Path], out_dir: Path
     ]
 
     checkpoint_dir = out_dir / CHECKPOINTS_DIR
-    result = (train_fn or distill)(
-        student,
-        teacher,
-        batches,
-        train,
-        checkpoint_dir,
-        progress=True,
-        layer_map=layer_map,
-        time_limit_s=None if config.minutes is None else config.minutes * 60.0,
-    )
+    # With a remote store the checkpoints are also kept there, so an attempt on another node resumes.
+    with mirrored_state(checkpoint_dir, checkpoint_files, every_s=STATE_SYNC_EVERY_S):
+        result = (train_fn or distill)(
+            student,
+            teacher,
+            batches,
+            train,
+            checkpoint_dir,
+            progress=True,
+            layer_map=layer_map,
+            time_limit_s=None if config.minutes is None else config.minutes * 60.0,
+        )
     del teacher
 
     out_dtype = export_dtype(student_dir) if config.dtype == "auto" else _OUT_DTYPES[config.dtype]

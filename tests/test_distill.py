@@ -318,6 +318,53 @@ def test_resume_equals_uninterrupted_run(process_group, tmp_path, zero_stage):
     assert max_weight_diff(student, reference) == 0.0
 
 
+def test_checkpoints_kept_in_a_remote_store_resume_on_another_node(process_group, tmp_path, monkeypatch):
+    """With a remote store, the checkpoints a run saves are kept there while it runs (a thread
+    looking every few ms here) and when it stops; the stage restarted on a node with none of its
+    files restores the last one, resumes from it and ends with the uninterrupted run's weights."""
+    import uuid
+
+    import fsspec
+
+    from mlpfuse.core.artifacts import mirrored_state, use_state_sync
+    from mlpfuse.orchestrator.store import MIRROR_ENV, ArtifactStore
+    from mlpfuse.stages.model.trainer import checkpoint_files
+
+    config = make_config()
+    batches = make_batches()
+    teacher, reference = make_models()
+    full = distill(reference, teacher, batches, config, tmp_path / "full", progress=False)
+
+    uri = f"memory://mlpfuse-test-{uuid.uuid4().hex}"
+    monkeypatch.setenv(MIRROR_ENV, str(tmp_path / "node1"))
+    sync = ArtifactStore(uri).state_sync("distill", "k")
+    saved: list[str] = []
+
+    class Recording:
+        def save(self, src: Path, files: list[str]) -> None:
+            sync.save(src, files)
+            saved.append(files[0].split("/")[0])
+
+        def restore(self, dest: Path) -> bool:
+            return sync.restore(dest)
+
+    teacher, student = make_models()
+    ckpt = tmp_path / "node1" / "checkpoints"
+    with use_state_sync(Recording()), mirrored_state(ckpt, checkpoint_files, every_s=0.005):
+        distill(student, teacher, batches, config.model_copy(update={"steps": 3}), ckpt, progress=False)
+    assert saved[-1] == "step000000003" and saved == sorted(set(saved))  # each new state once, in order
+
+    monkeypatch.setenv(MIRROR_ENV, str(tmp_path / "node2"))
+    teacher, student = make_models()
+    ckpt = tmp_path / "node2" / "checkpoints"
+    with use_state_sync(ArtifactStore(uri).state_sync("distill", "k")), mirrored_state(ckpt, checkpoint_files):
+        second = distill(student, teacher, batches, config, ckpt, progress=False)
+    assert (second.steps_done, second.resumed_from) == (STEPS, 3)
+    assert second.losses == full.losses
+    assert max_weight_diff(student, reference) == 0.0
+    fsspec.filesystem("memory").rm(f"/{uri.removeprefix('memory://')}", recursive=True)
+
+
 def test_resume_refuses_other_settings(process_group, tmp_path):
     batches = make_batches()
     teacher, student = make_models()

@@ -192,3 +192,37 @@ def test_a_node_that_sees_another_local_cache_writes_nothing(tmp_path: Path) -> 
     with pytest.raises(CacheNotShared):
         open_store(str(other.root), driver.identity)
     assert isinstance(CacheNotShared("x"), InputError)
+
+
+def test_a_running_stage_state_is_kept_remote_and_restored_verified(tmp_path: Path, monkeypatch: MP, uri: str) -> None:
+    """A running stage's state (checkpoints) saved at the URI: a newer state replaces the older
+    (whose files go once the new state.json is written), another node restores it verified in its
+    order, a corrupted file makes the restore refuse (nothing written), and the commit removes it."""
+    n1 = _node(tmp_path, monkeypatch, uri, "n1")
+    src = tmp_path / "src"
+    (src / "step1").mkdir(parents=True)
+    (src / "step1" / "w.bin").write_bytes(b"a" * 1000)
+    (src / "progress.json").write_text('{"tag": "step1"}')
+    n1.save_state("s", "k", src, ["step1/w.bin", "progress.json"])
+    (src / "step2").mkdir()
+    (src / "step2" / "w.bin").write_bytes(b"b" * 1000)
+    (src / "progress.json").write_text('{"tag": "step2"}')
+    n1.save_state("s", "k", src, ["step2/w.bin", "progress.json"])
+    assert not MEM.exists(_remote(uri, "staging/s-k/step1/w.bin"))
+    state = json.loads(MEM.cat(_remote(uri, "staging/s-k/state.json")))
+    assert list(state["files"]) == ["step2/w.bin", "progress.json"]
+
+    n2 = _node(tmp_path, monkeypatch, uri, "n2")
+    dest = tmp_path / "n2-ckpt"
+    assert n2.restore_state("s", "k", dest)
+    assert sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file()) == ["progress.json", "step2/w.bin"]
+    assert (dest / "step2" / "w.bin").read_bytes() == b"b" * 1000 and json.loads((dest / "progress.json").read_text())["tag"] == "step2"
+    assert not list(tmp_path.glob(".n2-ckpt.restore-*"))
+
+    MEM.pipe(_remote(uri, "staging/s-k/step2/w.bin"), b"c" * 1000)  # same size, other bytes
+    assert not n2.restore_state("s", "k", tmp_path / "n3-ckpt") and not (tmp_path / "n3-ckpt").exists()
+    assert not n2.restore_state("s", "other", tmp_path / "n4-ckpt")  # nothing saved for that key
+
+    _commit(n1, "k")
+    assert not MEM.exists(_remote(uri, "staging/s-k")) and n1.get("s", "k") is not None
+    assert ArtifactStore(tmp_path / "local").state_sync("s", "k") is None  # staging on its own disk

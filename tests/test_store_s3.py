@@ -277,3 +277,69 @@ def test_two_runs_on_two_clusters_share_one_remote_cache(s3_server: dict[str, st
                 if s["cache_key"] in b_keys and s["status"] == "run"
                 and any(t["cache_key"] == s["cache_key"] and t["status"] == "run" for t in reports["b"]["stages"].values())]
     print(f"\n[two clusters] {len(shared)} shared stages; computed by both (identical, one artifact kept): {both_ran}")
+
+
+@pytest.mark.faults
+def test_distillation_killed_on_one_machine_resumes_on_another_from_the_store(
+        s3_server: dict[str, str], tmp_path: Path, smollm2_tokenizer: Path) -> None:
+    """`mlpfuse run` with the cache on the S3 server is SIGKILLed, with its Ray, once distillation
+    has saved a checkpoint in the store; the re-run on another machine (an empty mirror: no staging,
+    no artifact files) restores that checkpoint, resumes from it and ends with the uninterrupted
+    run's losses and distilled perplexity."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from tests.test_faults import _kill_tree, _tree
+
+    ckpt = tiny_llama_with_tokenizer(tmp_path / "ckpt", smollm2_tokenizer, layers=2)
+    corpus = write_corpus(tmp_path / "corpus")
+    s3 = _s3(s3_server)
+
+    def run(name: str, prefix: str, machine: str, **popen: object) -> subprocess.Popen:
+        spec = {"name": name, "model": str(ckpt), "cache": f"s3://{S3_BUCKET}/{prefix}",
+                "output": str(tmp_path / f"out-{name}"), "ray": {"num_cpus": 2},
+                "data": {"corpus": str(corpus), "block_size": 32, "calib_tokens": 512, "eval_tokens": 128},
+                "evaluate": {"window": 32, "stride": 16},
+                "budget": {"target": {"ff_params": 0.7}, "methods": ["prune"], "halving": {"min_tokens": 64}},
+                "distill": {"train": {"steps": 300, "lr": 1e-3, "zero_stage": 2, "micro_batch": 2, "grad_accum": 1,
+                                      "checkpoint_every": 20, "seed": 0}, "max_blocks": 8}}
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(json.dumps(spec))
+        env = {**os.environ, **s3_server, MIRROR_ENV: str(tmp_path / machine), "OMP_NUM_THREADS": "1"}
+        env.pop("RAY_ADDRESS", None)
+        return subprocess.Popen([sys.executable, "-m", "mlpfuse.orchestrator.cli", "run", str(path)], env=env,
+                                start_new_session=True, **popen)
+
+    def keys(prefix: str, part: str) -> list[str]:
+        listing = s3.list_objects_v2(Bucket=S3_BUCKET, Prefix=f"{prefix}/{part}")
+        return [o["Key"] for o in listing.get("Contents", [])]
+
+    prefix = f"kill-{uuid.uuid4().hex[:8]}"
+    proc = run("killed", prefix, "machine-a", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 600
+        while not any(k.endswith("/state.json") for k in keys(prefix, "staging/distill-")):
+            assert proc.poll() is None and time.time() < deadline, "the run ended before it saved a checkpoint"
+            time.sleep(0.05)
+    finally:
+        _kill_tree(proc.pid, _tree(proc.pid))
+        proc.wait()
+    assert not keys(prefix, "artifacts/distill/"), "killed too late: distillation had finished"
+    state = [k for k in keys(prefix, "staging/distill-") if k.endswith("/state.json")][0]
+    saved = json.loads(s3.get_object(Bucket=S3_BUCKET, Key=state.replace("state.json", "progress.json"))["Body"].read())
+
+    again = run("killed", prefix, "machine-b", stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out = again.communicate(timeout=900)[0]
+    assert again.returncode == 0, out[-3000:]
+    reference = run("reference", f"ref-{uuid.uuid4().hex[:8]}", "machine-r", stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL)
+    assert reference.wait(timeout=900) == 0
+    got = json.loads((tmp_path / "out-killed" / "report.json").read_text())["distill"]
+    want = json.loads((tmp_path / "out-reference" / "report.json").read_text())["distill"]
+    assert got["resumed_from"] >= saved["steps_done"] > 0
+    assert got["losses"] == want["losses"] and got["perplexity"] == want["perplexity"]
+    assert not keys(prefix, "staging/distill-")  # the commit removed the saved state
+    print(f"\n[distill across machines] killed after step {saved['steps_done']} was saved in the store; "
+          f"resumed on another machine from step {got['resumed_from']} of {got['steps']}")

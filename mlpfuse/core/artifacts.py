@@ -10,13 +10,19 @@ matches it, so a crash at any moment leaves either a finished part or nothing th
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import json
+import logging
 import os
+import threading
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
+
+log = logging.getLogger(__name__)
 
 
 def file_digest(path: Path) -> str:
@@ -97,3 +103,78 @@ def save_safetensors(tensors: Mapping[str, Any], path: Path) -> None:
     from safetensors.torch import save_file
 
     save_file(dict(tensors), str(path))
+
+
+# ----- resumable state kept in the store while a stage runs ---------------------------------------
+
+
+class StateSync(Protocol):
+    """Where a stage's resumable state (its checkpoints) is kept beyond its node: the orchestrator
+    installs one for a task whose store is remote (``use_state_sync``), so a stage resumed on
+    another node finds the state its last attempt saved."""
+
+    def save(self, src: Path, files: list[str]) -> None:
+        """Keep ``files`` (relative to ``src``, in order: the last one is the state's commit point)."""
+
+    def restore(self, dest: Path) -> bool:
+        """Write the last saved state into ``dest`` (in its order); False when there is none."""
+
+
+_SYNC: contextvars.ContextVar[StateSync | None] = contextvars.ContextVar("mlpfuse_state_sync", default=None)
+
+
+def current_state_sync() -> StateSync | None:
+    return _SYNC.get()
+
+
+@contextmanager
+def use_state_sync(sync: StateSync | None) -> Iterator[None]:
+    token = _SYNC.set(sync)
+    try:
+        yield
+    finally:
+        _SYNC.reset(token)
+
+
+@contextmanager
+def mirrored_state(directory: Path, files_of: Callable[[Path], list[str] | None], *,
+                   every_s: float = 10.0) -> Iterator[None]:
+    """Keep ``directory``'s resumable state in the task's :class:`StateSync` while the body runs
+    (nothing to do without one: a local store's staging lies on its own disk). First, when the
+    directory holds no state (``files_of`` returns None) and the store does, it is restored; then a
+    thread saves each new complete state (``files_of``: its files in order, commit point last)
+    every ``every_s`` seconds, and once more when the body ends, however it ends. A state replaced
+    while it was being saved (a newer checkpoint deleted its files) is saved at the next look."""
+    sync = current_state_sync()
+    if sync is None:
+        yield
+        return
+    restored = files_of(directory) is None and sync.restore(directory)
+    if restored:
+        log.info("restored the resumable state of %s from the store", directory)
+    stop, saved = threading.Event(), [files_of(directory) if restored else None]
+
+    def save() -> None:
+        files = files_of(directory)
+        if not files or files == saved[0]:
+            return
+        try:
+            sync.save(directory, files)
+            saved[0] = files
+        except FileNotFoundError:
+            pass  # superseded by a newer state mid-save
+        except OSError as e:
+            log.warning("could not keep the state of %s in the store (%s); will retry", directory, e)
+
+    def loop() -> None:
+        while not stop.wait(every_s):
+            save()
+
+    thread = threading.Thread(target=loop, name="mlpfuse-state-sync", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        save()

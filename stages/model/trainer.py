@@ -463,6 +463,17 @@ def _save_checkpoint(
     torch.distributed.barrier()
 
 
+def checkpoint_files(checkpoint_dir: Path) -> list[str] | None:
+    """The files of the complete checkpoint ``checkpoint_dir`` holds, relative to it, the progress
+    JSON that names it last (its commit point), or None when it holds none."""
+    try:
+        tag = json.loads((checkpoint_dir / PROGRESS_FILE).read_text())["tag"]
+        files = sorted(f.relative_to(checkpoint_dir).as_posix() for f in (checkpoint_dir / tag).rglob("*") if f.is_file())
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return [*files, PROGRESS_FILE] if files else None
+
+
 def _read_progress(
     checkpoint_dir: Path,
     config: DistillConfig,
