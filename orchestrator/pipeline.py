@@ -270,7 +270,8 @@ class Session:
         art = self.store.get(node.stage, node.key, verify=self.store.remote is None)
         if art is None:
             return None
-        self._paths[node.name] = art.path
+        if self.store.remote is None:  # a remote one's files are downloaded when first read (path)
+            self._paths[node.name] = art.path
         return {"name": node.name, "stage": node.stage, "key": node.key, "status": "hit", "seconds": 0.0, "result": art.manifest.get("result", {})}
 
     def run(self, nodes: list[PlanNode]) -> dict[str, dict[str, Any]]:
