@@ -432,8 +432,9 @@ class ArtifactStore:
         """Upload a running stage's resumable state (``files`` under ``src``, commit point last) to
         the remote store's ``staging/<stage>-<key>/``: files not already there first, then
         ``state.json`` (their order, sizes and sha256), then the previous state's other files are
-        deleted. A crash at any moment leaves the last complete state readable. Local stores keep
-        staging on their own disk: nothing to do."""
+        deleted. A crash leaves the last complete state readable, except while a file both states
+        name (the progress record) is being replaced: that state then fails its checksum on restore
+        and the stage starts over. Local stores keep staging on their own disk: nothing to do."""
         if self.remote is None:
             return
         rel = f"staging/{stage}-{key}"
