@@ -37,7 +37,7 @@ import posixpath
 import shutil
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -165,6 +165,12 @@ class _Remote:
     def write(self, rel: str, data: bytes) -> None:
         with self.fs.open_output_stream(self.path(rel)) as f:
             f.write(data)
+
+    def create_dirs(self, rel: str, names: Iterable[str]) -> None:
+        """``rel`` and the folders of ``rel/<name>`` for every name (object stores without folders
+        ignore it)."""
+        for d in sorted({posixpath.dirname(f"{rel}/{name}") for name in names} | {rel}):
+            self.fs.create_dir(self.path(d), recursive=True)
 
     def upload(self, src: Path, rel: str) -> None:
         with open(src, "rb") as s, self.fs.open_output_stream(self.path(rel)) as d:
@@ -408,8 +414,7 @@ class ArtifactStore:
                 shutil.rmtree(staging, ignore_errors=True)
                 return theirs
             rel = f"artifacts/{stage}/{key}"
-            for d in sorted({posixpath.dirname(f"{rel}/{name}") for name in files} | {rel}):
-                self.remote.fs.create_dir(self.remote.path(d), recursive=True)
+            self.remote.create_dirs(rel, files)
             for name in [*files, MANIFEST]:  # the manifest last: from then on the artifact exists
                 self.remote.upload(staging / name, f"{rel}/{name}")
             self.remote.delete(f"staging/{stage}-{key}", tree=True)  # its saved state: done with
@@ -440,8 +445,7 @@ class ArtifactStore:
         rel = f"staging/{stage}-{key}"
         old = self._state(stage, key) or {}
         info = {name: {"size": (src / name).stat().st_size, "sha256": file_digest(src / name)} for name in files}
-        for d in sorted({posixpath.dirname(f"{rel}/{name}") for name in files} | {rel}):
-            self.remote.fs.create_dir(self.remote.path(d), recursive=True)
+        self.remote.create_dirs(rel, files)
         for name in files:
             if old.get(name) != info[name]:
                 self.remote.upload(src / name, f"{rel}/{name}")
