@@ -2,7 +2,7 @@
 
 Given ``target: {params: 0.8}`` the planner lists every candidate that can meet it — the papers'
 methods (MLP Fusion, FF merging, MLPMoE) and the baselines a user would otherwise pick
-(activation-aware, magnitude and random neuron pruning, layer drop, and a layer drop + pruning
+(activation-aware, structured-OBS, magnitude and random neuron pruning, layer drop, and a layer drop + pruning
 combination), each with and without the least-squares refit — builds them (cached compress
 stages), and scores them by successive halving over held-out tokens: every candidate on a small
 token budget, the better half again on twice the tokens, until one is left at the full budget.
@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from mlpfuse.core.errors import InputError
 from mlpfuse.stages.compress import CompressConfig
 from mlpfuse.stages.methods import METHODS, predict_shapes
+from mlpfuse.stages.methods.drop import map_foldable
 from mlpfuse.stages.methods.refit import RefitConfig
 from mlpfuse.stages.model.features import read_stats
 from mlpfuse.stages.model.params import BaseShapes, base_blocks, count_params
@@ -121,6 +122,11 @@ class ModelFacts:
     # the layer files' headers): what the budget is checked with before building.
     base: dict[str, Any] = field(default_factory=dict)
     shapes: BaseShapes | None = None
+    # Whether collect kept every block's HᵀH (gram_max at least the FF widths): what structured
+    # OBS pruning reads.
+    gram: bool = False
+    # Whether a fitted linear map folds into a layer's FF (ReplaceMe's layer drop).
+    map_foldable: bool = False
 
     @classmethod
     def read(cls, shard_dir: Path, collect_dir: Path) -> ModelFacts:
@@ -128,12 +134,16 @@ class ModelFacts:
         shapes = base_blocks(shard_dir)
         n = len(p["layers"])
         cos = []
+        gram = True
         for i in range(n):
-            st = read_stats(collect_dir, i).get("layer")
+            stats = read_stats(collect_dir, i)
+            st = stats.get("layer")
             if st is None:
                 raise ValueError(f"collect artifact {collect_dir} has no layer statistics (written by an older version)")
             cos.append(float(st["cos.sum"][0] / max(st["count"][0], 1)))
-        return cls(n, p["total"], p["ff"], p["layers"], p["ff_layers"], cos, p, shapes)
+            gram = gram and all("hidden.gram" in b for name, b in stats.items() if "hidden.sum" in b)
+        return cls(n, p["total"], p["ff"], p["layers"], p["ff_layers"], cos, p, shapes, gram,
+                   map_foldable(shard_dir))
 
 
 def target_params(target: TargetSpec, facts: ModelFacts) -> tuple[str, int]:
@@ -189,7 +199,8 @@ def plan_candidates(spec: BudgetSpec, facts: ModelFacts, size_multiple: dict[str
                                 f"{len(layers)} layers ({alloc}) would remove every neuron"})
             continue
         if "prune" in spec.methods:
-            for crit in ("activation", "magnitude", "random"):
+            # Structured OBS reads collect's HᵀH of every block (it compensates as it removes).
+            for crit in ("activation", "magnitude", "random") + (("obs",) if facts.gram else ()):
                 add(f"prune-{crit}-{alloc}", "prune", {"method": "prune", "criterion": crit, "ratio": ratio,
                                                       "layers": layers})
             if alloc == "uniform" and spec.export == "tied":  # per-layer sizes pay off only when tied
@@ -221,6 +232,12 @@ def plan_candidates(spec: BudgetSpec, facts: ModelFacts, size_multiple: dict[str
             freed += facts.layer_params[i] if kind == "params" else facts.ff_layer_params[i]
         if freed >= remove and "layer_drop" in spec.methods:
             add(f"layer-drop-{len(dropped)}", "layer_drop", {"method": "layer_drop", "layers": sorted(dropped)})
+            # ReplaceMe: as many layers, as one contiguous run (the one whose layers change the
+            # hidden state least on average), replaced by a fitted linear map.
+            run = _quietest_run(facts, len(dropped))
+            if run is not None and facts.map_foldable:
+                add(f"layer-drop-{len(dropped)}-map", "layer_drop",
+                    {"method": "layer_drop", "layers": run, "linear_map": True})
         elif "layer_drop" in spec.methods:
             skipped.append({"method": "layer_drop", "why": "dropping every middle layer does not meet the budget"})
         if "combo" in spec.methods and len(dropped) >= 2:
@@ -279,6 +296,16 @@ def plan_candidates(spec: BudgetSpec, facts: ModelFacts, size_multiple: dict[str
         value = spec.target.params if spec.target.params is not None else spec.target.ff_params
         raise InputError(f"no method can meet target {kind}: {value} ({budget:,} of {base:,}): {reasons}")
     return cands, skipped
+
+
+def _quietest_run(facts: ModelFacts, size: int) -> list[int] | None:
+    """The ``size`` contiguous layers (never the first or the last) with the highest mean
+    cos(layer input, layer output) on calibration tokens, or None when no such run exists."""
+    starts = range(1, facts.num_layers - size)
+    if size < 1 or not starts:
+        return None
+    best = max(starts, key=lambda a: (sum(facts.cos[a : a + size]), -a))
+    return list(range(best, best + size))
 
 
 def counted_keys(export: str) -> tuple[str, str]:

@@ -91,15 +91,16 @@ def run_budget(session: Session, spec: PipelineSpec) -> dict[str, Any]:
     # first), so nothing is clustered twice.
     plain = [c for c in cands if c.config.refit is None]
     twins = {c.config.model_dump_json(): c.name for c in plain}
-    built = session.run([make_node(session.keys, f"compress.{c.name}", "compress", c.config,
-                                   {"shard": "shard", "collect": "collect"}) for c in plain])
+    def inputs_of(c: Candidate) -> dict[str, str]:
+        return {"shard": "shard", "collect": "collect", **({"data": "data"} if c.config.reads_tokens else {})}
+
+    built = session.run([make_node(session.keys, f"compress.{c.name}", "compress", c.config, inputs_of(c))
+                         for c in plain])
     refits = []
     for c in cands:
         if c.config.refit is not None:
             twin = twins.get(c.config.model_copy(update={"refit": None}).model_dump_json())
-            inputs = {"shard": "shard", "collect": "collect"}
-            if c.config.refit.sequential:
-                inputs["data"] = "data"
+            inputs = inputs_of(c)
             if twin is not None:
                 inputs["unrefit"] = f"compress.{twin}"
             refits.append(make_node(session.keys, f"compress.{c.name}", "compress", c.config, inputs))

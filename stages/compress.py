@@ -59,6 +59,11 @@ class CompressConfig(BaseModel):
     drop: tuple[int, ...] = ()
     refit: RefitConfig | None = None
 
+    @property
+    def reads_tokens(self) -> bool:
+        """Whether building it reads the calibration tokens (needs the data stage's output)."""
+        return self.candidate.reads_tokens or (self.refit is not None and self.refit.sequential)
+
 
 # Fused blocks' P vectors (keys ``L<layer>/<block>``), read by the layer_errors stage's NTK.
 COUNTS = "counts.safetensors"
@@ -129,10 +134,11 @@ def static_moe(candidate_dir: Path, shard_dir: Path, layer: int, block: str = "m
 
 
 def run(config: CompressConfig, inputs: dict[str, Path], out_dir: Path) -> dict:
-    """Inputs: ``shard``, ``collect`` (data-aware methods, refit), ``data`` (sequential refit)
+    """Inputs: ``shard``, ``collect`` (data-aware methods, refit), ``data`` (sequential refit,
+    ReplaceMe's maps)
     and, for a refit candidate, optionally ``unrefit``: the same candidate built without refit,
     whose blocks are reused."""
-    ctx = BuildContext(inputs["shard"], inputs.get("collect"))
+    ctx = BuildContext(inputs["shard"], inputs.get("collect"), inputs.get("data"))
     m = config.candidate
     writer = OverlayWriter(out_dir, ctx.family, ctx.config, ctx.state, dtype=ctx.dtype)
     drop = set(method_layers(LayerDropMethod(layers=config.drop), ctx.num_layers)) if config.drop else set()

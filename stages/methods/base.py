@@ -24,6 +24,11 @@ class MethodConfig(BaseModel):
     # Layers to compress (None: all). Papers often spare the first layers; the planner chooses.
     layers: tuple[int, ...] | None = None
 
+    @property
+    def reads_tokens(self) -> bool:
+        """Whether the build reads the calibration tokens (the data stage's output) itself."""
+        return False
+
 
 class SizedMethodConfig(MethodConfig):
     # Neurons kept per block: an absolute count, or a fraction of the block's intermediate size.
@@ -47,8 +52,9 @@ class SizedMethodConfig(MethodConfig):
 class BuildContext:
     """What a method may read: base layer tensors, FF blocks, collect's statistics and inputs."""
 
-    def __init__(self, shard_dir: Path, collect_dir: Path | None):
+    def __init__(self, shard_dir: Path, collect_dir: Path | None, data_dir: Path | None = None):
         self.model = LayerStreamedModel(shard_dir)
+        self.data_dir = data_dir
         self.family, self.config = self.model.family, self.model.config
         self.num_layers = self.model.num_layers
         self.collect_dir = collect_dir
@@ -97,6 +103,11 @@ class BuildContext:
         if self.collect_dir is None:
             raise InputError(f"{what} needs calibration statistics: add the collect stage's output")
         return self.collect_dir
+
+    def need_data(self, what: str) -> Path:
+        if self.data_dir is None:
+            raise InputError(f"{what} needs the calibration tokens: add the data stage's output")
+        return self.data_dir
 
     def energy(self, i: int, ref: FFBlockRef) -> np.ndarray:
         """E[h_i²] of block ``ref``'s neurons from collect's sums."""

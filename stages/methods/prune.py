@@ -1,14 +1,17 @@
 """Structured neuron pruning (``method: prune``): each block keeps its best-scored neurons, by
 activation energy E[h²]·‖W_out[:, i]‖² from collect's statistics, by weight magnitude, or at random;
-``allocation: sensitivity`` spreads the same total over blocks by one global ranking."""
+or, with ``criterion: obs``, removes neurons greedily by the error left after the optimal update
+of the remaining down-projection columns (structured OBS from collect's HᵀH) and applies those
+updates. ``allocation: sensitivity`` spreads the same total over blocks by one global ranking."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import Tensor
 
 from mlpfuse.core.errors import InputError
@@ -20,8 +23,13 @@ from mlpfuse.stages.model.families import FFBlockRef
 
 class PruneMethod(SizedMethodConfig):
     method: Literal["prune"] = "prune"
-    criterion: Literal["activation", "magnitude", "random"] = "activation"
+    criterion: Literal["activation", "magnitude", "random", "obs"] = "activation"
     seed: int = 0
+    # obs: neurons are removed in this many batches (each batch jointly, with its compensation);
+    # the number of neurons removed is exact one-at-a-time greedy OBS.
+    obs_steps: int = Field(64, ge=1)
+    # obs: the ridge on HᵀH, relative to its mean diagonal (as the refit's lam).
+    obs_lam: float = Field(1e-3, ge=0)
     # uniform: every block keeps the same fraction. sensitivity: the same total is kept, spread
     # over the layers by one global ranking of each neuron's share of its block's score, so blocks
     # whose output rests on few neurons lose more and blocks that need many keep them (per-layer
@@ -30,10 +38,18 @@ class PruneMethod(SizedMethodConfig):
     # sensitivity: no block keeps fewer than this fraction of its neurons.
     min_ratio: float = Field(0.125, gt=0, le=1)
 
+    @model_validator(mode="after")
+    def _obs_uniform(self) -> PruneMethod:
+        if self.criterion == "obs" and self.allocation != "uniform":
+            raise ValueError("criterion obs chooses neurons within a block (allocation: uniform)")
+        return self
+
 
 def prune_scores(m: PruneMethod, ctx: BuildContext, i: int, ref: FFBlockRef, ff: FFWeights) -> Tensor:
     if m.criterion == "activation":
         return pruning.activation_scores(ff, torch.from_numpy(ctx.energy(i, ref)).float())
+    if m.criterion == "obs":
+        raise InputError("criterion obs has no per-neuron score to rank (allocation: uniform)")
     if m.criterion == "magnitude":
         return pruning.magnitude_scores(ff)
     return pruning.random_scores(ff, seed=m.seed + 7919 * i)
@@ -68,9 +84,22 @@ def prune_block(m: PruneMethod, ctx: BuildContext, i: int, ref: FFBlockRef, ff: 
                 size: int | None = None) -> FFWeights:
     """Keep the ``size`` (or ``m.k``) best-scored neurons; their indices are recorded for the refit."""
     k = size if size is not None else m.k(ff.intermediate_size)
+    if m.criterion == "obs":
+        kept, down = pruning.obs_prune(ff.down, block_gram(ctx, i, ref, ff), k, lam=m.obs_lam, steps=m.obs_steps)
+        ctx.kept[f"L{i:05d}/{ref.name}"] = kept
+        return replace(ff.select(kept), down=down.to(ff.down.dtype))
     kept = pruning.kept_neurons(prune_scores(m, ctx, i, ref, ff), k)
     ctx.kept[f"L{i:05d}/{ref.name}"] = kept
     return ff.select(kept)
+
+
+def block_gram(ctx: BuildContext, i: int, ref: FFBlockRef, ff: FFWeights) -> Tensor:
+    """collect's HᵀH [I, I] of one block (float64), or an error saying how to get it."""
+    st = ctx.stats(i, "OBS pruning").get(ref.name, {})
+    if "hidden.gram" not in st or not int(st["count"][0]):
+        raise InputError(f"criterion obs needs collect's HᵀH of layer {i} {ref.name} ({ff.intermediate_size} "
+                         "neurons): collect with gram_max at least the FF width")
+    return torch.from_numpy(st["hidden.gram"])
 
 
 def prune_sizes(m: PruneMethod, ctx: BuildContext) -> dict[tuple[int, FFBlockRef], int]:
