@@ -83,6 +83,10 @@ class BudgetSpec(BaseModel):
     # Per-layer reconstruction and NTK errors of each method's best candidate, in the report.
     layer_errors: bool = True
     export: Literal["stock", "tied"] = "stock"
+    # How candidates are ranked, from each held-out set's perplexity ratio to the base model's on
+    # the same windows: the worst set's ratio (default), the geometric mean of the ratios, or the
+    # perplexity over all sets' tokens together.
+    rank: Literal["worst_ratio", "mean_ratio", "perplexity"] = "worst_ratio"
     # Extra candidates given by hand (any method and settings).
     candidates: tuple[CompressConfig, ...] = ()
 
@@ -343,7 +347,41 @@ def halving_budgets(n_candidates: int, full_tokens: int, spec: HalvingSpec) -> l
     return sorted(set(budgets))
 
 
-def winner_reason(winner: Candidate, cands: list[Candidate], base_ppl: float) -> str:
+def add_set_sums(prev: dict[str, dict[str, float]], new: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """Per-set sums of an earlier round plus a round's increment, with each set's perplexity and,
+    where the base model's NLL on the same windows is known, its ratio to the base, mean KL from
+    the base's next-token distribution and top-1 agreement."""
+    out = {}
+    for name, st in new.items():
+        acc = {k: v + prev.get(name, {}).get(k, 0) for k, v in st.items() if k.endswith("_sum") or k == "tokens"}
+        n = max(acc.get("tokens", 0), 1)
+        acc["perplexity"] = math.exp(acc["nll_sum"] / n)
+        if "base_nll_sum" in acc:
+            acc["base_perplexity"] = math.exp(acc["base_nll_sum"] / n)
+            acc["ratio"] = math.exp((acc["nll_sum"] - acc["base_nll_sum"]) / n)
+            acc["kl"] = acc["kl_sum"] / n
+            acc["top1"] = acc["top1_sum"] / n
+        out[name] = acc
+    return out
+
+
+def rank_score(round_: dict[str, Any], rule: str) -> float:
+    """A round's score under the ranking rule (lower is better); without per-set ratios (no base
+    reference), the perplexity."""
+    ratios = [s["ratio"] for s in (round_.get("sets") or {}).values() if "ratio" in s]
+    if rule == "perplexity" or not ratios:
+        return float(round_["perplexity"])
+    if rule == "worst_ratio":
+        return max(ratios)
+    return math.exp(sum(math.log(r) for r in ratios) / len(ratios))
+
+
+RANK_WORDS = {"worst_ratio": "worst held-out set's perplexity ratio to the base",
+              "mean_ratio": "geometric mean of the held-out sets' perplexity ratios to the base",
+              "perplexity": "perplexity"}
+
+
+def winner_reason(winner: Candidate, cands: list[Candidate], base_ppl: float, rule: str = "perplexity") -> str:
     """One paragraph: why the winner won, and how the papers' methods scored at this size."""
     final = winner.rounds[-1]
     ratio = final["perplexity"] / base_ppl
@@ -351,19 +389,27 @@ def winner_reason(winner: Candidate, cands: list[Candidate], base_ppl: float) ->
     best_of: dict[str, Candidate] = {}
 
     def rank(c: Candidate) -> tuple[int, float]:  # the furthest round first: scores on more tokens
-        return -len(c.rounds), c.rounds[-1]["perplexity"]
+        return -len(c.rounds), c.rounds[-1].get("score", c.rounds[-1]["perplexity"])
 
     for c in cands:
         if c.family in papers and c.rounds:
             prev = best_of.get(c.family)
             if prev is None or rank(c) < rank(prev):
                 best_of[c.family] = c
-    parts = [f"{winner.name} won with perplexity {final['perplexity']:.3f} ({ratio:.2f}× the base "
-             f"{base_ppl:.3f}) on {final['tokens']} held-out tokens, the lowest of {len(cands)} candidates that "
-             f"meet the budget"]
+    per_set = [f"{n} {st['ratio']:.2f}×" for n, st in (final.get("sets") or {}).items() if "ratio" in st]
+    if per_set and rule != "perplexity":
+        parts = [f"{winner.name} won on the {RANK_WORDS[rule]}, {final['score']:.3f} (per set: {', '.join(per_set)}; "
+                 f"perplexity {final['perplexity']:.3f} over all {final['tokens']} held-out tokens, {ratio:.2f}× the "
+                 f"base {base_ppl:.3f}), the lowest of {len(cands)} candidates that meet the budget"]
+    else:
+        parts = [f"{winner.name} won with perplexity {final['perplexity']:.3f} ({ratio:.2f}× the base "
+                 f"{base_ppl:.3f}) on {final['tokens']} held-out tokens, the lowest of {len(cands)} candidates "
+                 "that meet the budget"]
     if best_of:
-        desc = ", ".join(f"{papers[f]} best {c.name} at {c.rounds[-1]['perplexity']:.3f} "
-                         f"(on {c.rounds[-1]['tokens']} tokens)" for f, c in sorted(best_of.items()))
+        score = "" if rule == "perplexity" else "score {:.3f}, perplexity "
+        desc = ", ".join(f"{papers[f]} best {c.name} at {score.format(c.rounds[-1].get('score', 0.0))}"
+                         f"{c.rounds[-1]['perplexity']:.3f} (on {c.rounds[-1]['tokens']} tokens)"
+                         for f, c in sorted(best_of.items()))
         parts.append(f"the papers' methods scored: {desc}")
     if winner.family not in papers:
         parts.append("a baseline beat the papers' methods at this size")

@@ -19,9 +19,11 @@ import torch
 from mlpfuse.orchestrator.budget import (
     Candidate,
     ModelFacts,
+    add_set_sums,
     counted_keys,
     halving_budgets,
     plan_candidates,
+    rank_score,
     target_params,
     winner_reason,
 )
@@ -42,7 +44,8 @@ def _round_nodes(session: Session, spec: PipelineSpec, alive: list[Candidate], r
     ev = spec.evaluate.model_copy(update={"max_tokens": tokens, "after_tokens": after})
     return [
         make_node(session.keys, f"evaluate.{c.name}.r{r}", "evaluate", ev,
-                  {"shard": "shard", "data": "data", "overlay": f"compress.{c.name}", **prefix})
+                  {"shard": "shard", "data": "data", "overlay": f"compress.{c.name}", "reference": "evaluate",
+                   **prefix})
         for c in alive
     ]
 
@@ -124,7 +127,9 @@ def run_budget(session: Session, spec: PipelineSpec) -> dict[str, Any]:
         from mlpfuse.core.errors import InputError
 
         raise InputError(f"no candidate meets the budget of {budget:,} {kind}")
-    full = session.results["evaluate"]["result"]["tokens"]
+    base_eval = session.results["evaluate"]["result"]
+    # Round budgets count tokens per held-out set (each set is windowed alone).
+    full = max((st["tokens"] for st in (base_eval.get("sets") or {}).values()), default=base_eval["tokens"])
     rounds = halving_budgets(len(alive), full, spec.budget.halving)
     prefix = _share_prefix(session, spec, alive, rounds) if spec.budget.share_prefix else {}
     num_layers = facts.num_layers
@@ -139,10 +144,12 @@ def run_budget(session: Session, spec: PipelineSpec) -> dict[str, Any]:
             nll_sum, count = m["nll_sum"], m["tokens"]
             if c.rounds:
                 nll_sum, count = nll_sum + c.rounds[-1]["nll_sum"], count + c.rounds[-1]["tokens"]
+            sets = add_set_sums(c.rounds[-1]["sets"] if c.rounds else {}, m.get("sets", {}))
             c.rounds.append({"tokens": count, "perplexity": math.exp(nll_sum / max(count, 1)), "nll_sum": nll_sum,
-                             "seconds": res[f"evaluate.{c.name}.r{r}"]["seconds"],
+                             "sets": sets, "seconds": res[f"evaluate.{c.name}.r{r}"]["seconds"],
                              "start_layer": m.get("start_layer", 0), "layer_tokens": m.get("layer_tokens")})
-        alive.sort(key=lambda c: c.rounds[-1]["perplexity"])
+            c.rounds[-1]["score"] = rank_score(c.rounds[-1], spec.budget.rank)
+        alive.sort(key=lambda c: c.rounds[-1]["score"])
         if not last:
             alive = alive[: max(1, math.ceil(len(alive) / spec.budget.halving.factor))]
     winner = alive[0]
@@ -165,15 +172,28 @@ def run_budget(session: Session, spec: PipelineSpec) -> dict[str, Any]:
             {"name": c.name, "method": c.config.candidate.method, "family": c.family,
              "settings": c.config.model_dump(mode="json"), "params": c.result.get(counted),
              "ff_params": c.result.get(counted_ff), "predicted_params": c.predicted, "cache_key": c.key,
-             "perplexity": c.rounds[-1]["perplexity"] if c.rounds else None, "rounds": c.rounds,
+             "perplexity": c.rounds[-1]["perplexity"] if c.rounds else None,
+             "score": c.rounds[-1]["score"] if c.rounds else None,
+             "sets": c.rounds[-1]["sets"] if c.rounds else None, "rounds": c.rounds,
              "seconds": round(sum(x["seconds"] for x in c.rounds), 2), "refit_errors": c.result.get("refit_errors")}
             for c in cands
         ],
         "skipped": skipped,
         **errors,
         "winner": {"name": winner.name, "params": winner.result.get(counted), "perplexity": winner.rounds[-1]["perplexity"],
-                   "reason": winner_reason(winner, cands, base_ppl)},
+                   "rank": spec.budget.rank, "score": winner.rounds[-1]["score"], "sets": winner.rounds[-1]["sets"],
+                   "reason": winner_reason(winner, cands, base_ppl, spec.budget.rank)},
     }
+
+
+def _samples(session: Session, spec: PipelineSpec, winner: Candidate) -> list[dict[str, str]]:
+    """The base model's and the winner's greedy continuations of the same prompts, side by side."""
+    cfg = spec.samples
+    res = session.run([make_node(session.keys, "samples", "samples", cfg, {"shard": "shard"}),
+                       make_node(session.keys, "samples.winner", "samples", cfg,
+                                 {"shard": "shard", "overlay": f"compress.{winner.name}"})])
+    base, won = (res[n]["result"]["prompts"] for n in ("samples", "samples.winner"))
+    return [{"prompt": b["prompt"], "base": b["text"], "winner": w["text"]} for b, w in zip(base, won, strict=True)]
 
 
 def _distill(session: Session, spec: PipelineSpec, winner: Candidate) -> dict[str, Any]:
@@ -191,18 +211,20 @@ def _distill(session: Session, spec: PipelineSpec, winner: Candidate) -> dict[st
     result = dict(session.run([node])["distill"]["result"])
     if result.get("overlay"):  # the trained layers as an overlay on the base shard (either form)
         ev = make_node(session.keys, "evaluate.distilled", "evaluate", spec.evaluate,
-                       {"shard": "shard", "data": "data", "overlay": "distill"})
+                       {"shard": "shard", "data": "data", "overlay": "distill", "reference": "evaluate"})
     elif not cfg.tied:  # every parameter trained: the stock form is a plain checkpoint, shard it
         model_dir = str(session.path("distill") / "model")
         shard_cfg = spec.shard_config(source_key(resolve_source(model_dir))).model_copy(update={"model": model_dir})
         session.run([make_node(session.keys, "shard.distilled", "shard", shard_cfg)])
         ev = make_node(session.keys, "evaluate.distilled", "evaluate", spec.evaluate,
-                       {"shard": "shard.distilled", "data": "data"})
+                       {"shard": "shard.distilled", "data": "data", "reference": "evaluate"})
     else:
         result["note"] = ("trainable='all' on a tied export: the distilled model is not scored (no overlay "
                           "holds trained embeddings, and a tied checkpoint cannot be re-sharded)")
         return result
-    result["perplexity"] = session.run([ev])["evaluate.distilled"]["result"]["perplexity"]
+    scored = session.run([ev])["evaluate.distilled"]["result"]
+    result["perplexity"] = scored["perplexity"]
+    result["sets"] = add_set_sums({}, scored.get("sets", {}))
     result["perplexity_before"] = winner.rounds[-1]["perplexity"]
     return result
 
@@ -257,6 +279,7 @@ def run_job(spec: PipelineSpec, store: ArtifactStore, force: set[str] | None = N
             (node,) = [make_node(session.keys, "export", "export", export_cfg,
                                  {"shard": "shard", "overlay": f"compress.{winner.name}"})]
             session.run([node])
+            extra["samples"] = _samples(session, spec, winner)
             final = session.path("export") / "model"
             if spec.distill is not None:
                 extra["distill"] = _distill(session, spec, winner)
@@ -326,16 +349,27 @@ def _handover_files(spec: PipelineSpec, session: Session, winner: Candidate, ext
     made it (``mlpfuse.yaml``) and its model card with the quality figures of this run."""
     import yaml
 
+    from mlpfuse.orchestrator.report_html import sets_rows
+
     base = session.results["evaluate"]["result"]
     card = (model_dir / "README.md").read_text() if (model_dir / "README.md").exists() else ""
     w = winner.rounds[-1] if winner.rounds else {}
-    lines = ["", "## Quality (held-out split of the calibration corpus)", "",
+    lines = ["", "## Quality (held-out documents, never calibrated on)", "",
              "| model | perplexity | tokens |", "| --- | --- | --- |",
              f"| base | {base['perplexity']:.3f} | {base['tokens']} |",
              f"| compressed ({winner.name}) | {w.get('perplexity', float('nan')):.3f} | {w.get('tokens', 0)} |"]
     d = extra.get("distill") or {}
     if d.get("kept") and d.get("perplexity") is not None:
         lines.append(f"| compressed + distilled | {d['perplexity']:.3f} | {base['tokens']} |")
+    base_sets = {n: {"perplexity": st["perplexity"]} for n, st in (base.get("sets") or {}).items()}
+    rows = sets_rows({"base": {"sets": base_sets}, "winner": extra.get("winner"), "distill": d if d.get("kept") else {},
+                      "data": {"sets": session.results["data"]["result"].get("sets")}})
+    if rows and any(r["ratio"] is not None for r in rows):
+        lines += ["", "Per held-out set (each set's perplexity ratio to the base on the same tokens, the KL from the "
+                  "base model's next-token distribution and how often its most likely next token agrees):", "",
+                  "| set | kind | base | compressed | ratio | KL | top-1 agreement |", "| --- | --- | --- | --- | --- | --- | --- |"]
+        lines += [f"| {r['set']} | {r['role']} | {r['base']:.3f} | {r['winner']:.3f} | {r['ratio']:.3f}× | {r['kl']:.4f} | "
+                  f"{r['top1']:.3f} |" for r in rows if r["ratio"] is not None]
     lines += ["", f"Parameters: {extra['winner']['params']:,} of the base model's "
                   f"{session.results['shard']['result']['params']:,}.",
               "", f"Why this candidate: {extra['winner']['reason']}", "",

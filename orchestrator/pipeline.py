@@ -34,7 +34,6 @@ from mlpfuse.orchestrator.store import (
     store_identity,
 )
 from mlpfuse.stages.collect import CollectPartConfig
-from mlpfuse.stages.data import corpus_key
 from mlpfuse.stages.model.checkpoint import model_key
 from mlpfuse.stages.registry import STAGES
 
@@ -83,7 +82,7 @@ def build_plan(spec: PipelineSpec) -> list[PlanNode]:
         nodes.append(node)
 
     add("shard", "shard", spec.shard_config(model_key(spec.model)))
-    add("data", "data", spec.data_config(corpus_key(spec.data.corpus)), {"shard": "shard"})
+    add("data", "data", spec.data_config(), {"shard": "shard"})
     add("evaluate", "evaluate", spec.evaluate, {"shard": "shard", "data": "data"})
     workers = spec.collect.num_workers
     for w in range(workers):

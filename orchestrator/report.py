@@ -30,7 +30,9 @@ def build_report(spec: PipelineSpec, session: Session, seconds: float) -> dict[s
             for name, r in results.items()
         },
         "base": {"params": shard["params"], "ff_params": shard["ff_params"], "perplexity": base["perplexity"],
-                 "eval_tokens": base["tokens"]},
+                 "eval_tokens": base["tokens"],
+                 "sets": {n: {"perplexity": st["perplexity"], "tokens": st["tokens"]}
+                          for n, st in (base.get("sets") or {}).items()}},
         "outputs": {"report": str(spec.output_dir() / "report.json"), "cache": str(store.root)},
     }
     if "data" in results:  # calibration and held-out sizes, and how the corpus was split

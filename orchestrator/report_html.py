@@ -443,6 +443,36 @@ def _candidates_table(report: dict) -> str:
                    "rounds (tokens: ppl)", "seconds"], rows, classes)
 
 
+def sets_rows(report: dict) -> list[dict[str, Any]]:
+    """Per held-out set: its role, the base model's perplexity and the winner's (with its ratio to
+    the base on the same windows, KL from the base and top-1 agreement), and the distilled model's
+    where there is one. Shared by the HTML report and the model card."""
+    base = (report.get("base") or {}).get("sets") or {}
+    won = (report.get("winner") or {}).get("sets") or {}
+    dist = (report.get("distill") or {}).get("sets") or {}
+    roles = {n: st.get("role", "") for n, st in ((report.get("data") or {}).get("sets") or {}).items()}
+    rows = []
+    for name in won or base:
+        w, d = won.get(name, {}), dist.get(name, {})
+        rows.append({"set": name, "role": roles.get(name, ""), "base": (base.get(name) or {}).get("perplexity"),
+                     "winner": w.get("perplexity"), "ratio": w.get("ratio"), "kl": w.get("kl"), "top1": w.get("top1"),
+                     "tokens": w.get("tokens"), "distilled": d.get("perplexity"), "distilled_ratio": d.get("ratio")})
+    return rows
+
+
+def _sets_table(report: dict) -> str:
+    rows = sets_rows(report)
+    if not rows or all(r["winner"] is None for r in rows):
+        return ""
+    out = [[(_e(r["set"]), False), (_e(r["role"]), False), (_fmt_float(r["base"]), True), (_fmt_float(r["winner"]), True),
+            (_fmt_float(r["ratio"]) + "×" if r["ratio"] is not None else "–", True), (_fmt_float(r["kl"], 4), True),
+            (_fmt_float(r["top1"]), True), (_fmt_int(r["tokens"]), True),
+            (_fmt_float(r["distilled"]) + (f" ({_fmt_float(r['distilled_ratio'])}×)" if r["distilled_ratio"] else ""), True)]
+           for r in rows]
+    return _table(["held-out set", "kind", "base ppl", "winner ppl", "ratio", "KL from base", "top-1 agreement",
+                   "tokens", "distilled ppl"], out)
+
+
 def _stages_table(report: dict) -> str:
     stages = report.get("stages")
     if not isinstance(stages, dict) or not stages:
@@ -504,6 +534,17 @@ def write_html(report: dict, out_dir: Path) -> Path:
         parts.append(f"<p>{_e(note)}</p>")
     if figures:
         parts += ["<h2>Plots</h2>", *figures]
+    held = _sets_table(report)
+    if held:
+        parts += ["<h2>Held-out sets</h2>", '<p class="muted">Each set scored on its own windows; ratio and KL '
+                  "against the base model on the same tokens (KL over the base's top-K tokens plus the rest: a lower "
+                  "bound of the full KL).</p>", held]
+    samples = report.get("samples")
+    if isinstance(samples, list) and samples:
+        parts += ["<h2>Greedy continuations</h2>", _table(
+            ["prompt", "base model", "winner"],
+            [[(f"<code>{_e(x.get('prompt', ''))}</code>", False), (f"<code>{_e(x.get('base', ''))}</code>", False),
+              (f"<code>{_e(x.get('winner', ''))}</code>", False)] for x in samples if isinstance(x, dict)])]
     cand = _candidates_table(report)
     if cand:
         parts += ["<h2>Candidates</h2>", cand]

@@ -20,6 +20,7 @@ from mlpfuse.stages.distill import DistillStageConfig
 from mlpfuse.stages.evaluate import EvaluateConfig
 from mlpfuse.stages.export import ExportConfig
 from mlpfuse.stages.registry import STAGES
+from mlpfuse.stages.samples import SamplesConfig
 from mlpfuse.stages.shard import ShardConfig
 from mlpfuse.stages.similarity import SimilarityConfig
 
@@ -40,7 +41,7 @@ class RaySpec(BaseModel):
 
 # Stages whose work is forward passes and dense linear algebra: with ``resources.gpus: auto`` each
 # of their tasks asks for one GPU when the cluster has GPUs.
-GPU_STAGES = ("collect_part", "evaluate", "prefix", "probe", "compress", "similarity", "layer_errors",
+GPU_STAGES = ("collect_part", "evaluate", "prefix", "probe", "samples", "compress", "similarity", "layer_errors",
               "distill")
 
 
@@ -102,13 +103,23 @@ class DataSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    corpus: str = "shakespeare"
+    # A corpus (bundled name, path, hf:ID), or a list of them mixed for calibration.
+    corpus: str | tuple[str, ...] = "shakespeare"
+    # Relative calibration share of each corpus (default equal).
+    weights: tuple[float, ...] = ()
+    # Corpora held out whole from calibration and only evaluated on (the kinds it never saw).
+    unseen: tuple[str, ...] = ()
     block_size: int = TokenizeConfig.model_fields["block_size"].default
     calib_tokens: int = TokenizeConfig.model_fields["calib_tokens"].default
     eval_tokens: int = TokenizeConfig.model_fields["eval_tokens"].default
     eval_fraction: float = TokenizeConfig.model_fields["eval_fraction"].default
     seed: int = 0
     text_field: str = "text"
+
+    @model_validator(mode="after")
+    def _mix(self) -> DataSpec:
+        TokenizeConfig(**self.model_dump())  # the corpus list, weights and unseen sets agree
+        return self
 
 
 class PipelineSpec(BaseModel):
@@ -128,6 +139,8 @@ class PipelineSpec(BaseModel):
     evaluate: EvaluateConfig = EvaluateConfig()
     # The CKA heat-map between FF sublayers (report.json similarity, similarity.png).
     similarity: SimilarityConfig = SimilarityConfig()
+    # The prompts the base model and the budget's winner continue greedily, side by side in the report.
+    samples: SamplesConfig = SamplesConfig()
     # A size budget: candidates of every method, scored side by side; the winner is exported.
     budget: BudgetSpec | None = None
     # How the winner is written (budget.export chooses stock vs tied).
@@ -201,8 +214,12 @@ class PipelineSpec(BaseModel):
     def shard_config(self, source_key: str) -> ShardConfig:
         return ShardConfig(model=self.model, source_key=source_key, **self.shard.model_dump())
 
-    def data_config(self, corpus_key: str) -> TokenizeConfig:
-        return TokenizeConfig(corpus_key=corpus_key, **self.data.model_dump())
+    def data_config(self) -> TokenizeConfig:
+        """The data stage's config, with the fingerprint of every corpus it reads."""
+        from mlpfuse.stages.data import mix_key
+
+        cfg = TokenizeConfig(**self.data.model_dump())
+        return cfg.model_copy(update={"corpus_key": mix_key(cfg)})
 
 
 def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:

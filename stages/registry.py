@@ -21,6 +21,7 @@ from mlpfuse.stages import (
     evaluate,
     export,
     layer_errors,
+    samples,
     shard,
     similarity,
 )
@@ -43,18 +44,20 @@ STAGES: dict[str, StageDef] = {
     s.name: s
     for s in (
         StageDef("shard", 3, shard.ShardConfig, shard.run, num_cpus=2),
-        StageDef("data", 1, data.TokenizeConfig, data.run, inputs=("shard",)),
+        StageDef("data", 2, data.TokenizeConfig, data.run, inputs=("shard",)),
         StageDef("collect_part", 2, collect.CollectPartConfig, collect.run_part, inputs=("shard", "data"), num_cpus=2),
         # Inputs: shard, part0..part{n-1} (one per collect_part worker).
         StageDef("collect", 2, collect.CollectConfig, collect.run_merge, inputs=("shard",)),
         StageDef("similarity", 1, similarity.SimilarityConfig, similarity.run, inputs=("shard", "collect")),
         # Inputs: shard, optionally collect (data-aware methods, refit).
         StageDef("compress", 6, compress.CompressConfig, compress.run, inputs=("shard",), num_cpus=2),
-        StageDef("evaluate", 1, evaluate.EvaluateConfig, evaluate.run, inputs=("shard", "data"), num_cpus=2),
+        StageDef("evaluate", 2, evaluate.EvaluateConfig, evaluate.run, inputs=("shard", "data"), num_cpus=2),
+        # Inputs: shard, optionally overlay (a candidate): greedy continuations of fixed prompts.
+        StageDef("samples", 1, samples.SamplesConfig, samples.run, inputs=("shard",)),
         StageDef("probe", 1, layer_errors.ProbeConfig, layer_errors.run_probe, inputs=("shard", "data")),
         StageDef("layer_errors", 1, layer_errors.LayerErrorsConfig, layer_errors.run, inputs=("shard", "probe", "overlay")),
         # The base model's hidden states entering chosen layers, per evaluation window (prefix sharing).
-        StageDef("prefix", 1, evaluate.PrefixConfig, evaluate.run_prefix, inputs=("shard", "data"), num_cpus=2),
+        StageDef("prefix", 2, evaluate.PrefixConfig, evaluate.run_prefix, inputs=("shard", "data"), num_cpus=2),
         # Inputs: shard, optionally overlay (the candidate to export; absent: the base model).
         StageDef("export", 1, export.ExportConfig, export.run, inputs=("shard",)),
         # Inputs: teacher (export of the original), student (export of the winner), data, and

@@ -17,6 +17,7 @@ from mlpfuse.orchestrator.budget import (
     plan_candidates,
 )
 from mlpfuse.orchestrator.cli import main
+from mlpfuse.stages.samples import SamplesConfig
 
 
 def _spec(tmp: Path, model: Path, target: dict, cache: Path | None = None, methods: list[str] | None = None,
@@ -79,7 +80,12 @@ def test_budget_run_picks_best_and_retargets(tiny_lm: Path, tmp_path: Path, ray_
     # Planned sizes round down: no pruning candidate is built over the budget and dropped.
     assert not [s for s in rep["skipped"] if s["method"].startswith("prune") and "over the budget" in s["why"]]
     assert rep["winner"]["perplexity"] == min(c["perplexity"] for c in finals)
-    assert "won with perplexity" in rep["winner"]["reason"]
+    assert "won on the worst held-out set" in rep["winner"]["reason"]  # one set: its ratio orders as perplexity
+    assert set(rep["winner"]["sets"]) == set(rep["base"]["sets"]) == {"shakespeare"}
+    assert rep["winner"]["sets"]["shakespeare"]["ratio"] == pytest.approx(
+        rep["winner"]["perplexity"] / rep["base"]["perplexity"], rel=1e-6)  # the full set: the same windows
+    assert [s["prompt"] for s in rep["samples"]] == list(SamplesConfig().prompts)
+    assert "Greedy continuations" in (tmp_path / "out" / "report.html").read_text()
     # Each round scores only the windows beyond the previous round's and adds its sums: a finalist's
     # rounds together did one full evaluation's work, and its score is that evaluation's.
     from mlpfuse.stages import evaluate

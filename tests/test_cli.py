@@ -133,8 +133,9 @@ def test_a_single_long_text_is_cut_into_sections(tmp_path: Path, ray_local) -> N
     assert main(["run", str(spec)]) == 0
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     data_dir = Path(report["stages"]["data"]["path"])
-    split = json.loads((data_dir / "split.json").read_text())
-    assert "cut into 20 sections" in split["note"] and report["data"]["note"] == split["note"]
+    full = json.loads((data_dir / "split.json").read_text())
+    split = full["sets"][str(text)]
+    assert "cut into 20 sections" in full["note"] and report["data"]["note"] == full["note"]
     assert split["eval_docs"] and split["calib_docs"]
     assert not set(split["eval_docs"]) & set(split["calib_docs"])
     assert all(d.startswith("book§") for d in split["eval_docs"] + split["calib_docs"])

@@ -84,7 +84,7 @@ def test_heldout_split_matches_data_stage(tiny_model: Path, tmp_path: Path) -> N
     corpus = write_corpus(tmp_path / "corpus", docs=10)
     data.run(data.TokenizeConfig(corpus=str(corpus), calib_tokens=1024, eval_tokens=5000, block_size=512),
              {"shard": tiny_model}, tmp_path / "data")
-    split = json.loads((tmp_path / "data" / "split.json").read_text())
+    split = json.loads((tmp_path / "data" / "split.json").read_text())["sets"][str(corpus)]
     held = heldout_documents(str(corpus))
     assert [d for d, _ in held] == split["eval_docs"]  # eval_tokens needs every held-out document
     assert not set(split["calib_docs"]) & {d for d, _ in held}
