@@ -830,7 +830,7 @@ BUDGET = {
 # every later stage of the run.
 BUDGET_KILLS = ("compress:prune", "compress:prune+refit", "compress:fusion", "compress:fusion+refit",
                 "compress:moefy", "compress:moefy+refit", "compress:merge", "compress:merge+refit",
-                "prefix", "probe", "layer_errors", "export", "distill")
+                "prefix", "probe", "layer_errors", "export", "samples", "distill")
 
 
 @pytest.fixture(scope="module")
