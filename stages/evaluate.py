@@ -110,8 +110,10 @@ class Reference:
         self.path = Path(path)
         self.meta = json.loads((self.path / REFERENCE_META).read_text())
 
-    def matches(self, config: EvaluateConfig) -> bool:
-        return self.meta["window"] == config.window and self.meta["stride"] == config.stride
+    def matches(self, config: EvaluateConfig, keys: list[str]) -> bool:
+        """Same windows, and every one of ``keys`` scored by the base model."""
+        return (self.meta["window"] == config.window and self.meta["stride"] == config.stride
+                and set(keys) <= self.meta["nll"].keys())
 
     def get(self, keys: list[str]) -> dict[str, tuple[Tensor, Tensor, float]]:
         from safetensors import safe_open
@@ -268,16 +270,16 @@ def run(config: EvaluateConfig, inputs: dict[str, Path], out_dir: Path) -> dict:
 
     overrides = load_overrides(inputs.get("overlay"))
     sets = read_eval_sets(inputs["data"])
+    keys = [w[2] for w in set_windows(sets, config, config.max_tokens, config.after_tokens)]
     prefix, start = None, 0
     if inputs.get("prefix") is not None and overrides:
         prefix = PrefixStates(inputs["prefix"])
         first = first_changed_layer(inputs["overlay"]) or 0
-        keys = [w[2] for w in set_windows(sets, config, config.max_tokens, config.after_tokens)]
         if prefix.matches(config, keys) and first in prefix.layers:
             start = first
     reference = Reference(inputs["reference"]) if inputs.get("reference") is not None else None
-    if reference is not None and not reference.matches(config):
-        reference = None  # other windows: no like-for-like comparison
+    if reference is not None and not reference.matches(config, keys):
+        reference = None  # other windows than the base model scored: no like-for-like comparison
     keep: dict[str, tuple[Tensor, Tensor, float]] | None = {} if inputs.get("overlay") is None and reference is None else None
     result = evaluate_model(inputs["shard"], inputs["data"], config, overrides=overrides, progress=True,
                             prefix=prefix, start=start, reference=reference, keep_reference=keep)

@@ -125,3 +125,15 @@ def test_rank_rules() -> None:
     assert rank_score(r, "mean_ratio") == pytest.approx(math.sqrt(2.4))
     assert rank_score(r, "perplexity") == 7.0
     assert rank_score({"perplexity": 3.0, "sets": {"a": {"tokens": 4}}}, "worst_ratio") == 3.0
+
+
+def test_a_reference_over_other_windows_is_not_compared(mixed: tuple[Path, TokenizeConfig], lm_shard: Path,
+                                                       tmp_path: Path) -> None:
+    """A base evaluation that scored fewer tokens, or other windows, cannot give ratios for windows
+    it never scored: the candidate's result then has no KL or ratio (never a mixed one)."""
+    out, _ = mixed
+    ev = EvaluateConfig(window=32, stride=16, top_k=4, max_tokens=48)
+    evaluate.run(ev, {"shard": lm_shard, "data": out}, tmp_path / "base")
+    for other in (ev.model_copy(update={"max_tokens": 0}), ev.model_copy(update={"stride": 8})):
+        got = evaluate.run(other, {"shard": lm_shard, "data": out, "reference": tmp_path / "base"}, tmp_path / "x")
+        assert "kl" not in got and all("base_nll_sum" not in s for s in got["sets"].values())
