@@ -8,7 +8,11 @@ fewer layers and no new tensor. With M the FF output of layer a−1 and L_j the 
 layer j (both of the original model), the residual stream after layer a−1 is Y + M with
 Y = L_{a−1} − M; the map makes Y + M T stand for L_b:
 
-    T = argmin ‖M T − (L_b − L_{a−1} + M)‖² + λ‖T‖²  (λ relative to mean diag MᵀM),
+    T = argmin Σ_t w_t ‖m_t T − (L_b − L_{a−1} + M)_t‖² + λ‖T‖²  (λ relative to mean diag MᵀWM),
+
+with w_t = 1/‖target_t‖² (``map_loss: relative``, the default: SmolLM2's attention-sink token
+carries hidden states hundreds of times larger than the rest and decides a plain fit alone) or
+w_t = 1 (``mse``, as published),
 
 and M T = (h W_downᵀ + b) T is layer a−1's FF with ``W_down ← Tᵀ W_down`` (``b ← b T``). In a MoE
 layer a−1 the FF output is the routed (and shared) experts' weighted sum, linear in every expert's
@@ -42,6 +46,10 @@ class LayerDropMethod(MethodConfig):
     linear_map: bool = False
     # The map's ridge, relative to the mean diagonal of MᵀM.
     map_lam: float = Field(1e-4, ge=0)
+    # relative: each calibration token's residual weighted by 1/‖target‖² (a few tokens, such as
+    # an attention sink, carry hidden states hundreds of times larger than the rest and would
+    # otherwise decide the fit alone); mse: plain least squares, as published.
+    map_loss: Literal["relative", "mse"] = "relative"
 
     @property
     def reads_tokens(self) -> bool:
@@ -69,7 +77,7 @@ def drop_layers(m: LayerDropMethod, ctx: BuildContext) -> Overlay:
         if runs[0][0] == 0:
             raise InputError("layer_drop with linear_map: a dropped run starting at layer 0 has no layer before it "
                              "to fold its map into")
-        for (a, _), t in zip(runs, fit_linear_maps(ctx, runs, m.map_lam), strict=True):
+        for (a, _), t in zip(runs, fit_linear_maps(ctx, runs, m.map_lam, m.map_loss), strict=True):
             ov.blocks[a - 1] = {ref: fold_map(ctx.block(a - 1, ref), t) for ref in ctx.refs(a - 1)}
     return ov
 
@@ -133,7 +141,8 @@ def ff_output_module(ctx: BuildContext, i: int) -> str:
 
 
 @torch.no_grad()
-def fit_linear_maps(ctx: BuildContext, runs: list[tuple[int, int]], lam: float) -> list[Tensor]:
+def fit_linear_maps(ctx: BuildContext, runs: list[tuple[int, int]], lam: float,
+                    loss: Literal["relative", "mse"] = "relative") -> list[Tensor]:
     """ReplaceMe's map T [H, H] (float64) for each dropped run (a, b), from one pass of the
     original model over the calibration tokens up to the last run's end (one layer resident)."""
     from mlpfuse.stages.data import read_calib
@@ -177,8 +186,9 @@ def fit_linear_maps(ctx: BuildContext, runs: list[tuple[int, int]], lam: float) 
             for j, s in enumerate(states):
                 m_out, l_prev = kept[r].pop(j)
                 d = s.hidden.float().reshape(-1, hdim) - l_prev + m_out
-                mtm[r] += (m_out.T @ m_out).double()
-                mtd[r] += (m_out.T @ d).double()
+                mw = m_out / d.square().sum(-1, keepdim=True).clamp_min(1e-12) if loss == "relative" else m_out
+                mtm[r] += (mw.T @ m_out).double()
+                mtd[r] += (mw.T @ d).double()
     maps = []
     for (a, _), a_mat, b_mat in zip(runs, mtm, mtd, strict=True):
         a_mat.diagonal().add_(lam * float(a_mat.diagonal().mean()) or 1e-12)
