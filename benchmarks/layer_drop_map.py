@@ -1,10 +1,10 @@
 """ReplaceMe's fitted linear map against plain layer drop, the same layers, on real SmolLM2-135M.
 
-For each number of dropped layers n, the run of n contiguous layers the planner picks (highest
-mean cos(layer input, layer output) on calibration tokens, never the first or last layer) is
+For each number of dropped layers n, the run of n contiguous layers with the highest mean
+cos(layer input, layer output) on calibration tokens (never the first or last layer) is
 dropped plainly and with ``linear_map: true`` (``map_loss`` relative, the default, and mse, as
-published); the planner's plain candidate (the n individually
-quietest layers, not contiguous) is scored beside them. Every model is scored on the demo's data
+published); the planner's candidates (the n individually quietest layers, not contiguous, dropped
+plainly and with a map for each of their runs) are scored beside them. Every model is scored on the demo's data
 (calibration: Shakespeare + Python source; held-out sets: both, and unseen Python reference prose),
 each set's perplexity ratio to the base model on the same windows. Stages are the product's own,
 called directly; shard, data and collect are built once under ``--work``.
@@ -18,9 +18,20 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+
+def quietest_run(facts: Any, size: int) -> list[int] | None:
+    """The ``size`` contiguous layers (never the first or the last) with the highest mean
+    cos(layer input, layer output) on calibration tokens, or None when no such run exists."""
+    starts = range(1, facts.num_layers - size)
+    if size < 1 or not starts:
+        return None
+    best = max(starts, key=lambda a: (sum(facts.cos[a : a + size]), -a))
+    return list(range(best, best + size))
 
 
 def main() -> None:
@@ -32,7 +43,7 @@ def main() -> None:
     import numpy as np
     import yaml
 
-    from mlpfuse.orchestrator.budget import ModelFacts, _quietest_run
+    from mlpfuse.orchestrator.budget import ModelFacts
     from mlpfuse.orchestrator.spec import parse_spec
     from mlpfuse.stages import collect, compress, data, evaluate, shard
     from mlpfuse.stages.compress import CompressConfig
@@ -56,7 +67,7 @@ def main() -> None:
         evaluate.run(ev, {"shard": sh, "data": dd}, base_dir)
     rows = []
     for n in args.layers:
-        run = _quietest_run(facts, n)
+        run = quietest_run(facts, n)
         assert run is not None
         quiet = sorted([i for i in np.argsort(facts.cos)[::-1].tolist() if 0 < i < facts.num_layers - 1][:n])
         span = f"run {run[0]}-{run[-1]}"
@@ -65,7 +76,9 @@ def main() -> None:
                 ("run-map", f"{span} + map (relative)", {"method": "layer_drop", "layers": run, "linear_map": True}),
                 ("run-map-mse", f"{span} + map (mse)", {"method": "layer_drop", "layers": run, "linear_map": True,
                                                          "map_loss": "mse"}),
-                ("quiet-plain", f"quietest {quiet} plain", {"method": "layer_drop", "layers": quiet})):
+                ("quiet-plain", f"quietest {quiet} plain", {"method": "layer_drop", "layers": quiet}),
+                ("quiet-map", f"quietest {quiet} + map (relative)", {"method": "layer_drop", "layers": quiet,
+                                                                      "linear_map": True})):
             tag = f"n{n}-{tag}"
             out = w / f"compress-{tag}"
             if not (out / "overlay.json").exists():

@@ -236,12 +236,12 @@ def plan_candidates(spec: BudgetSpec, facts: ModelFacts, size_multiple: dict[str
             freed += facts.layer_params[i] if kind == "params" else facts.ff_layer_params[i]
         if freed >= remove and "layer_drop" in spec.methods:
             add(f"layer-drop-{len(dropped)}", "layer_drop", {"method": "layer_drop", "layers": sorted(dropped)})
-            # ReplaceMe: as many layers, as one contiguous run (the one whose layers change the
-            # hidden state least on average), replaced by a fitted linear map.
-            run = _quietest_run(facts, len(dropped))
-            if run is not None and facts.map_foldable:
+            # ReplaceMe: the same layers, each run of them replaced by a fitted linear map folded
+            # into the layer before it (on SmolLM2 this beat one contiguous run of as many layers:
+            # benchmarks/README.md, layer_drop_map.py).
+            if facts.map_foldable:
                 add(f"layer-drop-{len(dropped)}-map", "layer_drop",
-                    {"method": "layer_drop", "layers": run, "linear_map": True})
+                    {"method": "layer_drop", "layers": sorted(dropped), "linear_map": True})
         elif "layer_drop" in spec.methods:
             skipped.append({"method": "layer_drop", "why": "dropping every middle layer does not meet the budget"})
         if "combo" in spec.methods and len(dropped) >= 2:
@@ -300,16 +300,6 @@ def plan_candidates(spec: BudgetSpec, facts: ModelFacts, size_multiple: dict[str
         value = spec.target.params if spec.target.params is not None else spec.target.ff_params
         raise InputError(f"no method can meet target {kind}: {value} ({budget:,} of {base:,}): {reasons}")
     return cands, skipped
-
-
-def _quietest_run(facts: ModelFacts, size: int) -> list[int] | None:
-    """The ``size`` contiguous layers (never the first or the last) with the highest mean
-    cos(layer input, layer output) on calibration tokens, or None when no such run exists."""
-    starts = range(1, facts.num_layers - size)
-    if size < 1 or not starts:
-        return None
-    best = max(starts, key=lambda a: (sum(facts.cos[a : a + size]), -a))
-    return list(range(best, best + size))
 
 
 def counted_keys(export: str) -> tuple[str, str]:

@@ -56,6 +56,19 @@ def test_planner_sizes_every_candidate_to_the_budget() -> None:
     assert any(s["method"] == "merge" for s in skipped)  # no savings in the stock export
     prune = next(c for c in cands if c.name == "prune-activation-uniform")
     assert 600 * (1 - prune.config.candidate.ratio) >= 200  # removes at least the 200 asked for
+    assert not names & {"layer-drop-2-map", "prune-obs-uniform"}  # no foldable map known, no HᵀH collected
+
+
+def test_planner_adds_obs_where_collect_kept_grams_and_the_map_where_it_folds() -> None:
+    facts = ModelFacts(num_layers=6, params=1000, ff_params=600, layer_params=[150] * 6, ff_layer_params=[100] * 6,
+                       cos=[0.1, 0.9, 0.5, 0.8, 0.7, 0.2], gram=True, map_foldable=True)
+    cands = {c.name: c for c in plan_candidates(BudgetSpec(target={"params": 0.8}), facts)[0]}
+    plain, mapped = cands["layer-drop-2"].config.candidate, cands["layer-drop-2-map"].config.candidate
+    assert mapped.layers == plain.layers and mapped.linear_map and not plain.linear_map  # like for like
+    assert "layer-drop-2-map+refit" not in cands  # nothing to refit
+    obs = cands["prune-obs-uniform"].config.candidate
+    assert obs.criterion == "obs" and obs.ratio == cands["prune-activation-uniform"].config.candidate.ratio
+    assert "prune-obs-uniform+refit" in cands
 
 
 def test_hand_given_candidates_keep_their_method_family() -> None:
