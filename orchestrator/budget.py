@@ -161,10 +161,11 @@ def target_params(target: TargetSpec, facts: ModelFacts) -> tuple[str, int]:
     return kind, budget
 
 
-def plan_candidates(spec: BudgetSpec, facts: ModelFacts, size_multiple: dict[str, int] | None = None
-                    ) -> tuple[list[Candidate], list[dict[str, str]]]:
+def plan_candidates(spec: BudgetSpec, facts: ModelFacts, size_multiple: dict[str, int] | None = None,
+                    width_multiple: int = 1) -> tuple[list[Candidate], list[dict[str, str]]]:
     """Every candidate that can meet the budget, and the method families that cannot (with why);
-    ``size_multiple``: the export's width multiples, counted against the budget."""
+    ``size_multiple``: the export's width multiples, counted against the budget; ``width_multiple``:
+    pruned and fused widths are rounded down to multiples of it (``export.multiple_of``)."""
     kind, budget = target_params(spec.target, facts)
     base = facts.params if kind == "params" else facts.ff_params
     remove = base - budget
@@ -195,6 +196,7 @@ def plan_candidates(spec: BudgetSpec, facts: ModelFacts, size_multiple: dict[str
         return ratio if ratio > 0 else None
 
     width_families = [f for f in ("prune", "fusion", "moefy") if f in spec.methods]
+    mult = {"multiple_of": width_multiple} if width_multiple > 1 else {}
     for alloc, layers in allocations.items():
         ratio = keep_ratio(layers)
         if ratio is None:
@@ -206,13 +208,13 @@ def plan_candidates(spec: BudgetSpec, facts: ModelFacts, size_multiple: dict[str
             # Structured OBS reads collect's HᵀH of every block (it compensates as it removes).
             for crit in ("activation", "magnitude", "random") + (("obs",) if facts.gram else ()):
                 add(f"prune-{crit}-{alloc}", "prune", {"method": "prune", "criterion": crit, "ratio": ratio,
-                                                      "layers": layers})
+                                                      "layers": layers, **mult})
             if alloc == "uniform" and spec.export == "tied":  # per-layer sizes pay off only when tied
                 add("prune-activation-sensitivity", "prune", {"method": "prune", "criterion": "activation",
                                                               "ratio": ratio, "allocation": "sensitivity"})
         if "fusion" in spec.methods:
             # k-means++ starts close to converged; 10 Lloyd iterations keep 30 layers × 3 variants cheap.
-            fuse = {"method": "fusion", "ratio": ratio, "layers": layers, "iters": 10}
+            fuse = {"method": "fusion", "ratio": ratio, "layers": layers, "iters": 10, **mult}
             add(f"fusion-{alloc}", "fusion", fuse)
             add(f"fusion-energy-{alloc}", "fusion", {**fuse, "weighting": "energy"})
             add(f"cluster-{alloc}", "fusion", {**fuse, "mode": "cluster"})
@@ -251,7 +253,7 @@ def plan_candidates(spec: BudgetSpec, facts: ModelFacts, size_multiple: dict[str
             ratio = keep_ratio(rest, freed_half)
             if ratio is not None and ratio < 1:
                 add(f"combo-drop{len(half)}-prune", "combo",
-                    {"method": "prune", "criterion": "activation", "ratio": ratio, "layers": rest}, drop=half)
+                    {"method": "prune", "criterion": "activation", "ratio": ratio, "layers": rest, **mult}, drop=half)
 
     if "ff_drop" in spec.methods:
         # FF sublayers only (attention kept), in the same order as whole layers. Stock configs have

@@ -275,7 +275,8 @@ def run_job(spec: PipelineSpec, store: ArtifactStore, force: set[str] | None = N
             out = run_budget(session, spec)
             winner: Candidate = out.pop("winner_candidate")
             extra.update(out)
-            export_cfg = ExportConfig(tied=spec.budget.export == "tied", **spec.export.model_dump(exclude={"tied"}))
+            export_cfg = ExportConfig(tied=spec.budget.export == "tied",
+                                      **spec.export.model_dump(exclude={"tied", "multiple_of"}))
             (node,) = [make_node(session.keys, "export", "export", export_cfg,
                                  {"shard": "shard", "overlay": f"compress.{winner.name}"})]
             session.run([node])
@@ -339,7 +340,8 @@ def _planned(spec: PipelineSpec, shard_dir: Path, collect_dir: Path) -> tuple[
     assert facts.shapes is not None
     dtype = None if spec.export.dtype == "auto" else getattr(torch, spec.export.dtype)
     multiple = facts.shapes.multiples(spec.export.moe_size_multiple, dtype)
-    cands, skipped = plan_candidates(spec.budget, facts, multiple)
+    width = spec.export.multiple_of or (64 if spec.budget.export == "stock" else 1)
+    cands, skipped = plan_candidates(spec.budget, facts, multiple, width)
     return facts, kind, budget, multiple, cands, skipped
 
 

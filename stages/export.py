@@ -97,6 +97,10 @@ class ExportConfig(BaseModel):
     # (grouped_mm) needs 16-byte aligned strides and fails on e.g. 18 float32 columns. None: 16
     # bytes of the output dtype (float32: 4, bfloat16/float16: 8); 1: no alignment.
     moe_size_multiple: int | None = Field(None, ge=1)
+    # The planner sizes pruned and fused FF blocks to multiples of this (None: 64 for the stock
+    # export, 1 for the tied one), so quantization groups and tensor-parallel splits divide them;
+    # the budget counts the rounding (the block keeps fewer neurons). 1: no rounding.
+    multiple_of: int | None = Field(None, ge=1)
     # Method description for the model card; ``overlay/method.json`` is read when this is None.
     card: dict[str, Any] | None = None
 

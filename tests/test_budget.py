@@ -260,3 +260,20 @@ def test_runs_publishing_one_output_at_once_never_collide(tmp_path: Path) -> Non
                      "README.md": f"{k}:README.md" * 1000, "mlpfuse.yaml": f"name: src{k}\n"}
     assert sorted(p.name for p in dest.parent.iterdir()) == ["export"]  # no temporary copy left
     assert (srcs[0] / "README.md").read_text() == "0:README.md" * 1000  # the sources are untouched
+
+
+def test_widths_round_down_to_the_export_multiple() -> None:
+    """A ratio's width is rounded down to the multiple (the budget counts the neurons it keeps),
+    only where the block's width is itself a multiple and one multiple stays; ``keep`` is exact."""
+    from mlpfuse.stages.methods.prune import PruneMethod
+
+    assert PruneMethod(ratio=0.6621, multiple_of=64).k(1536) == 960  # floor(1016.99) = 1016 -> 960
+    assert PruneMethod(ratio=0.6621).k(1536) == 1016
+    assert PruneMethod(ratio=0.5, multiple_of=64).k(48) == 24  # 48 is no multiple of 64: as it was
+    assert PruneMethod(ratio=0.03, multiple_of=64).k(1536) == 46  # under one multiple: as it was
+    assert PruneMethod(keep=1000, multiple_of=64).k(1536) == 1000
+    facts = ModelFacts(num_layers=6, params=1000, ff_params=600, layer_params=[150] * 6, ff_layer_params=[100] * 6,
+                       cos=[0.1, 0.9, 0.5, 0.8, 0.7, 0.2])
+    cands, _ = plan_candidates(BudgetSpec(target={"params": 0.8}), facts, width_multiple=64)
+    sized = [c for c in cands if c.family in ("prune", "fusion", "combo")]
+    assert sized and all(c.config.candidate.multiple_of == 64 for c in sized)

@@ -34,6 +34,10 @@ class SizedMethodConfig(MethodConfig):
     # Neurons kept per block: an absolute count, or a fraction of the block's intermediate size.
     keep: int | None = Field(None, ge=0)
     ratio: float | None = Field(None, ge=0, le=1)
+    # A ratio's width is rounded down to a multiple of this (quantization group sizes, kernel tiles
+    # and tensor-parallel splits want multiples of 64/128), where the block's own width is one and
+    # at least one multiple stays; an explicit ``keep`` is taken as given.
+    multiple_of: int = Field(1, ge=1)
 
     @model_validator(mode="after")
     def _one_size(self) -> SizedMethodConfig:
@@ -44,6 +48,9 @@ class SizedMethodConfig(MethodConfig):
     def k(self, size: int) -> int:
         # A ratio rounds down, so a parameter budget computed from it is never exceeded.
         k = self.keep if self.keep is not None else int(math.floor((self.ratio or 0) * size + 1e-9))
+        m = self.multiple_of
+        if self.keep is None and m > 1 and size % m == 0 and k >= m:
+            k = k // m * m
         if not 1 <= k <= size:
             raise InputError(f"cannot keep {k} of {size} neurons (keep={self.keep}, ratio={self.ratio})")
         return k
