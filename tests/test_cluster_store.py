@@ -34,7 +34,7 @@ pytestmark = pytest.mark.cluster
 # Each stage pinned to one node, so that nearly every input crosses from one node to the other.
 ON = {"shard": "head", "data": "node2", "collect_part": "node2", "collect": "head", "evaluate": "node2",
       "similarity": "head", "compress": "node2", "prefix": "head", "probe": "node2", "layer_errors": "head",
-      "export": "node2"}
+      "export": "node2", "samples": "head"}
 
 
 @pytest.fixture(scope="module")
