@@ -87,11 +87,13 @@ class StageEstimate:
 def estimate(spec: PipelineSpec, shape: ModelShape) -> list[StageEstimate]:
     """Each stage a run of ``spec`` has, with its disk, tokens and FLOPs."""
     d, c = spec.data, spec.collect
+    # eval_tokens per held-out set: one per calibration corpus and one per unseen corpus.
+    eval_tokens = d.eval_tokens * len(spec.data_sets())
     per_param = shape.stored_bytes / max(shape.params, 1)
     out = [StageEstimate("shard", shape.stored_bytes, 0, 0.0, False, "the checkpoint, by layer"),
-           StageEstimate("data", 4 * (d.calib_tokens + d.eval_tokens), 0, 0.0, False)]
+           StageEstimate("data", 4 * (d.calib_tokens + eval_tokens), 0, 0.0, False)]
     fwd = 2.0 * shape.active_params
-    out.append(StageEstimate("evaluate", 0, d.eval_tokens, fwd * d.eval_tokens, True))
+    out.append(StageEstimate("evaluate", 0, eval_tokens, fwd * eval_tokens, True))
     # collect: per token and layer, every kept feature kind at its width, and x (float32).
     fb = _BYTES[c.dtype]
     per_token_layer = len(c.features) * shape.ff_width * fb + (4 * shape.hidden if c.inputs else 0)
@@ -115,7 +117,7 @@ def estimate(spec: PipelineSpec, shape: ModelShape) -> list[StageEstimate]:
         n = 3 * len(spec.budget.methods) + len(spec.budget.candidates)
         out.append(StageEstimate(f"compress (~{n} candidates)", n * ff_bytes, 0, 0.0, True,
                                  "an overlay each: the compressed FF weights"))
-        out.append(StageEstimate("evaluate (candidates)", 0, n * d.eval_tokens, n * fwd * d.eval_tokens, True,
+        out.append(StageEstimate("evaluate (candidates)", 0, n * eval_tokens, n * fwd * eval_tokens, True,
                                  "successive halving: at most every candidate on every held-out token"))
         export = int(shape.stored_bytes * min(frac, 1.0))
         out.append(StageEstimate("export", export, 0, 0.0, False, "the winner at the budget"))

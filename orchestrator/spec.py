@@ -214,6 +214,10 @@ class PipelineSpec(BaseModel):
     def shard_config(self, source_key: str) -> ShardConfig:
         return ShardConfig(model=self.model, source_key=source_key, **self.shard.model_dump())
 
+    def data_sets(self) -> list[str]:
+        """The held-out evaluation sets: each calibration corpus, then each unseen one."""
+        return TokenizeConfig(**self.data.model_dump()).eval_sets()
+
     def data_config(self) -> TokenizeConfig:
         """The data stage's config, with the fingerprint of every corpus it reads."""
         from mlpfuse.stages.data import mix_key

@@ -113,3 +113,15 @@ def test_collect_disk_follows_the_features_kept(hub: list[str]) -> None:
     per_token_layer = 3 * 18944 * 2 + 3584 * 4
     assert full.disk_bytes - lean.disk_bytes == 3 * 18944 * 2 * 28 * (1 << 20) + 28 * 0  # features only
     assert full.disk_bytes >= per_token_layer * 28 * (1 << 20)  # ~2.7 MB per token: terabytes at 1M tokens
+
+
+def test_evaluation_tokens_count_every_held_out_set() -> None:
+    """eval_tokens is per held-out set: a mix of two corpora and one unseen corpus scores three."""
+    from mlpfuse.orchestrator.spec import parse_spec
+
+    shape = ModelShape(layers=4, hidden=64, params=10**9, active_params=10**9, stored_bytes=2 * 10**9, ff_width=256,
+                       experts=0, expert_width=0, top_k=0, shared_width=0, ff_params=6 * 10**8)
+    one = {e.name: e for e in estimate(parse_spec({"model": "m", "data": {"eval_tokens": 1000}}), shape)}
+    three = {e.name: e for e in estimate(parse_spec({"model": "m", "data": {
+        "corpus": ["shakespeare", "python-code"], "unseen": ["python-docs"], "eval_tokens": 1000}}), shape)}
+    assert one["evaluate"].tokens == 1000 and three["evaluate"].tokens == 3000
