@@ -113,7 +113,7 @@ def estimate(spec: PipelineSpec, shape: ModelShape) -> list[StageEstimate]:
         target = spec.budget.target.params or spec.budget.target.ff_params or 0.8
         frac = target if target < 1 else target / shape.params
         ff_bytes = int(shape.ff_params * per_param * min(frac, 1.0))
-        # The planner sizes its variants once collect has run; the demo's four families gave 13.
+        # The planner sizes its variants once collect has run; the demo's four families gave 16.
         n = 3 * len(spec.budget.methods) + len(spec.budget.candidates)
         out.append(StageEstimate(f"compress (~{n} candidates)", n * ff_bytes, 0, 0.0, True,
                                  "an overlay each: the compressed FF weights"))
