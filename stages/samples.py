@@ -2,7 +2,8 @@
 show what the base model and the winner actually write, beside the numbers.
 
 The streamed runner generates without a KV cache (each new token re-runs the prompt and what was
-generated so far), one prompt at a time, so no padding changes a position; with an ``overlay`` the
+generated so far); every prompt is a batch of its own, so no padding changes a position, and all of
+them go through one pass over the layers per new token (each layer read once); with an ``overlay`` the
 candidate's layers stand in for the base's. Output: ``samples.json`` ({"prompts": [{"prompt",
 "text", "tokens"}]}).
 """
@@ -40,18 +41,19 @@ def run(config: SamplesConfig, inputs: dict[str, Path], out_dir: Path) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(inputs["shard"])
     model = LayerStreamedModel(inputs["shard"], overrides=load_overrides(inputs.get("overlay")))
     eos = tokenizer.eos_token_id
-    out = []
-    for prompt in config.prompts:
-        ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
-        new: list[int] = []
-        for _ in range(config.max_new_tokens):
-            (state,) = model.run([model.start(ids)])
+    ids = [tokenizer(p, return_tensors="pt", add_special_tokens=False)["input_ids"] for p in config.prompts]
+    new: list[list[int]] = [[] for _ in ids]
+    for _ in range(config.max_new_tokens):
+        live = [j for j, t in enumerate(new) if not (t and t[-1] == eos)]
+        if not live:
+            break
+        # Every unfinished prompt is its own batch, all carried through one pass over the layers.
+        states = model.run([model.start(ids[j]) for j in live])
+        for j, state in zip(live, states, strict=True):
             nxt = int(model.finish(state, keep_last=1)[0, -1].argmax())
-            new.append(nxt)
-            if nxt == eos:
-                break
-            ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
-        out.append({"prompt": prompt, "text": tokenizer.decode(new, skip_special_tokens=True), "tokens": new})
-    result = {"prompts": out}
+            new[j].append(nxt)
+            ids[j] = torch.cat([ids[j], torch.tensor([[nxt]])], dim=1)
+    result = {"prompts": [{"prompt": p, "text": tokenizer.decode(t, skip_special_tokens=True), "tokens": t}
+                          for p, t in zip(config.prompts, new, strict=True)]}
     write_json_atomic(out_dir / "samples.json", result)
     return result
