@@ -71,8 +71,10 @@ class BudgetSpec(BaseModel):
 
     target: TargetSpec
     methods: tuple[str, ...] = METHOD_FAMILIES
-    # Candidates are built without and, when set, with the least-squares refit.
-    refit: RefitConfig | None = RefitConfig()
+    # Candidates are built without and, when set, with the refit: one refit, or several (e.g.
+    # ``[{mode: down}, {mode: block}]``: each candidate then comes with each). Names: "+refit"
+    # (the down-only ridge), "+blockfit" (the whole block).
+    refit: RefitConfig | tuple[RefitConfig, ...] | None = RefitConfig()
     # Layers kept whole by the "protected" allocation variant (first N, last M); they only pay
     # off with export: tied (stock transformers needs one FF size for every layer).
     protect_first: int = Field(2, ge=0)
@@ -89,6 +91,18 @@ class BudgetSpec(BaseModel):
     rank: Literal["worst_ratio", "mean_ratio", "perplexity"] = "worst_ratio"
     # Extra candidates given by hand (any method and settings).
     candidates: tuple[CompressConfig, ...] = ()
+
+    def refits(self) -> tuple[RefitConfig, ...]:
+        if self.refit is None:
+            return ()
+        return (self.refit,) if isinstance(self.refit, RefitConfig) else self.refit
+
+    @model_validator(mode="after")
+    def _one_refit_per_mode(self) -> BudgetSpec:
+        modes = [r.mode for r in self.refits()]
+        if len(set(modes)) != len(modes):
+            raise ValueError(f"refit: one per mode (got modes {modes}); candidates are named by it")
+        return self
 
     @model_validator(mode="after")
     def _known_methods(self) -> BudgetSpec:
@@ -161,6 +175,11 @@ def target_params(target: TargetSpec, facts: ModelFacts) -> tuple[str, int]:
     return kind, budget
 
 
+def refit_suffix(refit: RefitConfig | None) -> str:
+    """A candidate's name suffix for its refit: none, "+refit" (down-only ridge), "+blockfit"."""
+    return "" if refit is None else "+refit" if refit.mode == "down" else "+blockfit"
+
+
 def plan_candidates(spec: BudgetSpec, facts: ModelFacts, size_multiple: dict[str, int] | None = None,
                     width_multiple: int = 1) -> tuple[list[Candidate], list[dict[str, str]]]:
     """Every candidate that can meet the budget, and the method families that cannot (with why);
@@ -172,14 +191,14 @@ def plan_candidates(spec: BudgetSpec, facts: ModelFacts, size_multiple: dict[str
     n = facts.num_layers
     cands: list[Candidate] = []
     skipped: list[dict[str, str]] = []
-    refits: list[RefitConfig | None] = [None] + ([spec.refit] if spec.refit is not None else [])
+    refits: list[RefitConfig | None] = [None, *spec.refits()]
 
     def add(name: str, family: str, candidate: dict[str, Any], drop: list[int] | None = None) -> None:
         for r in refits:
             if r is not None and not METHODS[candidate["method"]].refit:
                 continue  # nothing to refit
             cfg = CompressConfig.model_validate({"candidate": candidate, "refit": r, "drop": drop or ()})
-            cands.append(Candidate(name + ("+refit" if r else ""), cfg, family))
+            cands.append(Candidate(name + refit_suffix(r), cfg, family))
 
     all_layers = list(range(n))
     protected = list(range(spec.protect_first, n - spec.protect_last))

@@ -277,3 +277,16 @@ def test_widths_round_down_to_the_export_multiple() -> None:
     cands, _ = plan_candidates(BudgetSpec(target={"params": 0.8}), facts, width_multiple=64)
     sized = [c for c in cands if c.family in ("prune", "fusion", "combo")]
     assert sized and all(c.config.candidate.multiple_of == 64 for c in sized)
+
+
+def test_each_refit_mode_gives_its_own_candidates() -> None:
+    facts = ModelFacts(num_layers=6, params=1000, ff_params=600, layer_params=[150] * 6, ff_layer_params=[100] * 6,
+                       cos=[0.1, 0.9, 0.5, 0.8, 0.7, 0.2])
+    spec = BudgetSpec(target={"params": 0.8}, refit=[{"mode": "down"}, {"mode": "block", "steps": 10}])
+    cands = {c.name: c for c in plan_candidates(spec, facts)[0]}
+    plain, down, block = (cands[f"prune-activation-uniform{s}"] for s in ("", "+refit", "+blockfit"))
+    assert plain.config.candidate == down.config.candidate == block.config.candidate  # like for like
+    assert (down.config.refit.mode, block.config.refit.mode, block.config.refit.steps) == ("down", "block", 10)
+    assert "layer-drop-2+blockfit" not in cands  # nothing to refit
+    with pytest.raises(ValueError, match="one per mode"):
+        BudgetSpec(target={"params": 0.8}, refit=[{"mode": "down"}, {"mode": "down", "lam": 0.1}])

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -31,11 +31,27 @@ class RefitConfig(BaseModel):
     # the calibration tokens (the data artifact); not for tied windows (their layers' inputs
     # depend on the shared weights being fit). MoE experts keep the original routing's tokens.
     sequential: bool = False
+    # down: the down projection (and bias) re-solved in closed form (the ridge), cheap. block:
+    # every weight of the block (gate, up and down, biases included) then fitted together to the
+    # original block's output by Adam, starting from the ridge's solution (stages/math/blockfit.py);
+    # the rows of the last ``holdout`` fraction of the block's calibration tokens are held back, and
+    # the better of the start and the fit on them is kept. Reads the FF inputs (collect's, or the
+    # compressed model's own when sequential).
+    mode: Literal["down", "block"] = "down"
+    steps: int = Field(300, ge=0)  # block: Adam steps per block
+    lr: float = Field(3e-4, gt=0)  # block: peak learning rate of the features (cosine decay to 0)
+    batch: int = Field(1024, ge=1)  # block: calibration rows per step
+    holdout: float = Field(0.1, ge=0, lt=1)  # block: the rows held back to keep the better
+    # block: a wall-clock limit per block (None: the steps alone decide; with a limit the result
+    # depends on the machine's speed, and so does the cached artifact's content).
+    seconds: float | None = Field(None, gt=0)
+    seed: int = 0
 
 
 def refit_overlay(ov: Overlay, ctx: BuildContext, cfg: RefitConfig, data_dir: Path | None = None) -> dict[str, list[float]]:
-    """Re-solve the down projection of every changed block; returns per-layer relative errors
-    (of the block's output against the original block's on the original inputs)."""
+    """Re-solve the down projection of every changed block (``mode: block``: then fit the whole
+    block from there); returns per-layer relative errors (of the block's output against the
+    original block's on the original inputs) before and after."""
     groups = [g for g in ov.tied] + [[i] for i in ov.blocks if not any(i in g for g in ov.tied)]
     before: dict[int, float] = {}
     after: dict[int, float] = {}
@@ -52,8 +68,9 @@ def refit_overlay(ov: Overlay, ctx: BuildContext, cfg: RefitConfig, data_dir: Pa
             if stored.intermediate_size == 0:
                 continue
             new = stored.to(torch.float32)
-            acc = None if own_inputs is not None else _gram_statistics(ctx, group, ref, new)
-            if acc is not None:  # kept neurons of the original: solved from collect's HᵀH, no tokens read
+            gram = None if own_inputs is not None else _gram_statistics(ctx, group, ref, new)
+            if gram is not None and cfg.mode == "down":  # kept neurons of the original: solved from
+                acc = gram  # collect's HᵀH, no tokens read
                 i = group[0]
                 norm = acc.yty or 1.0
                 kept = solved(stored, new, acc)
@@ -66,6 +83,7 @@ def refit_overlay(ov: Overlay, ctx: BuildContext, cfg: RefitConfig, data_dir: Pa
             norms: dict[int, float] = {}
             errs: dict[int, float] = {}
             inputs: dict[int, Tensor] = {}
+            pairs: list[tuple[Tensor, Tensor]] = []  # block mode: (the block's input, target) per layer
             for i in group:
                 src = ov.sources.get(i, {}).get(ref, ref)  # the original block it stands for
                 orig = ctx.block(i, src)
@@ -75,17 +93,26 @@ def refit_overlay(ov: Overlay, ctx: BuildContext, cfg: RefitConfig, data_dir: Pa
                 h_in = x if own_inputs is None else ctx.rows_of(i, src, own_inputs[i])
                 norms[i] = errs[i] = 0.0
                 inputs[i] = x
+                ys = []
                 for s in range(0, x.shape[0], cfg.rows):
                     with torch.no_grad():
                         y, h = orig.forward(x[s : s + cfg.rows]), new.hidden(h_in[s : s + cfg.rows])
                         acc.update(h, y)
                         norms[i] += float((y * y).sum())
                         errs[i] += float(((new.forward(x[s : s + cfg.rows]) - y) ** 2).sum())
-                del orig, h_in
+                        if cfg.mode == "block":
+                            ys.append(y)
+                if ys:
+                    pairs.append((h_in, torch.cat(ys)))
+                del orig, h_in, ys
             if acc.n == 0:  # nothing to fit: the block stays as it is
                 continue
-            kept = solved(stored, new, acc)
-            del acc, new
+            # The block mode starts from the down mode's solution (from HᵀH where that exists).
+            kept = solved(stored, new, gram if gram is not None else acc)
+            del acc, new, gram
+            if pairs:
+                kept = _fit_whole_block(kept, pairs, cfg)
+            del pairs
             fitted = kept.to(torch.float32)
             for i, x in inputs.items():
                 orig = ctx.block(i, ov.sources.get(i, {}).get(ref, ref))
@@ -113,6 +140,24 @@ def refit_overlay(ov: Overlay, ctx: BuildContext, cfg: RefitConfig, data_dir: Pa
             fit_group([i], {i: x_own})
     layers: list[Any] = sorted(before)
     return {"layers": layers, "before": [before[i] for i in layers], "after": [after[i] for i in layers]}
+
+
+def _fit_whole_block(start: FFWeights, pairs: list[tuple[Tensor, Tensor]], cfg: RefitConfig) -> FFWeights:
+    """``refit: {mode: block}``: every weight of ``start`` fitted to the original block's output on
+    ``pairs`` (each layer's inputs and targets: one pair, or one per layer of a tied window), on the
+    device the stage task holds. The rows held back to keep the better are the last ``holdout`` of
+    each layer's tokens."""
+    from mlpfuse.core.compute import current_compute
+    from mlpfuse.stages.math.blockfit import fit_block
+
+    dev = current_compute().torch_device
+    cut = [len(x) - int(round(cfg.holdout * len(x))) for x, _ in pairs]
+    x = torch.cat([x[:c] for (x, _), c in zip(pairs, cut, strict=True)] + [x[c:] for (x, _), c in zip(pairs, cut, strict=True)])
+    y = torch.cat([y[:c] for (_, y), c in zip(pairs, cut, strict=True)] + [y[c:] for (_, y), c in zip(pairs, cut, strict=True)])
+    held = sum(len(p[0]) - c for p, c in zip(pairs, cut, strict=True))
+    fitted, _ = fit_block(start, x.to(dev), y.to(dev), steps=cfg.steps, lr=cfg.lr, batch=cfg.batch, held=held,
+                          lam=cfg.lam, seconds=cfg.seconds, seed=cfg.seed)
+    return fitted  # in start's dtype and on its device
 
 
 def _gram_statistics(ctx: BuildContext, group: list[int], ref: FFBlockRef, new: FFWeights) -> RefitAccumulator | None:
