@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from mlpfuse.core.errors import InputError
 from mlpfuse.stages.compress import CompressConfig
+from mlpfuse.stages.damage import DamageConfig
 from mlpfuse.stages.methods import METHODS, predict_shapes
 from mlpfuse.stages.methods.drop import map_foldable
 from mlpfuse.stages.methods.refit import RefitConfig
@@ -89,6 +90,10 @@ class BudgetSpec(BaseModel):
     # the same windows: the worst set's ratio (default), the geometric mean of the ratios, or the
     # perplexity over all sets' tokens together.
     rank: Literal["worst_ratio", "mean_ratio", "perplexity"] = "worst_ratio"
+    # Allocation from measured damage (the damage stage: each layer's KL from the base model when
+    # pruned alone to each width, or dropped; two partial forwards a layer): the budget solved over
+    # the layers, the best allocations sent to halving beside the uniform ones. None: off.
+    damage: DamageConfig | None = None
     # Extra candidates given by hand (any method and settings).
     candidates: tuple[CompressConfig, ...] = ()
 
@@ -145,6 +150,8 @@ class ModelFacts:
     gram: bool = False
     # Whether a fitted linear map folds into a layer's FF (ReplaceMe's layer drop).
     map_foldable: bool = False
+    # The damage stage's curves (damage.json), where the budget asks for the damage allocation.
+    damage: dict[str, Any] | None = None
 
     @classmethod
     def read(cls, shard_dir: Path, collect_dir: Path) -> ModelFacts:
@@ -274,6 +281,9 @@ def plan_candidates(spec: BudgetSpec, facts: ModelFacts, size_multiple: dict[str
                 add(f"combo-drop{len(half)}-prune", "combo",
                     {"method": "prune", "criterion": "activation", "ratio": ratio, "layers": rest, **mult}, drop=half)
 
+    if facts.damage is not None and "prune" in spec.methods:
+        _damage_candidates(spec, facts, remove, kind, keep_ratio, add, mult)
+
     if "ff_drop" in spec.methods:
         # FF sublayers only (attention kept), in the same order as whole layers. Stock configs have
         # one FF size for every layer, so a removed FF sublayer saves loaded parameters only in
@@ -321,6 +331,34 @@ def plan_candidates(spec: BudgetSpec, facts: ModelFacts, size_multiple: dict[str
         value = spec.target.params if spec.target.params is not None else spec.target.ff_params
         raise InputError(f"no method can meet target {kind}: {value} ({budget:,} of {base:,}): {reasons}")
     return cands, skipped
+
+
+def _damage_candidates(spec: BudgetSpec, facts: ModelFacts, remove: int, kind: str, keep_ratio: Any, add: Any,
+                       mult: dict[str, int]) -> None:
+    """Candidates from the measured damage curves (orchestrator/allocation.py). Stock export: one
+    kept fraction for every layer, so what the curves decide is which layers to drop; the two
+    cheapest allocations that drop any are candidates (dropping none is the uniform candidate,
+    already planned). Tied export: per-layer fractions, without and with drops."""
+    from mlpfuse.orchestrator.allocation import free_allocation, stock_allocations
+
+    assert facts.damage is not None
+    prune = {"method": "prune", "criterion": "activation"}
+    if spec.export == "stock":
+        with_drops = [a for a in stock_allocations(facts.damage, facts, remove, kind, keep_ratio)
+                      if a.dropped and a.fractions]  # drops alone: the layer-drop candidates
+        for a in with_drops[:2]:
+            rest = sorted(a.fractions)
+            ratio = a.fractions[rest[0]]
+            add(f"combo-damage-drop{len(a.dropped)}-prune", "combo",
+                {**prune, "ratio": ratio, "layers": rest, **mult}, drop=list(a.dropped))
+        return
+    for drops in (False, True):
+        free = free_allocation(facts.damage, facts, remove, kind, drops)
+        if free is None or (drops and not free.dropped) or not free.fractions:
+            continue
+        add("prune-damage" + (f"-drop{len(free.dropped)}" if drops else ""), "prune",
+            {**prune, "ratio": min(free.fractions.values()), "layers": sorted(free.fractions),
+             "layer_ratio": free.fractions}, drop=list(free.dropped))
 
 
 def counted_keys(export: str) -> tuple[str, str]:

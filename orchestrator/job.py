@@ -88,7 +88,13 @@ def _layer_errors(session: Session, spec: PipelineSpec, cands: list[Candidate]) 
 def run_budget(session: Session, spec: PipelineSpec) -> dict[str, Any]:
     """Plan, build and score candidates; returns the report's budget section and the winner."""
     assert spec.budget is not None
-    facts, kind, budget, multiple, cands, skipped = _planned(spec, session.path("shard"), session.path("collect"))
+    damage = None
+    if spec.budget.damage is not None:  # each layer's measured damage, before planning
+        session.run([make_node(session.keys, "damage", "damage", spec.budget.damage,
+                               {"shard": "shard", "collect": "collect", "data": "data"})])
+        damage = session.path("damage")
+    facts, kind, budget, multiple, cands, skipped = _planned(spec, session.path("shard"), session.path("collect"),
+                                                             damage)
     t0 = time.time()
     # Refit candidates start from their un-refit twin (the same settings without refit, built
     # first), so nothing is clustered twice.
@@ -324,18 +330,32 @@ def plan_budget(spec: PipelineSpec, store: ArtifactStore) -> tuple[list[dict[str
         return [], [], {**target, "methods": list(spec.budget.methods),
                         "pending": "candidates are sized once the shard and collect stages are cached "
                                    "locally (mlpfuse run computes them)"}
-    facts, kind, budget, _, cands, skipped = _planned(spec, shard.path, collect.path)
+    damage = None
+    if spec.budget.damage is not None:
+        known = {n.name: n.key for n in nodes.values()}
+        node = make_node(known, "damage", "damage", spec.budget.damage,
+                         {"shard": "shard", "collect": "collect", "data": "data"})
+        art = store.get("damage", node.key, verify=False)
+        if art is None:
+            target["damage"] = "the damage allocation's candidates are planned once the damage stage has run"
+        else:
+            damage = art.path
+    facts, kind, budget, _, cands, skipped = _planned(spec, shard.path, collect.path, damage)
     return ([{"name": c.name, "family": c.family, "config": c.config.model_dump(mode="json"),
               "predicted": c.predicted} for c in cands],
             skipped, {**target, "kind": kind, "count": budget, "base": facts.params if kind == "params" else facts.ff_params})
 
 
-def _planned(spec: PipelineSpec, shard_dir: Path, collect_dir: Path) -> tuple[
+def _planned(spec: PipelineSpec, shard_dir: Path, collect_dir: Path, damage_dir: Path | None = None) -> tuple[
         ModelFacts, str, int, dict[str, int], list[Candidate], list[dict[str, str]]]:
     """The budget as a count, the export's width multiples and the planned candidates (sized with
     them): what a run builds and what ``mlpfuse plan`` lists."""
     assert spec.budget is not None
     facts = ModelFacts.read(shard_dir, collect_dir)
+    if damage_dir is not None:
+        from mlpfuse.stages.damage import read_damage
+
+        facts.damage = read_damage(damage_dir)
     kind, budget = target_params(spec.budget.target, facts)
     assert facts.shapes is not None
     dtype = None if spec.export.dtype == "auto" else getattr(torch, spec.export.dtype)

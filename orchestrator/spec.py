@@ -41,7 +41,7 @@ class RaySpec(BaseModel):
 
 # Stages whose work is forward passes and dense linear algebra: with ``resources.gpus: auto`` each
 # of their tasks asks for one GPU when the cluster has GPUs.
-GPU_STAGES = ("collect_part", "evaluate", "prefix", "probe", "samples", "compress", "similarity", "layer_errors",
+GPU_STAGES = ("collect_part", "evaluate", "prefix", "probe", "samples", "compress", "damage", "similarity", "layer_errors",
               "distill")
 
 

@@ -16,6 +16,7 @@ from pydantic import BaseModel
 from mlpfuse.stages import (
     collect,
     compress,
+    damage,
     data,
     distill,
     evaluate,
@@ -51,6 +52,8 @@ STAGES: dict[str, StageDef] = {
         StageDef("similarity", 1, similarity.SimilarityConfig, similarity.run, inputs=("shard", "collect")),
         # Inputs: shard, optionally collect (data-aware methods, refit).
         StageDef("compress", 6, compress.CompressConfig, compress.run, inputs=("shard",), num_cpus=2),
+        # Each layer's damage at every width and when dropped (the planner's damage allocation).
+        StageDef("damage", 1, damage.DamageConfig, damage.run, inputs=("shard", "collect", "data"), num_cpus=2),
         StageDef("evaluate", 2, evaluate.EvaluateConfig, evaluate.run, inputs=("shard", "data"), num_cpus=2),
         # Inputs: shard, optionally overlay (a candidate): greedy continuations of fixed prompts.
         StageDef("samples", 1, samples.SamplesConfig, samples.run, inputs=("shard",)),

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -45,9 +46,10 @@ def _sse(ff: FFWeights, x: Tensor, y: Tensor, rows: int = 4096) -> float:
     return err
 
 
-def _as_written(f32: FFWeights, params: dict[str, Tensor | None], start: FFWeights) -> FFWeights:
+def _as_written(f32: FFWeights, params: dict[str, Any], start: FFWeights) -> FFWeights:
     """The fitted block as it will be stored (rounded to ``start``'s dtype), in float32."""
-    return replace(f32, **{k: None if v is None else v.to(getattr(start, k).dtype).float() for k, v in params.items()})
+    cast: dict[str, Any] = {k: None if v is None else v.to(getattr(start, k).dtype).float() for k, v in params.items()}
+    return replace(f32, **cast)
 
 
 def fit_block(start: FFWeights, x: Tensor, y: Tensor, *, steps: int, lr: float, batch: int,
@@ -79,7 +81,7 @@ def fit_block(start: FFWeights, x: Tensor, y: Tensor, *, steps: int, lr: float, 
         err = _sse(f32, x_val, y_val) / norm
         return start, BlockFit(err, err, 0, False)
 
-    def resolve(features: dict[str, Tensor], rows: int) -> dict[str, Tensor | None]:
+    def resolve(features: dict[str, Any], rows: int) -> dict[str, Any]:
         """The down projection (and bias) solved for ``features`` on the first ``rows`` rows."""
         with torch.no_grad():
             cur = replace(f32, **features)
@@ -92,15 +94,15 @@ def fit_block(start: FFWeights, x: Tensor, y: Tensor, *, steps: int, lr: float, 
     # The start's own features with the down projection solved on the fitted rows alone: the fit's
     # checkpoints are compared with it on the held-back rows like for like (the start itself was
     # solved on every row, held-back ones included, so its error there is optimistic).
-    feats0 = {k: getattr(f32, k) for k in ("up", "gate", "b_up") if getattr(f32, k) is not None}
+    feats0: dict[str, Any] = {k: getattr(f32, k) for k in ("up", "gate", "b_up") if getattr(f32, k) is not None}
     start_err = best_err = _sse(_as_written(f32, {**feats0, **resolve(feats0, n_fit)}, start), x_val, y_val) / norm
 
     feats = {k: v.detach().clone().requires_grad_(True) for k, v in feats0.items()}
-    out = {"down": f32.down, "b_down": f32.b_down}
+    out: dict[str, Any] = {"down": f32.down, "b_down": f32.b_down}
     opt = torch.optim.Adam(feats.values(), lr=lr)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     scale = 1.0 / max(float((y_fit.double() ** 2).sum()) / n_fit, 1e-30)  # loss ~ relative error per row
-    best: dict[str, Tensor | None] | None = None
+    best: dict[str, Any] | None = None
     check = max(1, steps // 8)
     t0 = time.monotonic()
     done = 0
@@ -117,7 +119,7 @@ def fit_block(start: FFWeights, x: Tensor, y: Tensor, *, steps: int, lr: float, 
         out_of_time = seconds is not None and time.monotonic() - t0 > seconds
         if done % check == 0 or done == steps or out_of_time:
             out = resolve({k: v.detach() for k, v in feats.items()}, n_fit)
-            fitted = {**{k: v.detach() for k, v in feats.items()}, **out}
+            fitted: dict[str, Any] = {**{k: v.detach() for k, v in feats.items()}, **out}
             with torch.no_grad():
                 err = _sse(_as_written(f32, fitted, start), x_val, y_val) / norm
             if err < best_err:
@@ -128,6 +130,7 @@ def fit_block(start: FFWeights, x: Tensor, y: Tensor, *, steps: int, lr: float, 
         return start, BlockFit(start_err, start_err, done, False)
     # The kept features' down projection solved again on every row, as the start's was.
     final = {**best, **resolve(best, len(x32))}
-    fitted_ff = replace(start, **{k: None if v is None else v.to(getattr(start, k).device, getattr(start, k).dtype)
-                                  for k, v in final.items()})
+    stored: dict[str, Any] = {k: None if v is None else v.to(getattr(start, k).device, getattr(start, k).dtype)
+                              for k, v in final.items()}
+    fitted_ff = replace(start, **stored)
     return fitted_ff, BlockFit(start_err, best_err, done, True)

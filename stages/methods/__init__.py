@@ -40,9 +40,9 @@ class MethodDef:
     refit: bool = True
     # The paper the method comes from ("" for a baseline).
     paper: str = ""
-    # Per-block methods: the width a block of width I gets, known from the settings alone (None:
+    # Per-block methods: the width a block of width I in layer i gets, known from the settings alone (None:
     # only the build decides, e.g. a sensitivity allocation), so the budget is checked before.
-    width: Callable[[Any, int], int | None] | None = None
+    width: Callable[[Any, int, int], int | None] | None = None
 
     @property
     def streamed(self) -> bool:
@@ -53,12 +53,12 @@ METHODS: dict[str, MethodDef] = {
     d.name: d
     for d in (
         MethodDef("prune", PruneMethod, build_block=prune_block, sizes=prune_sizes,
-                  width=lambda m, n: m.k(n) if m.allocation == "uniform" else None),
-        MethodDef("fusion", FusionMethod, build_block=fuse_block, paper="MLP Fusion", width=lambda m, n: m.k(n)),
+                  width=lambda m, n, i: m.k(n, i) if m.allocation == "uniform" else None),
+        MethodDef("fusion", FusionMethod, build_block=fuse_block, paper="MLP Fusion", width=lambda m, n, i: m.k(n)),
         MethodDef("moefy", MoefyMethod, build_block=moefy_block, paper="MLPMoE", width=moefy_width),
         MethodDef("merge", MergeMethod, build_model=build_merge, paper="FF merging"),
         MethodDef("layer_drop", LayerDropMethod, build_model=drop_layers, refit=False),
-        MethodDef("ff_drop", FFDropMethod, build_block=drop_ff_block, width=lambda m, n: 0),
+        MethodDef("ff_drop", FFDropMethod, build_block=drop_ff_block, width=lambda m, n, i: 0),
     )
 }
 
@@ -90,7 +90,7 @@ def predict_shapes(candidate: Method, drop: Sequence[int], base: Mapping[int, Se
         if d.width is None:
             return None
         for i in method_layers(candidate, n):
-            new = [d.width(candidate, b.size) for b in shapes[i]]
+            new = [d.width(candidate, b.size, i) for b in shapes[i]]
             if any(w is None for w in new):
                 return None
             shapes[i] = [b.resized(int(w)) for b, w in zip(shapes[i], new, strict=True)]  # type: ignore[arg-type]

@@ -54,7 +54,7 @@ def moefy_block(m: MoefyMethod, ctx: BuildContext, i: int, ref: FFBlockRef, ff: 
     return to_dense(moe)
 
 
-def moefy_width(m: MoefyMethod, n: int) -> int | None:
+def moefy_width(m: MoefyMethod, n: int, layer: int | None = None) -> int | None:
     """Neurons an MLPMoE block of width ``n`` keeps: Fractal Fade removes exactly ``ceil(s·n)``;
     Compensated Pruning keeps whole branches, of equal width when ``branches`` divides ``n``."""
     if m.op == "none":

@@ -37,6 +37,24 @@ class PruneMethod(SizedMethodConfig):
     allocation: Literal["uniform", "sensitivity"] = "uniform"
     # sensitivity: no block keeps fewer than this fraction of its neurons.
     min_ratio: float = Field(0.125, gt=0, le=1)
+    # Per-layer kept fractions (the planner's damage allocation); a layer not listed keeps
+    # ``ratio``. Rounded to ``multiple_of`` as ``ratio`` is.
+    layer_ratio: dict[int, float] | None = None
+
+    @model_validator(mode="after")
+    def _layer_ratios(self) -> PruneMethod:
+        if self.layer_ratio is not None:
+            if self.allocation != "uniform" or self.keep is not None:
+                raise ValueError("layer_ratio gives each layer's fraction itself (allocation: uniform, ratio, no keep)")
+            bad = {i: r for i, r in self.layer_ratio.items() if not 0 < r <= 1}
+            if bad:
+                raise ValueError(f"layer_ratio: fractions must be in (0, 1], got {bad}")
+        return self
+
+    def k(self, size: int, layer: int | None = None) -> int:
+        if layer is not None and self.layer_ratio and layer in self.layer_ratio:
+            return super().model_copy(update={"ratio": self.layer_ratio[layer], "layer_ratio": None}).k(size)
+        return super().k(size)
 
     @model_validator(mode="after")
     def _obs_uniform(self) -> PruneMethod:
@@ -83,7 +101,7 @@ def sensitivity_sizes(m: PruneMethod, ctx: BuildContext) -> dict[tuple[int, FFBl
 def prune_block(m: PruneMethod, ctx: BuildContext, i: int, ref: FFBlockRef, ff: FFWeights,
                 size: int | None = None) -> FFWeights:
     """Keep the ``size`` (or ``m.k``) best-scored neurons; their indices are recorded for the refit."""
-    k = size if size is not None else m.k(ff.intermediate_size)
+    k = size if size is not None else m.k(ff.intermediate_size, i)
     if m.criterion == "obs":
         kept, down = pruning.obs_prune(ff.down, block_gram(ctx, i, ref, ff), k, lam=m.obs_lam, steps=m.obs_steps)
         ctx.kept[f"L{i:05d}/{ref.name}"] = kept
