@@ -101,6 +101,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
             print(f"  {c['name']:<44} {c['family']:<11} {size}")
         for s in skipped:
             print(f"  not planned: {s['method']}: {s['why']}")
+        if "damage" in target:
+            print(f"  {target['damage']}")
     from mlpfuse.orchestrator.estimate import format_estimates
 
     print("\n".join(format_estimates(p.estimates, p.shape)))

@@ -113,6 +113,11 @@ def estimate(spec: PipelineSpec, shape: ModelShape) -> list[StageEstimate]:
         target = spec.budget.target.params or spec.budget.target.ff_params or 0.8
         frac = target if target < 1 else target / shape.params
         ff_bytes = int(shape.ff_params * per_param * min(frac, 1.0))
+        if spec.budget.damage is not None:
+            # Per layer, two passes over the layers after it (about half the model on average).
+            t = spec.budget.damage.tokens
+            out.append(StageEstimate("damage", 0, t, fwd * t * (1 + shape.layers), True,
+                                     "each layer pruned alone and dropped: two partial forwards a layer"))
         # The planner sizes its variants once collect has run; the demo's four families gave 16.
         n = 3 * len(spec.budget.methods) + len(spec.budget.candidates)
         out.append(StageEstimate(f"compress (~{n} candidates)", n * ff_bytes, 0, 0.0, True,

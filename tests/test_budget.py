@@ -290,3 +290,19 @@ def test_each_refit_mode_gives_its_own_candidates() -> None:
     assert "layer-drop-2+blockfit" not in cands  # nothing to refit
     with pytest.raises(ValueError, match="one per mode"):
         BudgetSpec(target={"params": 0.8}, refit=[{"mode": "down"}, {"mode": "down", "lam": 0.1}])
+
+
+def test_damage_allocation_is_measured_before_planning(tiny_lm: Path, tmp_path: Path, ray_local) -> None:
+    spec = _spec(tmp_path, tiny_lm, {"params": 0.85}, methods=["prune"],
+                 budget={"export": "tied", "refit": None, "layer_errors": False, "damage": {"tokens": 64, "steps": 4}})
+    assert main(["run", str(spec)]) == 0
+    rep = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert rep["stages"]["damage"]["status"] == "run"
+    damage = json.loads((Path(rep["stages"]["damage"]["path"]) / "damage.json").read_text())
+    assert [r["layer"] for r in damage["layers"]] == list(range(6))
+    cands = {c["name"]: c for c in rep["candidates"]}
+    assert "prune-damage" in cands and cands["prune-damage"]["params"] <= rep["budget"]["budget"]
+    # mlpfuse plan lists the same candidates from the cached damage curves.
+    from mlpfuse.api import plan
+
+    assert "prune-damage" in {c["name"] for c in plan(spec).candidates}
