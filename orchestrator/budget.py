@@ -129,6 +129,8 @@ class Candidate:
     # Parameters (as the budget counts them) predicted from the settings before the build; None
     # where only the build can tell. The built count is checked against the budget all the same.
     predicted: int | None = None
+    # The damage allocation's prediction (the sum of its layers' measured damages, KL nats per token).
+    predicted_damage: float | None = None
 
 
 @dataclass
@@ -200,12 +202,15 @@ def plan_candidates(spec: BudgetSpec, facts: ModelFacts, size_multiple: dict[str
     skipped: list[dict[str, str]] = []
     refits: list[RefitConfig | None] = [None, *spec.refits()]
 
-    def add(name: str, family: str, candidate: dict[str, Any], drop: list[int] | None = None) -> None:
+    def add(name: str, family: str, candidate: dict[str, Any], drop: list[int] | None = None) -> list[Candidate]:
+        new = []
         for r in refits:
             if r is not None and not METHODS[candidate["method"]].refit:
                 continue  # nothing to refit
             cfg = CompressConfig.model_validate({"candidate": candidate, "refit": r, "drop": drop or ()})
-            cands.append(Candidate(name + refit_suffix(r), cfg, family))
+            new.append(Candidate(name + refit_suffix(r), cfg, family))
+        cands.extend(new)
+        return new
 
     all_layers = list(range(n))
     protected = list(range(spec.protect_first, n - spec.protect_last))
@@ -349,16 +354,18 @@ def _damage_candidates(spec: BudgetSpec, facts: ModelFacts, remove: int, kind: s
         for a in with_drops[:2]:
             rest = sorted(a.fractions)
             ratio = a.fractions[rest[0]]
-            add(f"combo-damage-drop{len(a.dropped)}-prune", "combo",
-                {**prune, "ratio": ratio, "layers": rest, **mult}, drop=list(a.dropped))
+            for c in add(f"combo-damage-drop{len(a.dropped)}-prune", "combo",
+                         {**prune, "ratio": ratio, "layers": rest, **mult}, drop=list(a.dropped)):
+                c.predicted_damage = a.damage
         return
     for drops in (False, True):
         free = free_allocation(facts.damage, facts, remove, kind, drops)
         if free is None or (drops and not free.dropped) or not free.fractions:
             continue
-        add("prune-damage" + (f"-drop{len(free.dropped)}" if drops else ""), "prune",
-            {**prune, "ratio": min(free.fractions.values()), "layers": sorted(free.fractions),
-             "layer_ratio": free.fractions}, drop=list(free.dropped))
+        for c in add("prune-damage" + (f"-drop{len(free.dropped)}" if drops else ""), "prune",
+                     {**prune, "ratio": min(free.fractions.values()), "layers": sorted(free.fractions),
+                      "layer_ratio": free.fractions}, drop=list(free.dropped)):
+            c.predicted_damage = free.damage
 
 
 def counted_keys(export: str) -> tuple[str, str]:

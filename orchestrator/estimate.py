@@ -115,8 +115,8 @@ def estimate(spec: PipelineSpec, shape: ModelShape) -> list[StageEstimate]:
         ff_bytes = int(shape.ff_params * per_param * min(frac, 1.0))
         if spec.budget.damage is not None:
             # Per layer, two passes over the layers after it (about half the model on average).
-            t = spec.budget.damage.tokens
-            out.append(StageEstimate("damage", 0, t, fwd * t * (1 + shape.layers), True,
+            probe = spec.budget.damage.tokens
+            out.append(StageEstimate("damage", 0, probe, fwd * probe * (1 + shape.layers), True,
                                      "each layer pruned alone and dropped: two partial forwards a layer"))
         # The planner sizes its variants once collect has run; the demo's four families gave 16.
         n = 3 * len(spec.budget.methods) + len(spec.budget.candidates)

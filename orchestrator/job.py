@@ -27,10 +27,11 @@ from mlpfuse.orchestrator.budget import (
     target_params,
     winner_reason,
 )
-from mlpfuse.orchestrator.pipeline import Session, build_plan, make_node
+from mlpfuse.orchestrator.pipeline import PlanNode, Session, build_plan, make_node
 from mlpfuse.orchestrator.report import build_report, write_report
 from mlpfuse.orchestrator.spec import PipelineSpec
 from mlpfuse.orchestrator.store import ArtifactStore
+from mlpfuse.stages.damage import DamageConfig
 from mlpfuse.stages.export import ExportConfig
 from mlpfuse.stages.model.params import recount
 
@@ -90,8 +91,7 @@ def run_budget(session: Session, spec: PipelineSpec) -> dict[str, Any]:
     assert spec.budget is not None
     damage = None
     if spec.budget.damage is not None:  # each layer's measured damage, before planning
-        session.run([make_node(session.keys, "damage", "damage", spec.budget.damage,
-                               {"shard": "shard", "collect": "collect", "data": "data"})])
+        session.run([_damage_node(session.keys, spec.budget.damage)])
         damage = session.path("damage")
     facts, kind, budget, multiple, cands, skipped = _planned(spec, session.path("shard"), session.path("collect"),
                                                              damage)
@@ -181,7 +181,8 @@ def run_budget(session: Session, spec: PipelineSpec) -> dict[str, Any]:
              "perplexity": c.rounds[-1]["perplexity"] if c.rounds else None,
              "score": c.rounds[-1]["score"] if c.rounds else None,
              "sets": c.rounds[-1]["sets"] if c.rounds else None, "rounds": c.rounds,
-             "seconds": round(sum(x["seconds"] for x in c.rounds), 2), "refit_errors": c.result.get("refit_errors")}
+             "seconds": round(sum(x["seconds"] for x in c.rounds), 2), "refit_errors": c.result.get("refit_errors"),
+             **({"predicted_damage": c.predicted_damage} if c.predicted_damage is not None else {})}
             for c in cands
         ],
         "skipped": skipped,
@@ -332,9 +333,7 @@ def plan_budget(spec: PipelineSpec, store: ArtifactStore) -> tuple[list[dict[str
                                    "locally (mlpfuse run computes them)"}
     damage = None
     if spec.budget.damage is not None:
-        known = {n.name: n.key for n in nodes.values()}
-        node = make_node(known, "damage", "damage", spec.budget.damage,
-                         {"shard": "shard", "collect": "collect", "data": "data"})
+        node = _damage_node({n.name: n.key for n in nodes.values()}, spec.budget.damage)
         art = store.get("damage", node.key, verify=False)
         if art is None:
             target["damage"] = "the damage allocation's candidates are planned once the damage stage has run"
@@ -344,6 +343,11 @@ def plan_budget(spec: PipelineSpec, store: ArtifactStore) -> tuple[list[dict[str
     return ([{"name": c.name, "family": c.family, "config": c.config.model_dump(mode="json"),
               "predicted": c.predicted} for c in cands],
             skipped, {**target, "kind": kind, "count": budget, "base": facts.params if kind == "params" else facts.ff_params})
+
+
+def _damage_node(known: dict[str, str], config: DamageConfig) -> PlanNode:
+    """The damage stage's node: what the damage allocation plans from (run before planning)."""
+    return make_node(known, "damage", "damage", config, {"shard": "shard", "collect": "collect", "data": "data"})
 
 
 def _planned(spec: PipelineSpec, shard_dir: Path, collect_dir: Path, damage_dir: Path | None = None) -> tuple[

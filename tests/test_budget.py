@@ -302,6 +302,7 @@ def test_damage_allocation_is_measured_before_planning(tiny_lm: Path, tmp_path: 
     assert [r["layer"] for r in damage["layers"]] == list(range(6))
     cands = {c["name"]: c for c in rep["candidates"]}
     assert "prune-damage" in cands and cands["prune-damage"]["params"] <= rep["budget"]["budget"]
+    assert cands["prune-damage"]["predicted_damage"] > 0
     # mlpfuse plan lists the same candidates from the cached damage curves.
     from mlpfuse.api import plan
 

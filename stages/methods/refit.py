@@ -32,11 +32,11 @@ class RefitConfig(BaseModel):
     # depend on the shared weights being fit). MoE experts keep the original routing's tokens.
     sequential: bool = False
     # down: the down projection (and bias) re-solved in closed form (the ridge), cheap. block:
-    # every weight of the block (gate, up and down, biases included) then fitted together to the
-    # original block's output by Adam, starting from the ridge's solution (stages/math/blockfit.py);
-    # the rows of the last ``holdout`` fraction of the block's calibration tokens are held back, and
-    # the better of the start and the fit on them is kept. Reads the FF inputs (collect's, or the
-    # compressed model's own when sequential).
+    # then every weight of the block fitted to the original block's output from the ridge's
+    # solution: gate, up (and their bias) by Adam, the down projection re-solved in closed form for
+    # them at each checkpoint (stages/math/blockfit.py); the last ``holdout`` of the block's
+    # calibration tokens are held back, and the better of the start and the fit on them is kept.
+    # Reads the FF inputs (collect's, or the compressed model's own when sequential).
     mode: Literal["down", "block"] = "down"
     steps: int = Field(300, ge=0)  # block: Adam steps per block
     lr: float = Field(3e-4, gt=0)  # block: peak learning rate of the features (cosine decay to 0)
