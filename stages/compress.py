@@ -159,7 +159,10 @@ def run(config: CompressConfig, inputs: dict[str, Path], out_dir: Path) -> dict:
         if "unrefit" in inputs:  # reuse its blocks: no re-clustering
             layers = _iter_overlay(inputs["unrefit"], ctx)
             _reuse_side_files(inputs["unrefit"], ctx)
-        for i, blocks in layers:
+        from tqdm import tqdm
+
+        todo = len(method_layers(m, ctx.num_layers))
+        for i, blocks in tqdm(layers, desc=f"compress {m.method}", unit="layer", total=todo, disable=todo < 2):
             one = Overlay(blocks={i: blocks})
             if config.refit is not None and errors is not None:
                 for k, v in refit_overlay(one, ctx, config.refit).items():
