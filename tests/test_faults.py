@@ -822,15 +822,15 @@ BUDGET = {
     # The tied form: merge windows and per-layer widths (candidates that keep their first layers
     # whole start from the base model's cached hidden states: the prefix stage).
     "budget": {"target": {"ff_params": 0.7}, "methods": ["prune", "fusion", "moefy", "merge"],
-               "halving": {"min_tokens": 64}, "export": "tied", "damage": {"tokens": 64, "steps": 4}},
+               "halving": {"min_tokens": 64}, "export": "tied"},
     "distill": {"train": {"steps": 6, "lr": 1e-3, "zero_stage": 2, "micro_batch": 2, "grad_accum": 1,
                           "checkpoint_every": 2, "seed": 0}, "max_blocks": 8, "tied": True},
 }
-# Where the kill lands: the damage curves, a compress candidate of each method (with and without
-# the refit), and every later stage of the run.
+# Where the kill lands: a compress candidate of each method (with and without the refit), and
+# every later stage of the run.
 BUDGET_KILLS = ("compress:prune", "compress:prune+refit", "compress:fusion", "compress:fusion+refit",
                 "compress:moefy", "compress:moefy+refit", "compress:merge", "compress:merge+refit",
-                "damage", "prefix", "probe", "layer_errors", "export", "samples", "distill")
+                "prefix", "probe", "layer_errors", "export", "samples", "distill")
 
 
 @pytest.fixture(scope="module")
