@@ -78,15 +78,17 @@ def _block_errors(ctx: BuildContext, i: int, cfg: DamageConfig) -> tuple[list[fl
             continue  # an expert no calibration token reached: it adds nothing to the output
         gram, hsum = torch.from_numpy(st["hidden.gram"]), torch.from_numpy(st["hidden.sum"])
         scores = activation_scores(ff, torch.from_numpy(ctx.energy(i, ref)).float())
-        yty = _yty(st["hidden.gram"], st["hidden.sum"], n, ff.down, ff.b_down)
+        # The whole block's statistics once; each width's are a slice of them.
+        full = RefitAccumulator.from_gram(gram, hsum, n, torch.arange(ff.intermediate_size), ff.down, ff.b_down,
+                                          bias=ff.b_down is not None)
         for j, f in enumerate(fractions(cfg)):
             kept = kept_neurons(scores, max(1, math.floor(f * ff.intermediate_size + 1e-9)))
-            acc = RefitAccumulator.from_gram(gram, hsum, n, kept, ff.down, ff.b_down, bias=ff.b_down is not None)
+            acc = full.select(kept)
             w, b = acc.solve(cfg.lam)
-            sse[j] += _sse(acc, w, b, yty)
+            sse[j] += acc.sse(w, b)
             if j == ref_j:
                 built[ref] = replace(ff.select(kept), down=w.float(), b_down=None if b is None else b.float())
-        total += yty
+        total += full.yty
     return (sse / max(total, 1e-30)).tolist(), built
 
 
@@ -94,10 +96,9 @@ def _reference_index(cfg: DamageConfig) -> int:
     return min(range(cfg.steps), key=lambda j: abs((j + 1) / cfg.steps - cfg.reference))
 
 
-# The figures are summed with NumPy (one thread, a fixed order), not torch, whose reductions split
-# over however many threads the task's process has. What still depends on the thread count is the
-# last bit of the float64 solves (a Ray worker reused from a 1-CPU task has one torch thread), so two
-# computations of this artifact can differ in the last digit of a figure.
+# Sums in NumPy (as the refit statistics'): one fixed order, whatever the worker's thread count. The
+# last bit of the float64 solves still follows it (a Ray worker reused from a 1-CPU task has one
+# torch thread), so two computations of this artifact can differ in a figure's last digit.
 
 
 def _kl(base_logp: Tensor, logits: Tensor) -> float:
@@ -105,27 +106,6 @@ def _kl(base_logp: Tensor, logits: Tensor) -> float:
     logq = torch.log_softmax(logits.float(), dim=-1)
     per_token = (base_logp.exp() * (base_logp - logq)).double()
     return float(np.sum(per_token.cpu().numpy()))
-
-
-def _yty(gram: np.ndarray, hsum: np.ndarray, n: int, down: Tensor, b_down: Tensor | None) -> float:
-    """‖Y‖² of the original block's output over collect's tokens, from HᵀH (as
-    :meth:`RefitAccumulator.from_gram`)."""
-    w = down.detach().double().cpu().numpy()
-    out = float(np.sum(w.T * (gram.astype(np.float64) @ w.T)))
-    if b_down is not None:
-        b = b_down.detach().double().cpu().numpy()
-        out += 2.0 * float(b @ (w @ hsum.astype(np.float64))) + n * float(b @ b)
-    return out
-
-
-def _sse(acc: RefitAccumulator, w: Tensor, b: Tensor | None, yty: float) -> float:
-    """‖H Wᵀ + b − Y‖² from the accumulator's statistics and ``yty`` = ‖Y‖² (as
-    :meth:`RefitAccumulator.sse`)."""
-    wa = w.detach().double().T.cpu().numpy()
-    if acc.bias:
-        wa = np.concatenate([wa, np.zeros((1, acc.out_dim)) if b is None else b.detach().double().cpu().numpy()[None]])
-    hth, hty = acc.hth.cpu().numpy(), acc.hty.cpu().numpy()
-    return float(np.sum(wa * (hth @ wa)) - 2 * np.sum(wa * hty) + yty)
 
 
 def run(config: DamageConfig, inputs: dict[str, Path], out_dir: Path) -> dict:

@@ -372,3 +372,21 @@ def test_obs_leaves_less_error_than_activation_pruning_with_refit_on_smollm2(smo
         kept, down = obs_prune(ff.down, g, k)
         e_obs = gram_sse(ff.down, g, kept, down)
         assert e_obs <= e_act, (i, e_obs, e_act)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_accumulator_select_equals_the_pruned_blocks_statistics(bias: bool) -> None:
+    """Slicing the whole block's statistics gives exactly what the pruned block's would be."""
+    from mlpfuse.stages.math.refit import RefitAccumulator
+
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(200, 10, generator=g, dtype=torch.float64)
+    down, b_down = torch.randn(4, 10, generator=g, dtype=torch.float64), torch.randn(4, generator=g, dtype=torch.float64)
+    gram, hsum = h.T @ h, h.sum(0)
+    kept = torch.tensor([1, 4, 5, 8])
+    args = (gram, hsum, 200)
+    full = RefitAccumulator.from_gram(*args, torch.arange(10), down, b_down, bias=bias)
+    direct = RefitAccumulator.from_gram(*args, kept, down, b_down, bias=bias)
+    sel = full.select(kept)
+    assert torch.equal(sel.hth, direct.hth) and torch.equal(sel.hty, direct.hty)
+    assert (sel.yty, sel.n, sel.k_hidden, sel.bias) == (direct.yty, direct.n, direct.k_hidden, direct.bias)

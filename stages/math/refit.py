@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -101,7 +102,7 @@ class RefitAccumulator:
         wg = g @ w.T  # [I, out]: G Wᵀ
         acc.hth[: len(idx), : len(idx)] = g_k[:, idx]
         acc.hty[: len(idx)] = wg[idx]
-        acc.yty = float((w.T * wg).sum())
+        acc.yty = _sum(w.T * wg)
         b = None if b_down is None else b_down.detach().to(torch.float64)
         if b is not None:
             acc.hty[: len(idx)] += hs[idx, None] * b[None, :]
@@ -163,7 +164,24 @@ class RefitAccumulator:
         if self.bias:
             zero = torch.zeros(1, self.out_dim, dtype=torch.float64, device=dev)
             wa = torch.cat([wa, zero if b is None else b.detach().to(dev, torch.float64)[None]])
-        return float((wa * (self.hth @ wa)).sum() - 2 * (wa * self.hty).sum() + self.yty)
+        return _sum(wa * (self.hth @ wa)) - 2 * _sum(wa * self.hty) + self.yty
+
+    def select(self, kept: Tensor) -> RefitAccumulator:
+        """The statistics of the same tokens with only hidden features ``kept`` [k] (a pruned
+        block's, from the full block's): no product is recomputed."""
+        idx = torch.as_tensor(kept, dtype=torch.long, device=self.hth.device)
+        if self.bias:
+            idx = torch.cat([idx, torch.tensor([self.k_hidden], device=idx.device)])
+        out = RefitAccumulator(len(kept), self.out_dim, self.bias, device=self.hth.device)
+        out.hth, out.hty = self.hth[idx][:, idx], self.hty[idx]
+        out.yty, out.n = self.yty, self.n
+        return out
+
+
+def _sum(t: Tensor) -> float:
+    """The sum of a statistic's terms in one fixed order (NumPy, one thread): torch's reductions
+    split over however many threads the process has, so their last bits follow the worker."""
+    return float(np.sum(t.detach().cpu().numpy()))
 
 
 def refit_down(ff_compressed: FFWeights, acc: RefitAccumulator, lam: float) -> FFWeights:
